@@ -1,0 +1,64 @@
+// Argument checks shared by the C++ kernels of every device. The Python layer
+// (mptkernels/ops/) checks first with user-facing names; these guard direct
+// torch.ops.mptkernels.* calls, so a bad call errors instead of reading out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace mptk {
+
+inline bool is_norm_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// a (rows, cols) tensor with the same shape, dtype and device as ref, contiguous
+inline void check_same_layout(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " (as ", ref_name, "), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (as ",
+              ref_name, "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+inline void check_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                            const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, cols), got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCH_CHECK(is_norm_dtype(x.scalar_type()), op, ": x must be float32, float16, bfloat16 or float64, got ",
+              x.scalar_type());
+  const int64_t N = x.size(1);
+  for (auto [t, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& w = t->value();
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == N, op, ": ", name, " must have shape (", N, ",), got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat, op, ": ", name,
+                " must be float32 or x's dtype ", x.scalar_type(), ", got ", w.scalar_type());
+    TORCH_CHECK(w.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", w.device());
+    TORCH_CHECK(w.is_contiguous(), op, ": ", name, " must be contiguous");
+  }
+  if (weight && bias) {
+    TORCH_CHECK(weight->scalar_type() == bias->scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+                " must equal weight dtype ", weight->scalar_type());
+  }
+  if (residual) check_same_layout(*residual, x, "residual", "x");
+}
+
+inline void check_norm_stats(const at::Tensor& s, const at::Tensor& mean, const at::Tensor& rstd, bool rms_norm) {
+  const auto stats_t = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == s.size(0) && rstd.scalar_type() == stats_t && rstd.is_contiguous(),
+              "rstd: expected a contiguous (", s.size(0), ",) ", stats_t, " tensor, got ", rstd.sizes(), " ",
+              rstd.scalar_type());
+  if (!rms_norm) {
+    TORCH_CHECK(mean.dim() == 1 && mean.size(0) == s.size(0) && mean.scalar_type() == stats_t &&
+                    mean.is_contiguous(),
+                "mean: expected a contiguous (", s.size(0), ",) ", stats_t, " tensor, got ", mean.sizes(), " ",
+                mean.scalar_type());
+  }
+}
+
+}  // namespace mptk

@@ -1,0 +1,141 @@
+// Vector loads/stores of any supported dtype as accumulation-type vectors, for the CPU
+// kernels. A "chunk" is two Vectorized<acc_t> (kChunk elements): that is exactly one
+// Vectorized<BFloat16/Half>, so reduced types convert in whole registers, no partial stores.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace mptk::cpu {
+
+using at::vec::Vectorized;
+
+template <typename T>
+using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// T: storage dtype; A: accumulation dtype (float, or double for double)
+template <typename T, typename A>
+struct ChunkIO {
+  using V = Vectorized<A>;
+  static constexpr int kChunk = 2 * V::size();
+  // bytes of one vector register; a streamed store needs its address aligned to it
+  // (a chunk of a reduced type is one register, of float/double two)
+  static constexpr uintptr_t kRegBytes = sizeof(A) * V::size();
+
+  static inline void load(const T* p, V& lo, V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo = V::loadu(p);
+      hi = V::loadu(p + V::size());
+    } else if constexpr (std::is_same_v<A, float>) {  // reduced -> float
+      static_assert(Vectorized<T>::size() == kChunk);
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+    } else {  // float -> double (a float32 weight under a float64 input)
+      for (int i = 0; i < kChunk; ++i) buf()[i] = static_cast<A>(p[i]);
+      lo = V::loadu(buf());
+      hi = V::loadu(buf() + V::size());
+    }
+  }
+
+  static inline void store(T* p, const V& lo, const V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo.store(p);
+      hi.store(p + V::size());
+    } else {
+      static_assert(std::is_same_v<A, float>, "only float accumulators round to reduced types");
+      at::vec::convert_from_float<T>(lo, hi).store(p);
+    }
+  }
+
+  // Store bypassing the cache (non-temporal) when `stream` and the address allows. For
+  // outputs far larger than the cache this skips the read-for-ownership of every written
+  // line, a third of a memory-bound kernel's traffic. Callers _mm_sfence() (stream_fence)
+  // before the data is read by another thread.
+  static inline void store(T* p, const V& lo, const V& hi, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if (stream && reinterpret_cast<uintptr_t>(p) % kRegBytes == 0) {
+      if constexpr (std::is_same_v<T, A>) {
+        stream_reg(p, lo);
+        stream_reg(p + V::size(), hi);
+      } else {
+        stream_reg(p, at::vec::convert_from_float<T>(lo, hi));
+      }
+      return;
+    }
+#endif
+    store(p, lo, hi);
+  }
+
+  // store, then replace lo/hi by the stored (rounded) values
+  static inline void store_rounded(T* p, V& lo, V& hi, bool stream) {
+    if constexpr (std::is_same_v<T, A>) {
+      store(p, lo, hi, stream);
+    } else {
+      auto packed = at::vec::convert_from_float<T>(lo, hi);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+      if (stream && reinterpret_cast<uintptr_t>(p) % kRegBytes == 0) {
+        stream_reg(p, packed);
+      } else {
+        packed.store(p);
+      }
+#else
+      packed.store(p);
+#endif
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(packed);
+    }
+  }
+
+  // round to T and back: what a value becomes once stored in T
+  static inline void round(V& lo, V& hi) {
+    if constexpr (!std::is_same_v<T, A>) {
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(lo, hi));
+    }
+  }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX512)
+  template <typename R>
+  static inline void stream_reg(void* p, const R& r) {
+    if constexpr (std::is_same_v<R, Vectorized<float>>) _mm512_stream_ps(static_cast<float*>(p), r);
+    else if constexpr (std::is_same_v<R, Vectorized<double>>) _mm512_stream_pd(static_cast<double*>(p), r);
+    else _mm512_stream_si512(static_cast<__m512i*>(p), r);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  template <typename R>
+  static inline void stream_reg(void* p, const R& r) {
+    if constexpr (std::is_same_v<R, Vectorized<float>>) _mm256_stream_ps(static_cast<float*>(p), r);
+    else if constexpr (std::is_same_v<R, Vectorized<double>>) _mm256_stream_pd(static_cast<double*>(p), r);
+    else _mm256_stream_si256(static_cast<__m256i*>(p), r);
+  }
+#endif
+  static inline A* buf() {
+    alignas(64) static thread_local A b[kChunk];
+    return b;
+  }
+};
+
+// make streamed stores visible before the parallel region ends
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
+// outputs bigger than this go around the cache (about an L3 slice: smaller ones are
+// likely read again soon, by the next op, from the cache)
+constexpr int64_t kStreamBytes = 8 << 20;
+
+template <typename T, typename A>
+inline A round_to(A v) {
+  return static_cast<A>(static_cast<T>(v));
+}
+
+}  // namespace mptk::cpu

@@ -1,0 +1,42 @@
+// Every op schema of mptkernels, in one place. Kernels register their implementations
+// beside their code: csrc/cpu/<family>.cpp (CPU key), csrc/cuda/<family>.cu (CUDA key or
+// the cuda_* ops below), mptkernels/ops/<family>.py (Python CUDA-key kernels that choose
+// between the CUDA C++ and Triton implementations, fake kernels, autograd).
+//
+// Conventions shared by all norm ops (x is 2-D (rows, cols), the Python layer flattens):
+//   weight/bias: (cols,) in x's dtype or float32; mean/rstd: (rows,) float32 (float64 for
+//   float64 x); an absent optional output is returned as an empty (0,) tensor.
+#include <torch/library.h>
+
+// One argument list per op, shared by the public op and its cuda_* twin (the CUDA C++
+// implementation that the Python CUDA-key kernel may choose), so the two cannot drift.
+#define MPTK_LAYER_NORM_FWD_SCHEMA                                                        \
+  "(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool rms_norm, " \
+  "float weight_offset, bool cast_before_weight) -> (Tensor, Tensor, Tensor, Tensor)"
+#define MPTK_LAYER_NORM_BWD_SCHEMA                                                        \
+  "(Tensor dy, Tensor? dresidual_out, Tensor s, Tensor? weight, Tensor? bias, "           \
+  "Tensor mean, Tensor rstd, bool rms_norm, float weight_offset, bool cast_before_weight" \
+  ") -> (Tensor, Tensor, Tensor)"
+
+TORCH_LIBRARY(mptkernels, m) {
+  // y = norm(s) * (weight + weight_offset) + bias, s = x (+ residual, summed in fp32 and
+  // rounded to x's dtype). Returns (y, residual_out = s or empty, mean or empty, rstd).
+  // rms_norm: no mean subtraction. cast_before_weight: round norm(s) to x's dtype before
+  // the weight multiply (Llama's RMSNorm). weight_offset = 1 gives Gemma's (1 + w).
+  m.def("layer_norm_fwd" MPTK_LAYER_NORM_FWD_SCHEMA);
+  m.def("cuda_layer_norm_fwd" MPTK_LAYER_NORM_FWD_SCHEMA);
+  // Gradient of layer_norm_fwd. s is the normalised input saved by the forward
+  // (residual_out when a residual was given, else x); dresidual_out, if given, is the
+  // gradient arriving through residual_out and is added to dx. Returns (dx, dweight or
+  // empty, dbias or empty); dweight/dbias in weight's dtype.
+  m.def("layer_norm_bwd" MPTK_LAYER_NORM_BWD_SCHEMA);
+  m.def("cuda_layer_norm_bwd" MPTK_LAYER_NORM_BWD_SCHEMA);
+  // Rotary embedding of x (batch, seqlen, heads, head_dim), stride(-1) == 1, other strides
+  // free. cos/sin: (max_seqlen, rotary_dim/2) float32 contiguous; token t of sequence b
+  // uses row t + (seqlen_offsets[b] if given, else seqlen_offset). The first rotary_dim
+  // features rotate (halves, or pairs when interleaved); the rest are copied. conjugate
+  // negates sin (the backward). Returns a new contiguous tensor.
+  m.def(
+      "rotary(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, int seqlen_offset, "
+      "bool interleaved, bool conjugate) -> Tensor");
+}

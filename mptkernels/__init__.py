@@ -1,0 +1,16 @@
+"""mptkernels: fast kernels for MPT-style transformers as PyTorch custom ops.
+
+Public surface: ``mptkernels.ops`` (functional ops), ``mptkernels.nn`` (module drop-ins),
+``mptkernels.patch(model)``, ``mptkernels.backend(name)``, ``mptkernels.info()``.
+Importing loads the compiled op library (_C) and registers the Python parts of each op;
+nothing is compiled or measured at import.
+"""
+__version__ = "0.1.0"
+
+from ._loader import build_info  # noqa: E402  (loads _C: every op schema and C++ kernel)
+from . import ops, nn, reference  # noqa: E402
+from ._backend import backend  # noqa: E402
+from ._info import info  # noqa: E402
+from .patch import patch, PatchReport  # noqa: E402
+
+__all__ = ["ops", "nn", "reference", "backend", "info", "patch", "PatchReport", "build_info", "__version__"]

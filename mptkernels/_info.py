@@ -1,0 +1,59 @@
+"""mptkernels.info(): what was built and what each op will run on each device."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import _backend
+from ._loader import build_info
+from .triton import version as triton_version
+
+FAMILIES = {  # op -> GPU implementations that exist in the source tree
+    "layer_norm / rms_norm": ("cuda", "triton"),
+    "apply_rotary": ("cuda",),
+}
+
+
+def _plan(gpu_langs) -> dict:
+    b = _backend.current()
+    have = [g for g in gpu_langs if (g == "cuda" and build_info.with_cuda) or (g == "triton" and triton_version())]
+    cpu = "reference (PyTorch)" if b == "reference" else "cpu (C++)"
+    if b == "reference" or not have:
+        gpu = "reference (PyTorch)" + ("" if b == "reference" else ": no GPU kernel in this build")
+    elif b in ("cuda", "triton"):
+        gpu = b if b in have else f"{b} requested but not built"
+    else:
+        gpu = have[0] if len(have) == 1 else f"fastest of {'/'.join(have)}, measured per shape on first use"
+    return {"cpu": cpu, "cuda": gpu}
+
+
+def info(file=None) -> dict:
+    """Print (and return as a dict) versions, what was compiled and each op's backend per device."""
+    from . import __version__
+
+    cuda_ok = torch.cuda.is_available()
+    facts = {
+        "mptkernels": __version__,
+        "torch": torch.__version__,
+        "triton": triton_version() or "not installed",
+        "python": platform.python_version(),
+        "built against torch": build_info.torch_version,
+        "CPU kernels ISA": build_info.cpu_isa,
+        "CUDA kernels": (f"yes, archs {', '.join(build_info.cuda_archs)}" if build_info.with_cuda else "no"),
+        "GPU": torch.cuda.get_device_name() if cuda_ok else "none visible",
+        "backend": _backend.current() + " (MPTK_BACKEND or mptkernels.backend())",
+        "ops": {op: _plan(langs) for op, langs in FAMILIES.items()},
+    }
+    if _backend.gpu_choices:
+        facts["measured GPU choices"] = {" ".join(map(str, k)): v for k, v in _backend.gpu_choices.items()}
+    lines = ["mptkernels.info()"]
+    for k, v in facts.items():
+        if isinstance(v, dict):
+            lines.append(f"  {k}:")
+            lines += [f"    {op}: " + (", ".join(f"{d}={w}" for d, w in plan.items()) if isinstance(plan, dict) else str(plan))
+                      for op, plan in v.items()]
+        else:
+            lines.append(f"  {k}: {v}")
+    print("\n".join(lines), file=file)
+    return facts

@@ -1,0 +1,96 @@
+"""Rotary position embedding: the Python API of the family.
+
+``torch.ops.mptkernels.rotary`` (schema in csrc/registration.cpp) has a C++ CPU kernel and
+a CUDA C++ kernel; its backward is the same op with sin negated (the inverse rotation).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, reference
+from .._loader import build_info
+
+_ops = torch.ops.mptkernels
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
+    """Rotate the first rotary_dim features of each head of ``x`` by its token's angle.
+
+    x: (batch, seqlen, heads, head_dim); cos, sin: (max_seqlen, rotary_dim / 2), rotary_dim <= head_dim
+    (any float dtype; used in float32). Non-interleaved (GPT-NeoX/Llama) rotates the halves
+    (x1, x2) = (x[..., :r/2], x[..., r/2:r]) to (x1*cos - x2*sin, x1*sin + x2*cos); interleaved
+    (GPT-J) rotates the pairs (x[2i], x[2i+1]). Features past rotary_dim pass through.
+    seqlen_offsets: int, or a (batch,) integer tensor: token t of sequence b uses row
+    t + offset[b] (decoding with a KV cache). Differentiable in x (not in cos/sin).
+    Returns a new contiguous tensor; x is not modified.
+
+    Tensor offsets are checked against the table on the CPU; on CUDA they are not read back
+    (that would sync the host), and a token whose row falls outside the table gets NaN.
+    """
+    _check(x, cos, sin, seqlen_offsets)
+    seqlen = x.shape[1]
+    if isinstance(seqlen_offsets, torch.Tensor):
+        offsets, offset = seqlen_offsets.to(device=x.device, dtype=torch.int32).contiguous(), 0
+    else:
+        offsets, offset = None, int(seqlen_offsets)
+        if offset < 0 or offset + seqlen > cos.shape[0]:
+            raise ValueError(f"apply_rotary: cos/sin have {cos.shape[0]} rows but seqlen_offsets={offset} + "
+                             f"seqlen={seqlen} needs {offset + seqlen}")
+    has_kernel = x.device.type == "cpu" or build_info.with_cuda
+    if _backend.use_reference(x.device, has_kernel=has_kernel) or (x.device.type == "cuda" and x.dtype == torch.float64):
+        return reference.apply_rotary(x, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _ops.rotary(x, cos.float().contiguous(), sin.float().contiguous(), offsets, offset, interleaved, False)
+
+
+def _check(x, cos, sin, seqlen_offsets):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"apply_rotary: x must be a (batch, seqlen, heads, head_dim) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"apply_rotary: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"apply_rotary: {name} must be a (max_seqlen, rotary_dim/2) tensor")
+        if not t.is_floating_point():
+            raise TypeError(f"apply_rotary: {name} must be a float tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"apply_rotary: {name} is on {t.device} but x is on {x.device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"apply_rotary: {name} requires grad, but gradients flow to x only; "
+                             f"pass {name}.detach()")
+    if cos.shape != sin.shape:
+        raise ValueError(f"apply_rotary: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
+    if 2 * cos.shape[1] > x.shape[-1]:
+        raise ValueError(f"apply_rotary: rotary_dim = 2 * cos.shape[1] = {2 * cos.shape[1]} exceeds head_dim "
+                         f"{x.shape[-1]}")
+    if isinstance(seqlen_offsets, torch.Tensor):
+        if seqlen_offsets.shape != (x.shape[0],) or seqlen_offsets.is_floating_point() or seqlen_offsets.is_complex():
+            raise ValueError(f"apply_rotary: seqlen_offsets must be an int or a ({x.shape[0]},) integer tensor, "
+                             f"got {seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)}")
+    elif not isinstance(seqlen_offsets, int):
+        raise TypeError(f"apply_rotary: seqlen_offsets must be an int or a tensor, got {type(seqlen_offsets).__name__}")
+
+
+@torch.library.register_fake("mptkernels::rotary")
+def _(x, cos, sin, seqlen_offsets, seqlen_offset, interleaved, conjugate):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _setup_context(ctx, inputs, output):
+    _, cos, sin, seqlen_offsets, seqlen_offset, interleaved, conjugate = inputs
+    ctx.save_for_backward(cos, sin, seqlen_offsets)
+    ctx.flags = (seqlen_offset, interleaved, conjugate)
+
+
+def _backward(ctx, dout):
+    cos, sin, seqlen_offsets = ctx.saved_tensors
+    seqlen_offset, interleaved, conjugate = ctx.flags
+    # a rotation's transpose is the rotation by the opposite angle
+    dx = _ops.rotary(dout, cos, sin, seqlen_offsets, seqlen_offset, interleaved, not conjugate)
+    return dx, None, None, None, None, None, None
+
+
+torch.library.register_autograd("mptkernels::rotary", _backward, setup_context=_setup_context)

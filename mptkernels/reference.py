@@ -1,0 +1,101 @@
+"""Plain-PyTorch reference of every mptkernels op: the oracle for tests and docs.
+
+Each function computes in float32 (float64 for float64 inputs) and rounds where the fused
+kernels round, so a kernel's output can be compared with it at the dtype's rounding error.
+Everything here is differentiable by autograd, which gives the reference gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# cast modes of the norms: how the weight meets the normalised value (see docs/ops.md)
+CAST_MODES = ("torch", "llama", "gemma", "mpt")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _norm(x, weight, bias, eps, residual, cast, rms_norm):
+    if cast not in CAST_MODES:
+        raise ValueError(f"cast must be one of {CAST_MODES}, got {cast!r}")
+    dtype, acc = x.dtype, _acc_dtype(x.dtype)
+    # the pre-norm residual stream: summed in fp32, stored (and normalised) in x's dtype
+    s = x if residual is None else (x.to(acc) + residual.to(acc)).to(dtype)
+    h = s.to(acc)
+    if rms_norm:
+        xhat = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        mean = h.mean(-1, keepdim=True)
+        var = (h - mean).pow(2).mean(-1, keepdim=True)
+        xhat = (h - mean) * torch.rsqrt(var + eps)
+    if cast == "mpt":  # MPT's LPLayerNorm: weight and bias rounded to the activation dtype
+        weight = None if weight is None else weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if cast == "llama":  # normalise in fp32, cast, then multiply by the weight
+        xhat = xhat.to(dtype).to(acc)
+    y = xhat
+    if weight is not None:
+        y = y * (weight.to(acc) + (1.0 if cast == "gemma" else 0.0))
+    if bias is not None:
+        y = y + bias.to(acc)
+    y = y.to(dtype)
+    return y if residual is None else (y, s)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, *, cast="torch"):
+    """LayerNorm over the last dim; with residual returns (norm(x + residual), x + residual)."""
+    return _norm(x, weight, bias, eps, residual, cast, rms_norm=False)
+
+
+def rms_norm(x, weight=None, eps=1e-6, residual=None, *, cast="torch"):
+    """RMSNorm over the last dim; with residual returns (norm(x + residual), x + residual)."""
+    return _norm(x, weight, None, eps, residual, cast, rms_norm=True)
+
+
+def rotary_positions(batch: int, seqlen: int, seqlen_offsets, device) -> torch.Tensor:
+    """(batch, seqlen) row of the cos/sin table used by each token."""
+    pos = torch.arange(seqlen, device=device).expand(batch, seqlen)
+    if isinstance(seqlen_offsets, torch.Tensor):
+        return pos + seqlen_offsets.to(device=device, dtype=torch.long).view(-1, 1)
+    return pos + int(seqlen_offsets)
+
+
+def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
+    """Rotary embedding of x (batch, seqlen, heads, head_dim) with cos/sin (max_seqlen, rotary_dim/2)."""
+    batch, seqlen = x.shape[0], x.shape[1]
+    half = cos.shape[-1]
+    rot = 2 * half
+    acc = _acc_dtype(x.dtype)
+    pos = rotary_positions(batch, seqlen, seqlen_offsets, x.device)
+    c = cos.to(acc)[pos].unsqueeze(2)  # (batch, seqlen, 1, half)
+    s = sin.to(acc)[pos].unsqueeze(2)
+    xr = x[..., :rot].to(acc)
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+def rotary_cos_sin(max_seqlen: int, rotary_dim: int, base: float = 10000.0, device=None):
+    """The standard (GPT-NeoX / Llama) tables: angle[t, i] = t * base^(-2i/rotary_dim), float32."""
+    if rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float64) / rotary_dim))
+    angle = torch.outer(torch.arange(max_seqlen, device=device, dtype=torch.float64), inv_freq)
+    return angle.cos().float(), angle.sin().float()
+
+
+def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
+    """MPT's ALiBi slopes (float32, (n_heads,)), as llm-foundry's gen_slopes computes them."""
+    n = 2 ** math.ceil(math.log2(n_heads))
+    m = torch.arange(1, n + 1, dtype=torch.float32) * (alibi_bias_max / n)
+    slopes = 1.0 / torch.pow(2, m)
+    if n != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes

@@ -1,0 +1,299 @@
+"""LayerNorm / RMSNorm (+ residual): every backend against mptkernels.reference."""
+import importlib
+
+import pytest
+import torch
+
+import mptkernels
+from mptkernels import ops, reference
+from conftest import HAS_CUDA, rel_err
+
+# relative error (||out - ref|| / ||ref||) allowed per dtype against the reference, which
+# rounds where the kernels round: what remains is fp32 summation order plus at most one
+# rounding step of the output dtype.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# gradients go through more arithmetic in the output dtype (dy, dx are stored rounded)
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+SIZES = [1, 17, 129, 1000, 4097]
+CASTS = {False: ["torch", "llama", "gemma", "mpt"], True: ["torch", "llama", "gemma"]}
+
+
+def _inputs(shape, dtype, device, weight_kind, bias, residual):
+    n = shape[-1]
+    x = torch.randn(shape, dtype=dtype, device=device) * 3 + 0.5  # an offset mean exercises the centring
+    wdt = dtype if weight_kind == "same" else torch.float32
+    w = None if weight_kind == "none" else torch.randn(n, dtype=wdt, device=device)
+    b = torch.randn(n, dtype=wdt, device=device) if (bias and w is not None) else None
+    r = torch.randn(shape, dtype=dtype, device=device) if residual else None
+    return x, w, b, r
+
+
+def _call(fn, x, w, b, r, rms, cast, eps=1e-5):
+    if rms:
+        return fn.rms_norm(x, w, eps, r, cast=cast)
+    return fn.layer_norm(x, w, b, eps, r, cast=cast)
+
+
+def _check_forward(x, w, b, r, rms, cast, tol):
+    out = _call(ops, x, w, b, r, rms, cast)
+    ref = _call(reference, x, w, b, r, rms, cast)
+    if r is None:
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert rel_err(out, ref) <= tol, (cast, rel_err(out, ref))
+    else:
+        assert rel_err(out[0], ref[0]) <= tol, (cast, rel_err(out[0], ref[0]))
+        assert torch.equal(out[1], ref[1]), "residual_out must equal x + residual rounded to x's dtype"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cpu_forward_matches_reference(dtype, n, rms, residual):
+    for weight_kind in ("none", "same", "fp32"):
+        for cast in CASTS[rms]:
+            x, w, b, r = _inputs((2, 3, n), dtype, "cpu", weight_kind, True, residual)
+            _check_forward(x, w, b, r, rms, cast, TOL[dtype])
+
+
+def test_cpu_single_row_and_single_column():
+    for shape in [(1, 1), (1, 5), (7, 1), (1,)]:
+        x = torch.randn(shape)
+        assert rel_err(ops.layer_norm(x, None), reference.layer_norm(x, None)) <= 1e-5 or shape[-1] == 1
+        assert torch.equal(ops.layer_norm(torch.randn(shape[:-1] + (1,)), None), torch.zeros(shape[:-1] + (1,)))
+
+
+def test_non_contiguous_input_is_handled():
+    big = torch.randn(6, 40, 130)
+    x, r = big[:, ::2, 1:], torch.randn(6, 130, 20).transpose(1, 2)[..., 1:]
+    w = torch.randn(129)
+    y, s = ops.layer_norm(x, w, None, 1e-5, r)
+    ry, rs = reference.layer_norm(x, w, None, 1e-5, r)
+    assert rel_err(y, ry) <= 1e-5 and torch.equal(s, rs)
+
+
+def test_empty_rows():
+    x = torch.randn(0, 33)
+    assert ops.layer_norm(x, torch.randn(33)).shape == (0, 33)
+    y, s = ops.rms_norm(x, None, residual=torch.randn(0, 33))
+    assert y.shape == s.shape == (0, 33)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("cast", ["torch", "llama", "gemma"])
+def test_cpu_gradcheck_fp64(rms, cast):
+    n = 19
+    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, dtype=torch.float64, requires_grad=True)
+
+    def f(x, r, w, b):
+        if rms:
+            return ops.rms_norm(x, w, 1e-5, r, cast=cast)
+        return ops.layer_norm(x, w, b, 1e-5, r, cast=cast)
+
+    assert torch.autograd.gradcheck(f, (x, r, w, b if not rms else b.detach()), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(lambda x: ops.layer_norm(x, None, None, 1e-5), (x,), eps=1e-6, atol=1e-8)
+
+
+def _grads(fn, x, w, b, r, rms, cast, dy, ds):
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    out = _call(fn, x, w, b, r, rms, cast)
+    loss = (out[0].double() * dy).sum() + (out[1].double() * ds).sum() if r is not None else (out.double() * dy).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+def _check_grads(device, dtype, n, rms, cast, weight_kind, tol):
+    x, w, b, r = _inputs((3, 5, n), dtype, device, weight_kind, not rms, True)
+    leaves = [t.requires_grad_() for t in (x, w, b, r) if t is not None]
+    dy, ds = torch.randn(x.shape, dtype=torch.float64, device=device), torch.randn(x.shape, dtype=torch.float64, device=device)
+    got = _grads(ops, x, w, b, r, rms, cast, dy, ds)
+    # the reference gradient in float64 (the same math, no rounding): the ideal answer
+    x64, w64, b64, r64 = (None if t is None else t.detach().double().requires_grad_() for t in (x, w, b, r))
+    want = _grads(reference, x64, w64, b64, r64, rms, "torch" if cast == "mpt" else cast, dy, ds)
+    names = [n for n, t in zip(("dx", "dweight", "dbias", "dresidual"), (x, w, b, r)) if t is not None]
+    for name, g, ref, leaf in zip(names, got, want, leaves):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        assert rel_err(g, ref) <= tol, (name, rel_err(g, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 17, 1000])
+@pytest.mark.parametrize("rms", [False, True])
+def test_cpu_gradients_match_reference(dtype, n, rms):
+    for weight_kind in ("none", "same", "fp32"):
+        for cast in CASTS[rms]:
+            tol = GRAD_TOL[dtype] if n > 1 else 1e-3  # n=1: the gradient is ~0 (pure rounding noise)
+            if n == 1:
+                continue
+            _check_grads("cpu", dtype, n, rms, cast, weight_kind, tol)
+
+
+def test_backward_is_deterministic():
+    x = torch.randn(257, 300, requires_grad=True)
+    w = torch.randn(300, requires_grad=True)
+    dy = torch.randn(257, 300)
+    grads = [torch.autograd.grad((ops.layer_norm(x, w) * dy).sum(), (x, w)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    m, n = 5, 37
+    x, w, b, r = _inputs((m, n), dtype, "cpu", "same", True, True)
+    for args in [(x, w, b, r, 1e-5, False, 0.0, False), (x, None, None, None, 1e-5, True, 1.0, True),
+                 (x, w.float(), None, r, 1e-6, True, 0.0, True)]:
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        torch.library.opcheck(torch.ops.mptkernels.layer_norm_fwd.default, args)
+    x, w, b, r = (t.detach() for t in (x, w, b, r))
+    y, s, mean, rstd = torch.ops.mptkernels.layer_norm_fwd(x, w, b, r, 1e-5, False, 0.0, False)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.mptkernels.layer_norm_bwd.default,
+                          (dy, torch.randn_like(x), s, w, b, mean, rstd, False, 0.0, False))
+
+
+def test_double_backward_is_a_clear_error():
+    x = torch.randn(3, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.layer_norm(x).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_torch_compile_fullgraph():
+    def block(x, r, w, b):
+        y, s = ops.layer_norm(x, w, b, 1e-5, r)
+        return ops.rms_norm(y * 2, w, 1e-6), s
+
+    x, w, b, r = _inputs((4, 33), torch.float32, "cpu", "same", True, True)
+    want = block(x, r, w, b)
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        got = torch.compile(block, fullgraph=True, backend=backend)(x, r, w, b)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_reference_backend_override():
+    x, w, b, r = _inputs((3, 40), torch.bfloat16, "cpu", "same", True, True)
+    with mptkernels.backend("reference"):
+        y, s = ops.layer_norm(x, w, b, 1e-5, r)
+    ry, rs = reference.layer_norm(x, w, b, 1e-5, r)
+    assert torch.equal(y, ry) and torch.equal(s, rs)
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors"):
+        with mptkernels.backend("triton"):
+            ops.layer_norm(x, w)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with mptkernels.backend("fast"):
+            pass
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.randn(9)), r"weight must have shape \(8,\)"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.ones(8, dtype=torch.int32)), "weight must be float32"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.randn(8, device="meta")), "weight is on meta"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.randn(8), torch.randn(8, dtype=torch.float64)), "bias"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, None, 1e-5, torch.randn(4, 9)), "residual must have x's shape"),
+    (lambda: ops.rms_norm(torch.randn(4, 8), None, 1e-5, torch.randn(4, 8).half()), "residual must have x's dtype"),
+    (lambda: ops.layer_norm(torch.ones(4, 8, dtype=torch.int64)), "x must be float32"),
+    (lambda: ops.layer_norm(torch.randn(2, 65537)), r"last dim must be in 1..65536"),
+    (lambda: ops.layer_norm(torch.randn(2, 8), cast="fp8"), "cast must be one of"),
+    (lambda: ops.layer_norm(torch.randn(2, 8), eps=-1.0), "eps must be >= 0"),
+    (lambda: torch.ops.mptkernels.layer_norm_fwd(torch.randn(2, 8), torch.randn(7), None, None, 1e-5, False, 0.0, False),
+     r"weight must have shape \(8,\)"),
+    (lambda: torch.ops.mptkernels.layer_norm_fwd(torch.randn(2, 8).t(), None, None, None, 1e-5, False, 0.0, False),
+     "x must be contiguous"),
+])
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call()
+
+
+def test_large_row():
+    x = torch.randn(3, 65536) * 5 + 100  # a large mean: the two-pass variance keeps its accuracy
+    w = torch.randn(65536)
+    assert rel_err(ops.layer_norm(x, w), reference.layer_norm(x.double(), w.double())) <= 1e-5
+
+
+# ---------------------------------------------------------------- Triton kernels
+def _triton_module():
+    return importlib.import_module("mptkernels.triton.layer_norm")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter run; on a GPU the gpu tests cover Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # interpreter: no bf16 arithmetic
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("rms", [False, True])
+def test_triton_interpreter_forward_backward(dtype, n, rms):
+    tl_norm = _triton_module()
+    for weight_kind, cast, residual in [("same", "torch", True), ("fp32", "llama", False), ("none", "torch", True),
+                                        ("same", "gemma", False)]:
+        x, w, b, r = _inputs((3, n), dtype, "cpu", weight_kind, not rms, residual)
+        off, cast_before = (1.0 if cast == "gemma" else 0.0), cast == "llama"
+        got = tl_norm.layer_norm_fwd(x, w, b, r, 1e-5, rms, off, cast_before)
+        want = torch.ops.mptkernels.layer_norm_fwd(x, w, b, r, 1e-5, rms, off, cast_before)  # CPU C++
+        ref = _call(reference, x, w, b, r, rms, cast)
+        assert rel_err(got[0], ref[0] if r is not None else ref) <= TOL[dtype]
+        if r is not None:
+            assert torch.equal(got[1], want[1])
+        assert rel_err(got[3], want[3]) <= 1e-5
+        if not rms:
+            assert rel_err(got[2], want[2]) <= 1e-5 or want[2].abs().max() < 1e-3
+        s = got[1] if r is not None else x
+        dy, dres = torch.randn_like(x), (torch.randn_like(x) if r is not None else None)
+        g_tl = tl_norm.layer_norm_bwd(dy, dres, s, w, b, want[2], want[3], rms, off, cast_before)
+        g_cpu = torch.ops.mptkernels.layer_norm_bwd(dy, dres, s, w, b, want[2], want[3], rms, off, cast_before)
+        for name, a, c in zip(("dx", "dweight", "dbias"), g_tl, g_cpu):
+            assert a.shape == c.shape and a.dtype == c.dtype, name
+            if c.numel():
+                assert rel_err(a, c) <= GRAD_TOL[dtype], (name, rel_err(a, c))
+
+
+# ---------------------------------------------------------------- GPU (the lent machine)
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", SIZES + [8192, 65536])
+@pytest.mark.parametrize("rms", [False, True])
+def test_gpu_forward_matches_reference(backend, dtype, n, rms):
+    with mptkernels.backend(backend):
+        for weight_kind in ("none", "same", "fp32"):
+            for cast in CASTS[rms]:
+                for residual in (False, True):
+                    x, w, b, r = _inputs((2, 33, n), dtype, "cuda", weight_kind, True, residual)
+                    _check_forward(x, w, b, r, rms, cast, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [17, 1000, 4097, 65536])
+@pytest.mark.parametrize("rms", [False, True])
+def test_gpu_gradients_match_reference(backend, dtype, n, rms):
+    with mptkernels.backend(backend):
+        for weight_kind in ("none", "same", "fp32"):
+            for cast in CASTS[rms]:
+                _check_grads("cuda", dtype, n, rms, cast, weight_kind, GRAD_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_opcheck_and_compile(backend):
+    x, w, b, r = _inputs((64, 1024), torch.bfloat16, "cuda", "same", True, True)
+    with mptkernels.backend(backend):
+        torch.library.opcheck(torch.ops.mptkernels.layer_norm_fwd.default,
+                              (x.requires_grad_(), w.requires_grad_(), b, r, 1e-5, False, 0.0, False))
+        f = torch.compile(lambda x, r: ops.layer_norm(x, w, b, 1e-5, r), fullgraph=True)
+        got, want = f(x, r), ops.layer_norm(x, w, b, 1e-5, r)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+def test_gpu_auto_choice_is_recorded():
+    from mptkernels import _backend
+
+    x, w, b, r = _inputs((512, 4096), torch.bfloat16, "cuda", "same", True, True)
+    ops.layer_norm(x, w, b, 1e-5, r)
+    assert any(k[0] == "layer_norm_fwd" for k in _backend.gpu_choices)
