@@ -88,6 +88,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout):
     cos, sin, seqlen_offsets = ctx.saved_tensors
     seqlen_offset, interleaved, conjugate = ctx.flags
+    if dout.stride(-1) != 1:  # incoming gradients may be expanded or transposed views
+        dout = dout.contiguous()
     # a rotation's transpose is the rotation by the opposite angle
     dx = _ops.rotary(dout, cos, sin, seqlen_offsets, seqlen_offset, interleaved, not conjugate)
     return dx, None, None, None, None, None, None

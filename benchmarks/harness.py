@@ -1,0 +1,180 @@
+"""Shared benchmark harness: timing, the measured ceiling, the result table, JSON and plot.
+
+GPU timings are triton.testing.do_bench medians; CPU timings are torch.utils.benchmark
+medians (blocked_autorange). Every family script returns Rows; run.py prints them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+
+import torch
+
+
+@dataclasses.dataclass
+class Row:
+    family: str
+    case: str          # what is computed, with shape and dtype
+    impl: str          # "mptkernels", "eager", "torch.compile", ...
+    ms: float
+    gbps: float        # bytes moved / time
+    ceiling_frac: float  # gbps / the measured copy bandwidth of this device
+    speedup: float | None = None  # vs the best PyTorch baseline of the same case (ours only)
+    best_baseline: str | None = None
+
+
+def bench(fn, device: str, quick: bool) -> float:
+    """Median milliseconds of fn() on device."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up (first-call allocation and any compilation)
+    t = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.3 if quick else 1.0)
+    return t.median * 1e3
+
+
+def keep_freed_memory():
+    """CPU runs: ask glibc to keep freed memory instead of returning it to the OS.
+
+    Without this, every 16-32 MB output of every implementation is a fresh mmap whose pages
+    the OS zeroes on first touch (~2.5 GB/s on the CI machines), so the table would time the
+    page faults, not the kernels. It applies to all implementations alike, and matches what a
+    model at steady state sees (freed activations are reused). No effect on the GPU.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+    except OSError:  # not glibc
+        return False
+
+
+_ceilings: dict[str, float] = {}
+
+
+def copy_ceiling_gbps(device: str, quick: bool) -> float:
+    """Measured bytes/s (read + write) of a large device-to-device copy: the roofline we compare to."""
+    if device not in _ceilings:
+        n = (256 << 20) if device == "cuda" else (64 << 20)
+        src = torch.randn(n // 4, device=device)
+        dst = torch.empty_like(src)
+        ms = bench(lambda: dst.copy_(src), device, quick)
+        _ceilings[device] = 2 * n / (ms * 1e-3) / 1e9
+    return _ceilings[device]
+
+
+def case_rows(family, case, device, quick, nbytes, ours: dict, baselines: dict) -> list[Row]:
+    """Time every implementation of one case; ours get the speedup vs the best baseline."""
+    ceiling = copy_ceiling_gbps(device, quick)
+    timed = {}
+    for name, fn in {**baselines, **ours}.items():
+        try:
+            timed[name] = bench(fn, device, quick)
+        except Exception as e:  # a baseline that cannot run here (e.g. compile unavailable) is reported, not fatal
+            print(f"  [{family}] {case}: {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    rows = []
+    best = min(((timed[b], b) for b in baselines if b in timed), default=None)
+    for name, ms in timed.items():
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        row = Row(family, case, name, ms, gbps, gbps / ceiling)
+        if name in ours and best is not None:
+            row.speedup, row.best_baseline = best[0] / ms, best[1]
+        rows.append(row)
+    return rows
+
+
+def compiled(fn):
+    """torch.compile of fn, compiled on first call (the harness's warm-up)."""
+    return torch.compile(fn, fullgraph=True)
+
+
+_kept = False
+
+
+def setup(device: str):
+    global _kept
+    if device == "cpu":
+        _kept = keep_freed_memory()
+
+
+def environment(device: str) -> dict:
+    import mptkernels
+
+    env = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "mptkernels": mptkernels.__version__,
+        "cpu_isa": mptkernels.build_info.cpu_isa,
+    }
+    if device == "cpu":
+        env["glibc_keeps_freed_memory"] = _kept
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                env["device"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except Exception:
+            pass
+    env["copy_ceiling_GBps"] = round(copy_ceiling_gbps(device, True), 1)
+    return env
+
+
+def print_table(rows: list[Row], env: dict):
+    print(f"\nmptkernels benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}); "
+          f"copy ceiling {env['copy_ceiling_GBps']} GB/s")
+    head = f"{'family':<11} {'case':<44} {'impl':<22} {'ms':>9} {'GB/s':>8} {'%ceil':>6} {'vs best PyTorch':>22}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        vs = f"{r.speedup:.2f}x ({r.best_baseline})" if r.speedup is not None else ""
+        print(f"{r.family:<11} {r.case:<44} {r.impl:<22} {r.ms:>9.3f} {r.gbps:>8.1f} {100 * r.ceiling_frac:>5.0f}% {vs:>22}")
+
+
+def write_outputs(rows: list[Row], env: dict, out_dir: str):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"environment": env, "results": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    cases = list(dict.fromkeys((r.family, r.case) for r in rows))
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cases)), 5))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        xs, ys = [], []
+        for j, c in enumerate(cases):
+            hit = [r.gbps for r in rows if (r.family, r.case) == c and r.impl == impl]
+            if hit:
+                xs.append(j + i * width)
+                ys.append(hit[0])
+        ax.bar(xs, ys, width, label=impl)
+    ax.axhline(env["copy_ceiling_GBps"], color="k", linestyle="--", linewidth=1, label="copy ceiling")
+    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(cases))])
+    ax.set_xticklabels([c[1] for c in cases], rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("GB/s (higher is better)")
+    ax.set_title(f"mptkernels on {env['device']} — torch {env['torch']}, {env['date']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "benchmarks.png"), dpi=120)
+    plt.close(fig)

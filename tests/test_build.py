@@ -1,0 +1,66 @@
+"""The build: _C loads and is checked against torch; info(); every .cu compiles for sm_80/sm_90a."""
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import mptkernels
+from mptkernels import _loader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+
+
+def test_stale_build_is_detected_with_a_rebuild_message(monkeypatch):
+    from mptkernels import _build_info
+
+    monkeypatch.setattr(_build_info, "torch_version", "1.0.0")
+    with pytest.raises(ImportError, match=r"built against torch 1\.0\.0 but torch .* is installed; rebuild it"):
+        _loader._load()
+
+
+def test_missing_build_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setattr(_loader, "_HERE", str(tmp_path))
+    with pytest.raises(ImportError, match="mptkernels._C is not built"):
+        _loader._load()
+
+
+def test_info_reports_build_and_backends(capsys):
+    facts = mptkernels.info()
+    printed = capsys.readouterr().out
+    assert facts["torch"] == torch.__version__ and "CPU kernels ISA" in printed
+    assert facts["ops"]["layer_norm / rms_norm"]["cpu"] == "cpu (C++)"
+    assert set(facts["ops"]) == {"layer_norm / rms_norm", "apply_rotary"}
+    with mptkernels.backend("reference"):
+        assert mptkernels.info(file=open(os.devnull, "w"))["ops"]["apply_rotary"]["cpu"].startswith("reference")
+
+
+def test_every_op_is_registered():
+    for name in ("layer_norm_fwd", "layer_norm_bwd", "cuda_layer_norm_fwd", "cuda_layer_norm_bwd", "rotary"):
+        assert hasattr(torch.ops.mptkernels, name)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
+def test_cuda_source_compiles_for_sm80_and_sm90a(source, tmp_path):
+    """The CPU machines cannot run CUDA, but nvcc checks every kernel compiles for both archs."""
+    torch_dir = os.path.dirname(torch.__file__)
+    includes = [os.path.join(ROOT, "csrc"), os.path.join(torch_dir, "include"),
+                os.path.join(torch_dir, "include", "torch", "csrc", "api", "include")]
+    if not os.path.exists(os.path.join(torch_dir, "include", "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+        includes.append(os.path.join(ROOT, "tests", "cuda_shim"))  # the CPU wheel lacks one generated header
+    cmd = ["nvcc", "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
+           *[f"-I{i}" for i in includes], "-c", source, "-o", str(tmp_path / "out.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "out.o").stat().st_size > 0
+
+
+def test_cuda_sources_exist():
+    names = {os.path.basename(p) for p in CUDA_SOURCES}
+    assert {"layer_norm.cu", "rotary.cu"} <= names

@@ -1,0 +1,126 @@
+"""nn drop-ins and mptkernels.patch(model): same state_dict, same outputs as the modules replaced."""
+import pytest
+import torch
+
+import mptkernels
+from mptkernels import nn as mnn
+from conftest import rel_err
+
+
+def test_layer_norm_module_is_a_drop_in():
+    for kwargs in ({}, {"bias": False}, {"elementwise_affine": False}):
+        ref = torch.nn.LayerNorm(48, eps=1e-6, **kwargs)
+        if ref.weight is not None:
+            torch.nn.init.normal_(ref.weight)
+        ours = mnn.LayerNorm(48, eps=1e-6, **kwargs)
+        ours.load_state_dict(ref.state_dict())
+        assert ours.state_dict().keys() == ref.state_dict().keys()
+        x = torch.randn(2, 7, 48)
+        assert rel_err(ours(x), ref(x)) <= 1e-6
+
+
+def test_multi_dim_normalized_shape():
+    ref = torch.nn.LayerNorm((4, 6))
+    torch.nn.init.normal_(ref.weight), torch.nn.init.normal_(ref.bias)
+    ours = mnn.LayerNorm((4, 6))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, 6)
+    assert rel_err(ours(x), ref(x)) <= 1e-6
+    with pytest.raises(ValueError, match=r"expected input ending in \(4, 6\)"):
+        ours(torch.randn(3, 6, 4))
+
+
+def test_rms_norm_module_and_residual():
+    ref = torch.nn.RMSNorm(40)  # eps=None: the dtype's epsilon
+    torch.nn.init.normal_(ref.weight)
+    ours = mnn.RMSNorm(40)
+    ours.load_state_dict(ref.state_dict())
+    x, r = torch.randn(5, 40), torch.randn(5, 40)
+    assert rel_err(ours(x), ref(x)) <= 1e-6
+    y, s = ours(x, residual=r)
+    assert torch.equal(s, x + r) and rel_err(y, ref(x + r)) <= 1e-6
+
+
+class LlamaRMSNorm(torch.nn.Module):  # HF transformers' LlamaRMSNorm, as written there
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class GemmaRMSNorm(torch.nn.Module):  # HF transformers' GemmaRMSNorm
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+class LPLayerNorm(torch.nn.LayerNorm):  # llm-foundry's low-precision LayerNorm (autocast dtype = input dtype)
+    def forward(self, x):
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d, dtype):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(d, dtype=dtype)
+        self.proj = torch.nn.Linear(d, d, dtype=dtype)
+        self.rms = torch.nn.RMSNorm(d, dtype=dtype)
+        self.llama = LlamaRMSNorm(d).to(dtype)
+        self.gemma = GemmaRMSNorm(d).to(dtype)
+        self.lp = LPLayerNorm(d)  # fp32 params, bf16 activations: the MPT pattern
+
+    def forward(self, x):
+        x = self.proj(self.ln(x))
+        return self.lp(self.gemma(self.llama(self.rms(x))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_swaps_every_norm_and_keeps_outputs(dtype):
+    model = torch.nn.Sequential(Block(64, dtype), Block(64, dtype))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    with torch.no_grad():
+        want = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = mptkernels.patch(model)
+    assert len(report) == 10 and "LlamaRMSNorm -> RMSNorm (cast='llama')" in str(report)
+    casts = {name.split(".")[-1]: cast for name, _, _, cast in report.swapped}
+    assert casts == {"ln": "torch", "rms": "torch", "llama": "llama", "gemma": "gemma", "lp": "mpt"}
+    assert isinstance(model[0].ln, mnn.LayerNorm) and isinstance(model[1].llama, mnn.RMSNorm)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with torch.no_grad():
+        got = model(x)
+    # the same rounding points as the modules replaced: equal up to fp32 summation order
+    assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    loss = model(x).float().pow(2).mean()
+    loss.backward()
+    assert model[0].lp.weight.grad is not None and torch.isfinite(model[0].lp.weight.grad).all()
+
+
+def test_patch_shares_parameters_and_leaves_subclasses():
+    class MyNorm(torch.nn.LayerNorm):
+        pass
+
+    ln = torch.nn.LayerNorm(8)
+    model = torch.nn.Sequential(ln, MyNorm(8))
+    report = mptkernels.patch(model)
+    assert [name for name, *_ in report.swapped] == ["0"]
+    assert model[0].weight is ln.weight and type(model[1]) is MyNorm
+    assert str(mptkernels.patch(torch.nn.Linear(2, 2))) == "mptkernels.patch: nothing swapped"
+    assert len(mptkernels.patch(torch.nn.Sequential(torch.nn.LayerNorm(4)), layer_norm=False)) == 0
