@@ -63,6 +63,15 @@ def test_cpu_single_row_and_single_column():
         assert torch.equal(ops.layer_norm(torch.randn(shape[:-1] + (1,)), None), torch.zeros(shape[:-1] + (1,)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_without_weight_in_float32(dtype):
+    x, b = torch.randn(5, 33, dtype=dtype), torch.randn(33)
+    assert rel_err(ops.layer_norm(x, None, b), reference.layer_norm(x, None, b)) <= TOL[dtype]
+    xg, bg = x.clone().requires_grad_(), b.clone().requires_grad_()
+    ops.layer_norm(xg, None, bg).float().sum().backward()
+    assert bg.grad.dtype == torch.float32 and torch.allclose(bg.grad, torch.full_like(b, 5.0))
+
+
 def test_non_contiguous_input_is_handled():
     big = torch.randn(6, 40, 130)
     x, r = big[:, ::2, 1:], torch.randn(6, 130, 20).transpose(1, 2)[..., 1:]

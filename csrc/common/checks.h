@@ -50,14 +50,48 @@ inline void check_norm_args(const at::Tensor& x, const std::optional<at::Tensor>
 
 inline void check_norm_stats(const at::Tensor& s, const at::Tensor& mean, const at::Tensor& rstd, bool rms_norm) {
   const auto stats_t = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == s.size(0) && rstd.scalar_type() == stats_t && rstd.is_contiguous(),
-              "rstd: expected a contiguous (", s.size(0), ",) ", stats_t, " tensor, got ", rstd.sizes(), " ",
+  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == s.size(0) && rstd.scalar_type() == stats_t && rstd.is_contiguous() &&
+                  rstd.device() == s.device(),
+              "rstd: expected a contiguous (", s.size(0), ",) ", stats_t, " tensor on ", s.device(), ", got ", rstd.sizes(), " ",
               rstd.scalar_type());
   if (!rms_norm) {
     TORCH_CHECK(mean.dim() == 1 && mean.size(0) == s.size(0) && mean.scalar_type() == stats_t &&
-                    mean.is_contiguous(),
-                "mean: expected a contiguous (", s.size(0), ",) ", stats_t, " tensor, got ", mean.sizes(), " ",
+                    mean.is_contiguous() && mean.device() == s.device(),
+                "mean: expected a contiguous (", s.size(0), ",) ", stats_t, " tensor on ", s.device(), ", got ", mean.sizes(), " ",
                 mean.scalar_type());
+  }
+}
+
+// rotary(x, cos, sin, seqlen_offsets, seqlen_offset, ...): x (B, S, H, D) with a unit-stride
+// last dim; cos/sin (max_seqlen, rotary_dim/2) float32 contiguous; offsets (B,) int32.
+inline void check_rotary_args(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                              const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset,
+                              bool allow_double) {
+  TORCH_CHECK(x.dim() == 4, "rotary: x must be (batch, seqlen, heads, head_dim), got shape ", x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || (allow_double && t == at::kDouble),
+              "rotary: x must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "", ", got ", t);
+  TORCH_CHECK(x.stride(3) == 1 || x.size(3) <= 1, "rotary: x's last dim (head_dim) must have stride 1, got strides ",
+              x.strides());
+  for (auto [c, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    TORCH_CHECK(c->dim() == 2 && c->scalar_type() == at::kFloat && c->is_contiguous(), "rotary: ", name,
+                " must be a contiguous float32 (max_seqlen, rotary_dim/2) tensor, got ", c->scalar_type(), " ",
+                c->sizes());
+    TORCH_CHECK(c->device() == x.device(), "rotary: ", name, " must be on ", x.device(), ", got ", c->device());
+  }
+  TORCH_CHECK(cos.sizes() == sin.sizes(), "rotary: sin shape ", sin.sizes(), " must equal cos shape ", cos.sizes());
+  TORCH_CHECK(2 * cos.size(1) <= x.size(3), "rotary: rotary_dim 2*cos.size(1) = ", 2 * cos.size(1),
+              " exceeds head_dim ", x.size(3));
+  if (seqlen_offsets.has_value() && seqlen_offsets->defined()) {
+    const at::Tensor& o = *seqlen_offsets;
+    TORCH_CHECK(o.dim() == 1 && o.size(0) == x.size(0) && o.scalar_type() == at::kInt && o.is_contiguous(),
+                "rotary: seqlen_offsets must be a contiguous int32 (", x.size(0), ",) tensor, got ", o.scalar_type(),
+                " ", o.sizes());
+    TORCH_CHECK(o.device() == x.device(), "rotary: seqlen_offsets must be on ", x.device(), ", got ", o.device());
+  } else if (x.numel() > 0) {
+    TORCH_CHECK(seqlen_offset >= 0 && seqlen_offset + x.size(1) <= cos.size(0), "rotary: seqlen_offset ",
+                seqlen_offset, " puts positions [", seqlen_offset, ", ", seqlen_offset + x.size(1),
+                ") outside the cos/sin table of ", cos.size(0), " rows");
   }
 }
 

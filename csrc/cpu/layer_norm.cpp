@@ -288,11 +288,13 @@ void bwd_impl(const at::Tensor& dy, const std::optional<at::Tensor>& dres, const
   if (need_db) dbias.copy_(db_part.sum(0));
 }
 
-#define MPTK_DISPATCH_WEIGHT(x, weight, ...)                                   \
+// T: x's dtype; W: the parameters' dtype (weight's, else bias's), x's or float32
+#define MPTK_DISPATCH_WEIGHT(x, weight, bias, ...)                             \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), \
                                   "mptkernels_norm", [&] {                   \
                                     using T = scalar_t;                      \
-                                    if (!weight || weight->scalar_type() == x.scalar_type()) { \
+                                    const auto& param = weight ? weight : bias; \
+                                    if (!param || param->scalar_type() == x.scalar_type()) { \
                                       using W = T;                           \
                                       __VA_ARGS__();                         \
                                     } else {                                 \
@@ -312,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   at::Tensor s_out = residual ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({rms_norm ? 0 : M}, stats_opts);
   at::Tensor rstd = at::empty({M}, stats_opts);
-  MPTK_DISPATCH_WEIGHT(x, weight, [&] {
+  MPTK_DISPATCH_WEIGHT(x, weight, bias, [&] {
     fwd_impl<T, W>(x, weight, bias, residual, y, s_out, mean, rstd, eps, rms_norm, weight_offset, cast_before_weight);
   });
   return {y, s_out, mean, rstd};
@@ -329,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   at::Tensor dx = at::empty_like(s);
   at::Tensor dweight = weight ? at::empty_like(*weight) : at::empty({0}, s.options());
   at::Tensor dbias = bias ? at::empty_like(*bias) : at::empty({0}, s.options());
-  MPTK_DISPATCH_WEIGHT(s, weight, [&] {
+  MPTK_DISPATCH_WEIGHT(s, weight, bias, [&] {
     bwd_impl<T, W>(dy, dresidual_out, s, weight, mean, rstd, dx, dweight, dbias, bias.has_value(), rms_norm,
                    weight_offset, cast_before_weight);
   });

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <optional>
 
+#include "common/checks.h"
 #include "common/cpu_vec.h"
 
 namespace mptk::cpu {
@@ -83,25 +84,10 @@ void rotary_impl(const at::Tensor& x, const float* cos, const float* sin, const 
 at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset, bool interleaved,
                       bool conjugate) {
-  TORCH_CHECK(x.dim() == 4, "rotary: x must be (batch, seqlen, heads, head_dim), got shape ", x.sizes());
-  TORCH_CHECK(x.stride(3) == 1 || x.size(3) <= 1, "rotary: x's last dim (head_dim) must have stride 1");
-  for (auto [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
-    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->is_contiguous(), "rotary: ", name,
-                " must be a contiguous float32 (max_seqlen, rotary_dim/2) tensor, got ", t->scalar_type(), " ",
-                t->sizes());
-    TORCH_CHECK(t->device() == x.device(), "rotary: ", name, " must be on ", x.device());
-  }
-  TORCH_CHECK(cos.sizes() == sin.sizes(), "rotary: sin shape ", sin.sizes(), " must equal cos shape ", cos.sizes());
+  mptk::check_rotary_args(x, cos, sin, seqlen_offsets, seqlen_offset, /*allow_double=*/true);
   const int64_t half = cos.size(1);
-  TORCH_CHECK(2 * half <= x.size(3), "rotary: rotary_dim 2*cos.size(1) = ", 2 * half, " exceeds head_dim ", x.size(3));
-  const int32_t* offsets = nullptr;
-  if (seqlen_offsets) {
-    TORCH_CHECK(seqlen_offsets->dim() == 1 && seqlen_offsets->size(0) == x.size(0) &&
-                    seqlen_offsets->scalar_type() == at::kInt && seqlen_offsets->is_contiguous() &&
-                    seqlen_offsets->device() == x.device(),
-                "rotary: seqlen_offsets must be a contiguous int32 (batch,) tensor on ", x.device());
-    offsets = seqlen_offsets->const_data_ptr<int32_t>();
-  }
+  const bool has_offsets = seqlen_offsets.has_value() && seqlen_offsets->defined();
+  const int32_t* offsets = has_offsets ? seqlen_offsets->const_data_ptr<int32_t>() : nullptr;
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_rotary", [&] {
