@@ -11,6 +11,30 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _fix_triton_interpreter_loop_bounds():
+    """Triton 3.6's interpreter calls int() on a shape-(1,) array for a loop bound computed at
+    run time; NumPy >= 2.4 refuses that ("only 0-dimensional arrays can be converted"). Give
+    interpreted tensors an __index__ that reads their single element."""
+    try:
+        import triton.runtime.interpreter as interp
+    except Exception:
+        return
+    original = getattr(interp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_mptk_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._mptk_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_triton_interpreter_loop_bounds()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -233,6 +233,23 @@ def _triton_module():
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("rms", [False, True])
 def test_triton_interpreter_forward_backward(dtype, n, rms):
+    _check_triton_against_cpu(dtype, n, rms)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter run; on a GPU the gpu tests cover Triton")
+@pytest.mark.parametrize("n", [17, 129, 1000])
+@pytest.mark.parametrize("rms", [False, True])
+def test_triton_interpreter_looped_path(monkeypatch, n, rms):
+    """Rows longer than the register-resident limit are walked in chunks: lower the limits so
+    small rows take that path (the default limits are 16384 / 8192 elements)."""
+    tl_norm = _triton_module()
+    monkeypatch.setattr(tl_norm, "FWD_FUSED_MAX_BLOCK_N", 16)
+    monkeypatch.setattr(tl_norm, "BWD_FUSED_MAX_BLOCK_N", 16)
+    monkeypatch.setattr(tl_norm, "LOOPED_BLOCK_N", 32)
+    _check_triton_against_cpu(torch.float32, n, rms)
+
+
+def _check_triton_against_cpu(dtype, n, rms):
     tl_norm = _triton_module()
     for weight_kind, cast, residual in [("same", "torch", True), ("fp32", "llama", False), ("none", "torch", True),
                                         ("same", "gemma", False)]:
@@ -253,7 +270,11 @@ def test_triton_interpreter_forward_backward(dtype, n, rms):
         g_cpu = torch.ops.mptkernels.layer_norm_bwd(dy, dres, s, w, b, want[2], want[3], rms, off, cast_before)
         for name, a, c in zip(("dx", "dweight", "dbias"), g_tl, g_cpu):
             assert a.shape == c.shape and a.dtype == c.dtype, name
-            if c.numel():
+            if name == "dx" and n == 1 and dres is None:
+                # one column: dx = dy*w*rstd*(1 - xhat^2) cancels to rounding noise; measure
+                # the error against the size of the terms that cancelled instead
+                assert (a.double() - c.double()).norm() <= GRAD_TOL[dtype] * dy.double().norm() * 10
+            elif c.numel():
                 assert rel_err(a, c) <= GRAD_TOL[dtype], (name, rel_err(a, c))
 
 
