@@ -49,6 +49,8 @@ struct NormKernel {
                       T* __restrict__ y,          // [N]
                       T* __restrict__ s_out,      // [N] or nullptr (when res is)
                       A* __restrict__ sbuf,       // [N] scratch
+                      const T* next_x,            // [N] the next row's x (and res), or nullptr:
+                      const T* next_res,          //     prefetched while this row is normalised
                       A* mean_out, A* rstd_out, int64_t N, A eps, bool rms, bool cast_before, bool stream) {
     // walk 1: s = x + res rounded to T (stored, and normalised, as the unfused code would)
     V acc0(0), acc1(0);
@@ -107,9 +109,16 @@ struct NormKernel {
       *mean_out = mu;
     }
     *rstd_out = rstd;
-    // walk 3: y = xhat * (w + off) + b
+    // walk 3: y = xhat * (w + off) + b. Walks 2-3 work from sbuf in cache, so memory would
+    // idle; prefetching the next row here overlaps its reads with this row's arithmetic.
     const V vmu(mu), vrstd(rstd);
     for (j = 0; j + K <= N; j += K) {
+      if (next_x) {
+        for (size_t line = 0; line < K * sizeof(T); line += 64) {  // every cache line of the chunk
+          __builtin_prefetch(reinterpret_cast<const char*>(next_x + j) + line);
+          if (next_res) __builtin_prefetch(reinterpret_cast<const char*>(next_res + j) + line);
+        }
+      }
       V a = (V::loadu(sbuf + j) - vmu) * vrstd;
       V c = (V::loadu(sbuf + j + V::size()) - vmu) * vrstd;
       if (cast_before) IO::round(a, c);
@@ -143,6 +152,8 @@ struct NormKernel {
                       A* __restrict__ db_acc,      // [N] or nullptr
                       A* __restrict__ xbuf,        // [N] scratch
                       A* __restrict__ gbuf,        // [N] scratch
+                      const T* next_dy,            // [N] the next row's dy and s, or nullptr:
+                      const T* next_s,             //     prefetched during walk 2
                       A mu, A rstd, int64_t N, bool rms, A off, bool cast_before, bool stream) {
     const V vmu(mu), vrstd(rstd), voff(off);
     // walk 1: the two row means the gradient needs, and the weight/bias partial sums
@@ -196,6 +207,12 @@ struct NormKernel {
     const V vc_gx(c_gx), vc_g(c_g);
     // walk 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dresidual_out)
     for (j = 0; j + K <= N; j += K) {
+      if (next_dy) {
+        for (size_t line = 0; line < K * sizeof(T); line += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(next_dy + j) + line);
+          __builtin_prefetch(reinterpret_cast<const char*>(next_s + j) + line);
+        }
+      }
       V da = (V::loadu(gbuf + j) - vc_g - V::loadu(xbuf + j) * vc_gx) * vrstd;
       V dc = (V::loadu(gbuf + j + V::size()) - vc_g - V::loadu(xbuf + j + V::size()) * vc_gx) * vrstd;
       if (dres) {
@@ -239,8 +256,10 @@ void fwd_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight, cons
     for (int64_t j = 0; j < static_cast<int64_t>(wbuf.size()); ++j) wbuf[j] = static_cast<A>(wp[j]) + static_cast<A>(off);
     for (int64_t j = 0; j < static_cast<int64_t>(bbuf.size()); ++j) bbuf[j] = static_cast<A>(bp[j]);
     for (int64_t i = begin; i < end; ++i) {
+      const bool more = i + 1 < end;
       Kern::fwd_row(xp + i * N, rp ? rp + i * N : nullptr, wp ? wbuf.data() : nullptr, bp ? bbuf.data() : nullptr,
-                    yp + i * N, sp ? sp + i * N : nullptr, sbuf.data(), mp ? mp + i : nullptr, rsp + i, N,
+                    yp + i * N, sp ? sp + i * N : nullptr, sbuf.data(), more ? xp + (i + 1) * N : nullptr,
+                    more && rp ? rp + (i + 1) * N : nullptr, mp ? mp + i : nullptr, rsp + i, N,
                     static_cast<A>(eps), rms, cast_before, stream);
     }
     stream_fence();
@@ -277,9 +296,11 @@ void bwd_impl(const at::Tensor& dy, const std::optional<at::Tensor>& dres, const
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r1 = std::min(M, (blk + 1) * rows_per_block);
       for (int64_t i = blk * rows_per_block; i < r1; ++i) {
+        const bool more = i + 1 < r1;
         Kern::bwd_row(dyp + i * N, drp ? drp + i * N : nullptr, sp + i * N, wp, dxp + i * N,
                       dwp ? dwp + blk * N : nullptr, dbp ? dbp + blk * N : nullptr, xbuf.data(), gbuf.data(),
-                      mp ? mp[i] : A(0), rsp[i], N, rms, static_cast<A>(off), cast_before, stream);
+                      more ? dyp + (i + 1) * N : nullptr, more ? sp + (i + 1) * N : nullptr, mp ? mp[i] : A(0),
+                      rsp[i], N, rms, static_cast<A>(off), cast_before, stream);
       }
     }
     stream_fence();
