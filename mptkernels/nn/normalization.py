@@ -9,8 +9,19 @@ import torch
 from .. import ops
 
 
-def _flat(t, n):
-    return None if t is None else t.reshape(n)
+def _apply(module, x, residual, norm):
+    """Run norm(x_rows, weight_rows, residual_rows) over the module's normalized_shape, which may
+    span several trailing dims (they are normalised together, so they are flattened into one)."""
+    shape = tuple(module.normalized_shape)
+    if tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(f"{type(module).__name__}: expected input ending in {shape}, got {tuple(x.shape)}")
+    n = math.prod(shape)
+    lead = x.shape[: x.dim() - len(shape)]
+    weight = None if module.weight is None else module.weight.reshape(n)
+    out = norm(x.reshape(*lead, n), weight, None if residual is None else residual.reshape(*lead, n))
+    if residual is None:
+        return out.view(x.shape)
+    return out[0].view(x.shape), out[1].view(x.shape)
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -25,16 +36,8 @@ class LayerNorm(torch.nn.LayerNorm):
         self.cast = cast
 
     def forward(self, x, residual=None):
-        # a multi-dim normalized_shape normalises the trailing dims together: flatten them
-        n = math.prod(self.normalized_shape)
-        if tuple(x.shape[-len(self.normalized_shape):]) != tuple(self.normalized_shape):
-            raise ValueError(f"LayerNorm: expected input ending in {tuple(self.normalized_shape)}, got {tuple(x.shape)}")
-        lead = x.shape[: x.dim() - len(self.normalized_shape)]
-        out = ops.layer_norm(x.reshape(*lead, n), _flat(self.weight, n), _flat(self.bias, n), self.eps,
-                             None if residual is None else residual.reshape(*lead, n), cast=self.cast)
-        if residual is None:
-            return out.view(x.shape)
-        return out[0].view(x.shape), out[1].view(x.shape)
+        bias = None if self.bias is None else self.bias.reshape(-1)
+        return _apply(self, x, residual, lambda x, w, r: ops.layer_norm(x, w, bias, self.eps, r, cast=self.cast))
 
     def extra_repr(self):
         return super().extra_repr() + f", cast={self.cast!r}"
@@ -49,17 +52,9 @@ class RMSNorm(torch.nn.RMSNorm):
         self.cast = cast
 
     def forward(self, x, residual=None):
-        n = math.prod(self.normalized_shape)
-        if tuple(x.shape[-len(self.normalized_shape):]) != tuple(self.normalized_shape):
-            raise ValueError(f"RMSNorm: expected input ending in {tuple(self.normalized_shape)}, got {tuple(x.shape)}")
         # torch.nn.RMSNorm's eps=None means the dtype's machine epsilon
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        lead = x.shape[: x.dim() - len(self.normalized_shape)]
-        out = ops.rms_norm(x.reshape(*lead, n), _flat(self.weight, n), eps,
-                           None if residual is None else residual.reshape(*lead, n), cast=self.cast)
-        if residual is None:
-            return out.view(x.shape)
-        return out[0].view(x.shape), out[1].view(x.shape)
+        return _apply(self, x, residual, lambda x, w, r: ops.rms_norm(x, w, eps, r, cast=self.cast))
 
     def extra_repr(self):
         return super().extra_repr() + f", cast={self.cast!r}"
