@@ -64,3 +64,20 @@ def test_cuda_source_compiles_for_sm80_and_sm90a(source, tmp_path):
 def test_cuda_sources_exist():
     names = {os.path.basename(p) for p in CUDA_SOURCES}
     assert {"layer_norm.cu", "rotary.cu"} <= names
+
+
+def test_gpu_implementation_choice_rules():
+    """The parts of the GPU choice that need no GPU: forced backends and missing implementations."""
+    from mptkernels import _backend
+
+    def impl():
+        return "cuda-impl"
+
+    with pytest.raises(RuntimeError, match="no GPU implementation is available"):
+        _backend.choose_gpu_impl("op", (), {}, ())
+    assert _backend.choose_gpu_impl("op", (), {"cuda": impl}, ())() == "cuda-impl"  # one: no timing
+    with mptkernels.backend("triton"):
+        with pytest.raises(RuntimeError, match="backend 'triton' is not available in this build"):
+            _backend.choose_gpu_impl("op", (), {"cuda": impl}, ())
+    with mptkernels.backend("cuda"):
+        assert _backend.choose_gpu_impl("op", (), {"cuda": impl, "triton": None}, ()) is impl
