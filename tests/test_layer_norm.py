@@ -321,6 +321,15 @@ def test_gpu_opcheck_and_compile(backend):
 
 
 @pytest.mark.gpu
+def test_gpu_opcheck_cuda_cpp_ops():
+    x, w, b, r = _inputs((64, 1000), torch.bfloat16, "cuda", "fp32", True, True)
+    torch.library.opcheck(torch.ops.mptkernels.cuda_layer_norm_fwd.default, (x, w, b, r, 1e-5, False, 0.0, False))
+    y, s, mean, rstd = torch.ops.mptkernels.cuda_layer_norm_fwd(x, w, b, r, 1e-5, False, 0.0, False)
+    torch.library.opcheck(torch.ops.mptkernels.cuda_layer_norm_bwd.default,
+                          (torch.randn_like(x), torch.randn_like(x), s, w, b, mean, rstd, False, 0.0, False))
+
+
+@pytest.mark.gpu
 def test_gpu_auto_choice_is_recorded():
     from mptkernels import _backend
 

@@ -6,6 +6,8 @@ the CUDA C++ or the Triton implementation (mptkernels._backend.choose_gpu_impl).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _backend, reference
@@ -162,6 +164,7 @@ def _has_gpu_kernel() -> bool:
     return build_info.with_cuda or triton_available()
 
 
+@functools.lru_cache(maxsize=None)  # per call it would rebuild the dict and re-import
 def _gpu_impls(kind: str) -> dict:
     from ..triton import available as triton_available
 
