@@ -39,4 +39,18 @@ TORCH_LIBRARY(mptkernels, m) {
   m.def(
       "rotary(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, int seqlen_offset, "
       "bool interleaved, bool conjugate) -> Tensor");
+  // Attention of q (B, Sq, Hq, D) over k, v (B, Sk, Hk, D), Hq % Hk == 0 (GQA), all
+  // contiguous. score(i, j) = softmax_scale * q_i . k_j + slope[b?, h] * (j - i - (Sk - Sq))
+  // (MPT's ALiBi; alibi_slopes (Hq,) or (B, Hq) float32, or None); causal: key j is visible
+  // to query i iff j <= i + Sk - Sq (bottom-right aligned). Returns (out (B, Sq, Hq, D) in q's
+  // dtype, lse (B, Hq, Sq) float32: the log-sum-exp of each row's visible scores, -inf and
+  // out = 0 for a row that sees no key).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float softmax_scale, bool causal) "
+      "-> (Tensor, Tensor)");
+  // Gradient of attention_fwd from dout (B, Sq, Hq, D) and the forward's out and lse:
+  // (dq, dk, dv) in the inputs' dtypes; dk, dv sum over the q heads sharing a kv head.
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "
+      "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,6 +1,7 @@
 """mptkernels.info(): what was built and what each op will run on each device."""
 from __future__ import annotations
 
+import importlib.util
 import platform
 
 import torch
@@ -9,15 +10,22 @@ from . import _backend
 from ._loader import build_info
 from .triton import version as triton_version
 
-FAMILIES = {  # op -> GPU implementations that exist in the source tree
-    "layer_norm / rms_norm": ("cuda", "triton"),
+FAMILIES = {  # op -> its GPU implementations: "cuda" (in _C) or "triton:<module of mptkernels.triton>"
+    "layer_norm / rms_norm": ("cuda", "triton:layer_norm"),
     "apply_rotary": ("cuda",),
+    "attention": ("triton:attention",),
 }
+
+
+def _built(lang: str) -> bool:
+    if lang == "cuda":
+        return build_info.with_cuda
+    return triton_version() is not None and importlib.util.find_spec(f"mptkernels.triton.{lang[7:]}") is not None
 
 
 def _plan(gpu_langs) -> dict:
     b = _backend.current()
-    have = [g for g in gpu_langs if (g == "cuda" and build_info.with_cuda) or (g == "triton" and triton_version())]
+    have = [g.split(":")[0] for g in gpu_langs if _built(g)]
     cpu = "reference (PyTorch)" if b == "reference" else "cpu (C++)"
     if b == "reference" or not have:
         gpu = "reference (PyTorch)" + ("" if b == "reference" else ": no GPU kernel in this build")

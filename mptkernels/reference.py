@@ -91,6 +91,35 @@ def rotary_cos_sin(max_seqlen: int, rotary_dim: int, base: float = 10000.0, devi
     return angle.cos().float(), angle.sin().float()
 
 
+def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, return_lse=False):
+    """softmax(q k^T * scale + ALiBi bias + mask) v over (batch, seqlen, heads, head_dim) tensors.
+
+    GQA: q has Hq heads, k/v Hk with Hq % Hk == 0 (q head h reads kv head h // (Hq // Hk)).
+    The bias of query i and key j is slope * (j - i - (Sk - Sq)) (MPT's ALiBi); causal keeps
+    j <= i + Sk - Sq (bottom-right aligned). A row that sees no key returns zeros (lse -inf).
+    Computed in float32 (float64 for float64 inputs), out rounded to q's dtype.
+    """
+    batch, sq, hq, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    qf = q.to(acc).transpose(1, 2)  # (B, Hq, Sq, D)
+    kf = k.to(acc).transpose(1, 2).repeat_interleave(hq // hk, dim=1)
+    vf = v.to(acc).transpose(1, 2).repeat_interleave(hq // hk, dim=1)
+    scores = qf @ kf.transpose(-1, -2) * scale  # (B, Hq, Sq, Sk)
+    i = torch.arange(sq, device=q.device).view(-1, 1)
+    j = torch.arange(sk, device=q.device).view(1, -1)
+    if alibi_slopes is not None:
+        shape = (batch, hq, 1, 1) if alibi_slopes.dim() == 2 else (1, hq, 1, 1)
+        scores = scores + alibi_slopes.to(acc).view(shape) * (j - i - (sk - sq)).to(acc)
+    if causal:
+        scores = scores.masked_fill(j > i + (sk - sq), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Sq); -inf where no key is visible
+    p = torch.exp(scores - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
+    out = (p @ vf).transpose(1, 2).to(q.dtype)
+    return (out, lse.float()) if return_lse else out
+
+
 def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
     """MPT's ALiBi slopes (float32, (n_heads,)), as llm-foundry's gen_slopes computes them."""
     n = 2 ** math.ceil(math.log2(n_heads))

@@ -95,4 +95,36 @@ inline void check_rotary_args(const at::Tensor& x, const at::Tensor& cos, const 
   }
 }
 
+// attention_fwd/bwd: q (B, Sq, Hq, D), k and v (B, Sk, Hk, D), one float dtype, contiguous,
+// Hq % Hk == 0, D a multiple of 8 up to 256; alibi_slopes float32 (Hq,) or (B, Hq).
+constexpr int64_t kMaxHeadDim = 256;
+inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& alibi_slopes, const char* op) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must be (batch, seqlen, heads, head_dim), got shape ", t->sizes());
+    TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), ", got ", t->device());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": q must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": k and v must have q's dtype ", dt);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k ", k.sizes(), " and v ", v.sizes(), " must have one shape");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op, ": k/v ", k.sizes(),
+              " must match q ", q.sizes(), " in batch and head_dim");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": q heads (", q.size(2),
+              ") must be a multiple of k/v heads (", k.size(2), ")");
+  TORCH_CHECK(q.size(3) % 8 == 0 && q.size(3) <= kMaxHeadDim && q.size(3) > 0, op,
+              ": head_dim must be a multiple of 8 up to ", kMaxHeadDim, ", got ", q.size(3));
+  if (alibi_slopes) {
+    const at::Tensor& s = *alibi_slopes;
+    const bool ok_shape = (s.dim() == 1 && s.size(0) == q.size(2)) ||
+                          (s.dim() == 2 && s.size(0) == q.size(0) && s.size(1) == q.size(2));
+    TORCH_CHECK(ok_shape && s.scalar_type() == at::kFloat && s.is_contiguous(), op,
+                ": alibi_slopes must be a contiguous float32 (", q.size(2), ",) or (", q.size(0), ", ", q.size(2),
+                ") tensor, got ", s.scalar_type(), " ", s.sizes());
+    TORCH_CHECK(s.device() == q.device(), op, ": alibi_slopes must be on ", q.device(), ", got ", s.device());
+  }
+}
+
 }  // namespace mptk
