@@ -34,39 +34,35 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// C[M, NV*kW columns at n0] (+)= A[M, K] @ B[K, same columns]; all row-major fp32.
+// Rows of A handled together: each B vector load feeds ROWS FMAs. 4 rows x 4 vectors of
+// accumulators fit AVX-512's 32 registers; AVX2's 16 hold 2 x 4.
+constexpr int kRows = kW >= 16 ? 4 : 2;
+
+// C[R rows, NV*kW columns] (+)= A[R, K] @ B[K, those columns]; row-major fp32.
+template <int R, int NV>
+inline void gemm_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                      bool accumulate) {
+  Vf c[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? Vf::loadu(C + r * ldc + v * kW) : Vf(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    Vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vf::loadu(B + k * ldb + v * kW);
+    for (int r = 0; r < R; ++r) {
+      const Vf a(A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, b[v], c[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * kW);
+}
+
 template <int NV>
 void gemm_cols(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                int64_t ldc, bool accumulate) {
   int64_t i = 0;
-  for (; i + 2 <= M; i += 2) {  // two rows at once: each B vector feeds two FMAs
-    Vf c0[NV], c1[NV];
-    for (int v = 0; v < NV; ++v) {
-      c0[v] = accumulate ? Vf::loadu(C + i * ldc + v * kW) : Vf(0.f);
-      c1[v] = accumulate ? Vf::loadu(C + (i + 1) * ldc + v * kW) : Vf(0.f);
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const Vf a0(A[i * lda + k]), a1(A[(i + 1) * lda + k]);
-      for (int v = 0; v < NV; ++v) {
-        const Vf b = Vf::loadu(B + k * ldb + v * kW);
-        c0[v] = at::vec::fmadd(a0, b, c0[v]);
-        c1[v] = at::vec::fmadd(a1, b, c1[v]);
-      }
-    }
-    for (int v = 0; v < NV; ++v) {
-      c0[v].store(C + i * ldc + v * kW);
-      c1[v].store(C + (i + 1) * ldc + v * kW);
-    }
-  }
-  if (i < M) {
-    Vf c0[NV];
-    for (int v = 0; v < NV; ++v) c0[v] = accumulate ? Vf::loadu(C + i * ldc + v * kW) : Vf(0.f);
-    for (int64_t k = 0; k < K; ++k) {
-      const Vf a0(A[i * lda + k]);
-      for (int v = 0; v < NV; ++v) c0[v] = at::vec::fmadd(a0, Vf::loadu(B + k * ldb + v * kW), c0[v]);
-    }
-    for (int v = 0; v < NV; ++v) c0[v].store(C + i * ldc + v * kW);
-  }
+  for (; i + kRows <= M; i += kRows) gemm_tile<kRows, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for (; i < M; ++i) gemm_tile<1, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
 }
 
 // C[M, N] (+)= A[M, K] @ B[K, N], row-major fp32, N a multiple of kW.
@@ -107,15 +103,21 @@ struct Geometry {
 };
 
 // scores tile [bq, kBlockK] for query rows [i0, i0 + bq) and keys [j0, j0 + kBlockK): ALiBi
-// bias and masks (causal, padding past Sk) applied in place
+// bias and masks (causal, padding past Sk) applied in place. The bias of row i is
+// slope * (j0 - i - offset) + slope * c: a scalar plus a fixed ramp over the tile's columns.
 inline void bias_and_mask(float* S, int64_t bq, int64_t i0, int64_t j0, const Geometry& g, float slope) {
+  alignas(64) static thread_local float ramp[kBlockK];
+  const bool has_bias = slope != 0.f;
+  if (has_bias)
+    for (int64_t c = 0; c < kBlockK; ++c) ramp[c] = slope * static_cast<float>(c);
   for (int64_t r = 0; r < bq; ++r) {
-    const int64_t i = i0 + r, end = g.key_end(i);
+    const int64_t i = i0 + r, visible = g.key_end(i) - j0;  // columns [0, visible) are visible
     float* row = S + r * kBlockK;
-    for (int64_t c = 0; c < kBlockK; ++c) {
-      const int64_t j = j0 + c;
-      row[c] = j < end ? row[c] + slope * static_cast<float>(j - i - g.offset) : kNegInf;
+    if (has_bias) {
+      const Vf base(slope * static_cast<float>(j0 - i - g.offset));
+      for (int64_t c = 0; c < kBlockK; c += kW) (Vf::loadu(row + c) + base + Vf::loadu(ramp + c)).store(row + c);
     }
+    for (int64_t c = std::max<int64_t>(visible, 0); c < kBlockK; ++c) row[c] = kNegInf;
   }
 }
 
@@ -164,19 +166,21 @@ void attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
         bias_and_mask(S.data(), bq, i0, j0, g, slope);
         for (int64_t r = 0; r < bq; ++r) {  // online softmax: rescale what came before
           float* row = S.data() + r * kBlockK;
-          float mx = m[r];
-          for (int64_t c = 0; c < kBlockK; ++c) mx = std::max(mx, row[c]);
+          Vf vmax(m[r]);
+          for (int64_t c = 0; c < kBlockK; c += kW) vmax = at::vec::maximum(vmax, Vf::loadu(row + c));
+          const float mx = at::vec::vec_reduce_all<float>([](Vf& a, Vf& bb) { return at::vec::maximum(a, bb); }, vmax);
           if (mx == kNegInf) continue;  // nothing visible yet in this row
           const float corr = std::exp(m[r] - mx);
-          float sum = 0.f;
+          Vf vsum(0.f);
           for (int64_t c = 0; c < kBlockK; c += kW) {
             const Vf p = (Vf::loadu(row + c) - Vf(mx)).exp_u20();
             p.store(row + c);
-            sum += at::vec::vec_reduce_all<float>([](Vf& a, Vf& bb) { return a + bb; }, p);
+            vsum = vsum + p;
           }
-          l[r] = l[r] * corr + sum;
+          l[r] = l[r] * corr + at::vec::vec_reduce_all<float>([](Vf& a, Vf& bb) { return a + bb; }, vsum);
           m[r] = mx;
-          for (int64_t d = 0; d < Dp; d += kW) (Vf::loadu(acc.data() + r * Dp + d) * Vf(corr)).store(acc.data() + r * Dp + d);
+          if (corr != 1.f)
+            for (int64_t d = 0; d < Dp; d += kW) (Vf::loadu(acc.data() + r * Dp + d) * Vf(corr)).store(acc.data() + r * Dp + d);
         }
         // rows with nothing visible hold exp(-inf) = 0 in S: they add nothing here
         for (int64_t r = 0; r < bq; ++r)
