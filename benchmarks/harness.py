@@ -20,10 +20,11 @@ class Row:
     case: str          # what is computed, with shape and dtype
     impl: str          # "mptkernels", "eager", "torch.compile", ...
     ms: float
-    gbps: float        # bytes moved / time
-    ceiling_frac: float  # gbps / the measured copy bandwidth of this device
+    gbps: float        # the rate: bytes moved / time in GB/s, or (unit "TFLOP/s") FLOPs / time
+    ceiling_frac: float  # rate / the measured ceiling of this device (copy, or matmul for FLOPs)
     speedup: float | None = None  # vs the best PyTorch baseline of the same case (ours only)
     best_baseline: str | None = None
+    unit: str = "GB/s"
 
 
 def bench(fn, device: str, quick: bool) -> float:
@@ -74,9 +75,21 @@ def copy_ceiling_gbps(device: str, quick: bool) -> float:
     return _ceilings[device]
 
 
-def case_rows(family, case, device, quick, nbytes, ours: dict, baselines: dict) -> list[Row]:
-    """Time every implementation of one case; ours get the speedup vs the best baseline."""
-    ceiling = copy_ceiling_gbps(device, quick)
+def matmul_ceiling_tflops(device: str, quick: bool) -> float:
+    """Measured dense matmul throughput (bf16 8192^3 on the GPU, fp32 2048^3 on the CPU)."""
+    key = device + ":mm"
+    if key not in _ceilings:
+        n, dt = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
+        a = torch.randn(n, n, device=device, dtype=dt)
+        ms = bench(lambda: a @ a, device, quick)
+        _ceilings[key] = 2 * n**3 / (ms * 1e-3) / 1e12
+    return _ceilings[key]
+
+
+def case_rows(family, case, device, quick, nbytes, ours: dict, baselines: dict, flops=None) -> list[Row]:
+    """Time every implementation of one case; ours get the speedup vs the best baseline.
+    nbytes: the traffic (rate in GB/s vs the copy ceiling); or flops: rate in TFLOP/s vs matmul."""
+    ceiling = matmul_ceiling_tflops(device, quick) if flops else copy_ceiling_gbps(device, quick)
     timed = {}
     for name, fn in {**baselines, **ours}.items():
         try:
@@ -86,8 +99,8 @@ def case_rows(family, case, device, quick, nbytes, ours: dict, baselines: dict) 
     rows = []
     best = min(((timed[b], b) for b in baselines if b in timed), default=None)
     for name, ms in timed.items():
-        gbps = nbytes / (ms * 1e-3) / 1e9
-        row = Row(family, case, name, ms, gbps, gbps / ceiling)
+        rate = flops / (ms * 1e-3) / 1e12 if flops else nbytes / (ms * 1e-3) / 1e9
+        row = Row(family, case, name, ms, rate, rate / ceiling, unit="TFLOP/s" if flops else "GB/s")
         if name in ours and best is not None:
             row.speedup, row.best_baseline = best[0] / ms, best[1]
         rows.append(row)
@@ -134,18 +147,22 @@ def environment(device: str) -> dict:
         except Exception:
             pass
     env["copy_ceiling_GBps"] = round(copy_ceiling_gbps(device, True), 1)
+    if any(k.endswith(":mm") for k in _ceilings):
+        env["matmul_ceiling_TFLOPs"] = round(matmul_ceiling_tflops(device, True), 3)
     return env
 
 
 def print_table(rows: list[Row], env: dict):
+    mm = f", matmul ceiling {env['matmul_ceiling_TFLOPs']} TFLOP/s" if "matmul_ceiling_TFLOPs" in env else ""
     print(f"\nmptkernels benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}); "
-          f"copy ceiling {env['copy_ceiling_GBps']} GB/s")
-    head = f"{'family':<11} {'case':<44} {'impl':<22} {'ms':>9} {'GB/s':>8} {'%ceil':>6} {'vs best PyTorch':>22}"
+          f"copy ceiling {env['copy_ceiling_GBps']} GB/s{mm}")
+    head = f"{'family':<11} {'case':<44} {'impl':<22} {'ms':>9} {'rate':>15} {'%ceil':>6} {'vs best PyTorch':>22}"
     print(head)
     print("-" * len(head))
     for r in rows:
         vs = f"{r.speedup:.2f}x ({r.best_baseline})" if r.speedup is not None else ""
-        print(f"{r.family:<11} {r.case:<44} {r.impl:<22} {r.ms:>9.3f} {r.gbps:>8.1f} {100 * r.ceiling_frac:>5.0f}% {vs:>22}")
+        rate = f"{r.gbps:.1f} GB/s" if r.unit == "GB/s" else f"{r.gbps:.3f} TFLOP/s"
+        print(f"{r.family:<11} {r.case:<44} {r.impl:<22} {r.ms:>9.3f} {rate:>15} {100 * r.ceiling_frac:>5.0f}% {vs:>22}")
 
 
 def write_outputs(rows: list[Row], env: dict, out_dir: str):
@@ -167,15 +184,15 @@ def write_outputs(rows: list[Row], env: dict, out_dir: str):
     for i, impl in enumerate(impls):
         xs, ys = [], []
         for j, c in enumerate(cases):
-            hit = [r.gbps for r in rows if (r.family, r.case) == c and r.impl == impl]
+            hit = [100 * r.ceiling_frac for r in rows if (r.family, r.case) == c and r.impl == impl]
             if hit:
                 xs.append(j + i * width)
                 ys.append(hit[0])
         ax.bar(xs, ys, width, label=impl)
-    ax.axhline(env["copy_ceiling_GBps"], color="k", linestyle="--", linewidth=1, label="copy ceiling")
+    ax.axhline(100, color="k", linestyle="--", linewidth=1, label="measured ceiling (copy; matmul for attention)")
     ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(cases))])
     ax.set_xticklabels([c[1] for c in cases], rotation=20, ha="right", fontsize=7)
-    ax.set_ylabel("GB/s (higher is better)")
+    ax.set_ylabel("% of the measured ceiling (higher is better)")
     ax.set_title(f"mptkernels on {env['device']} — torch {env['torch']}, {env['date']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,0 +1,106 @@
+"""Fused attention (causal, ALiBi, GQA) against PyTorch's best paths on the same device.
+
+Baselines: SDPA (on the GPU each backend: cuDNN, flash, efficient), SDPA with the ALiBi bias
+materialised as a mask tensor (what PyTorch users do for MPT), and compiled FlexAttention
+with an ALiBi score_mod (GPU). FLOPs: 4 * B * H * Sq * Sk * D, halved for causal.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mptkernels import ops, reference
+
+try:
+    from .harness import case_rows
+except ImportError:
+    from harness import case_rows
+
+
+def shapes(device: str, quick: bool):
+    if device == "cuda":  # about 16k tokens per batch
+        full = [(4, 4096, 32, 128), (1, 16384, 32, 128), (16, 1024, 32, 64)]
+        return full[:1] if quick else full
+    return [(1, 2048, 16, 64)]
+
+
+def _alibi_mask(slopes, s, causal, device, dtype):
+    i = torch.arange(s, device=device).view(-1, 1)
+    j = torch.arange(s, device=device).view(1, -1)
+    bias = slopes.to(device).view(-1, 1, 1) * (j - i)
+    if causal:
+        bias = bias.masked_fill(j > i, float("-inf"))
+    return bias.unsqueeze(0).to(dtype)
+
+
+def _sdpa_backends(device):
+    if device != "cuda":
+        return {"SDPA": None}
+    from torch.nn.attention import SDPBackend
+
+    return {"SDPA cuDNN": SDPBackend.CUDNN_ATTENTION, "SDPA flash": SDPBackend.FLASH_ATTENTION,
+            "SDPA efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def _sdpa(backend, *args, **kw):
+    if backend is None:
+        return F.scaled_dot_product_attention(*args, **kw)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(*args, **kw)
+
+
+def _flex_alibi(q, k, v, slopes):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    s = q.shape[2]
+    mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, s, s, device=q.device)
+    flex = torch.compile(flex_attention, fullgraph=True)
+
+    def score_mod(score, b, h, i, j):
+        return score + slopes[h] * (j - i)
+
+    return lambda: flex(q, k, v, score_mod=score_mod, block_mask=mask)
+
+
+def run(device: str, quick: bool):
+    rows = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for b, s, h, d in shapes(device, quick):
+        q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # SDPA's (B, H, S, D)
+        slopes = reference.alibi_slopes(h).to(device)
+        flops = 4 * b * h * s * s * d / 2  # causal
+        tag = f"B{b} S{s} H{h} d{d} {str(dtype).replace('torch.', '')}"
+        base = {name: (lambda be=be: _sdpa(be, qt, kt, vt, is_causal=True)) for name, be in _sdpa_backends(device).items()}
+        rows += case_rows("attention", f"causal fwd {tag}", device, quick, None,
+                          {"mptkernels": lambda: ops.attention(q, k, v, causal=True)}, base, flops=flops)
+        mask = _alibi_mask(slopes, s, True, device, dtype)
+        alibi_base = {"SDPA + bias tensor": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)}
+        if device == "cuda":
+            alibi_base["FlexAttention (compiled)"] = _flex_alibi(qt, kt, vt, slopes)
+        rows += case_rows("attention", f"causal+ALiBi fwd {tag}", device, quick, None,
+                          {"mptkernels": lambda: ops.attention(q, k, v, causal=True, alibi_slopes=slopes)},
+                          alibi_base, flops=flops)
+        # forward + backward: 2.5x the forward's FLOPs (the backward recomputes the scores)
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        dout = torch.randn_like(q)
+        qtg, ktg, vtg = (x.clone().requires_grad_() for x in (qt, kt, vt))
+        doutt = dout.transpose(1, 2).contiguous()
+        rows += case_rows(
+            "attention", f"causal+ALiBi fwd+bwd {tag}", device, quick, None,
+            {"mptkernels": lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True, alibi_slopes=slopes),
+                                                       (qg, kg, vg), dout)},
+            {"SDPA + bias tensor": lambda: torch.autograd.grad(
+                F.scaled_dot_product_attention(qtg, ktg, vtg, attn_mask=mask), (qtg, ktg, vtg), doutt)},
+            flops=3.5 * flops)
+    return rows
+
+
+if __name__ == "__main__":
+    from harness import environment, print_table, setup
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    setup(dev)
+    print_table(run(dev, quick=True), environment(dev))
