@@ -194,7 +194,7 @@ def write_outputs(rows: list[Row], env: dict, out_dir: str):
     ax.set_xticklabels([c[1] for c in cases], rotation=20, ha="right", fontsize=7)
     ax.set_ylabel("% of the measured ceiling (higher is better)")
     ax.set_title(f"mptkernels on {env['device']} — torch {env['torch']}, {env['date']}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over a bar
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "benchmarks.png"), dpi=120)
     plt.close(fig)
