@@ -1,10 +1,12 @@
 """Fused attention (causal, ALiBi, GQA): every backend against mptkernels.reference (fp64)."""
+import importlib
+
 import pytest
 import torch
 
 import mptkernels
 from mptkernels import ops, reference
-from conftest import rel_err
+from conftest import HAS_CUDA, rel_err
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -167,3 +169,38 @@ def test_gpu_forward_and_gradients(dtype, shape, causal, alibi):
     for g, ref in zip(got, want):
         if ref.norm() > 1e-6 * dout.double().norm():
             assert rel_err(g, ref) <= GRAD_TOL[dtype]
+
+
+# ---------------------------------------------------------------- Triton kernels (interpreter)
+INTERP_CASES = [  # (shape, causal, alibi): every feature at least once, small for the interpreter
+    ((1, 17, 17, 4, 4, 16), True, "heads"),
+    ((2, 17, 128, 4, 1, 40), True, "batch"),   # Sq < Sk (cache), MQA
+    ((1, 128, 17, 4, 2, 64), True, None),      # Sq > Sk: rows that see no key
+    ((1, 1, 257, 2, 2, 32), False, "heads"),   # one query over a long cache
+    ((2, 33, 33, 2, 1, 24), False, None),
+]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter run; on a GPU the gpu tests cover Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # interpreter: no bf16 tl.dot
+@pytest.mark.parametrize("case", INTERP_CASES, ids=str)
+def test_triton_interpreter_forward_backward(dtype, case):
+    tl_attn = importlib.import_module("mptkernels.triton.attention")
+    shape, causal, alibi = case
+    q, k, v, slopes = _case(shape, dtype, alibi=alibi)
+    scale = shape[-1] ** -0.5
+    out, lse = tl_attn.attention_fwd(q, k, v, slopes, scale, causal)
+    ref_out, ref_lse = _reference(q, k, v, slopes, causal)
+    assert rel_err(out, ref_out) <= TOL[dtype]
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert torch.allclose(lse[seen], ref_lse[seen].float(), atol=1e-3, rtol=1e-4)
+    dout = torch.randn_like(q)
+    runs = [tl_attn.attention_bwd(dout, q, k, v, out, lse, slopes, scale, causal) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), "the backward must be bitwise deterministic"
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(reference.attention(q64, k64, v64, causal=causal, alibi_slopes=slopes),
+                               (q64, k64, v64), dout.double())
+    for name, g, ref in zip(("dq", "dk", "dv"), runs[0], want):
+        if ref.norm() > 1e-6 * dout.double().norm():
+            assert rel_err(g, ref) <= GRAD_TOL[dtype], (name, rel_err(g, ref))
