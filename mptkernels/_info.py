@@ -53,6 +53,9 @@ def info(file=None) -> dict:
         "backend": _backend.current() + " (MPTK_BACKEND or mptkernels.backend())",
         "ops": {op: _plan(langs) for op, langs in FAMILIES.items()},
     }
+    from .ops.attention import SDPA_FALLBACKS
+
+    facts["scaled_dot_product_attention falls back to PyTorch for"] = SDPA_FALLBACKS
     if _backend.gpu_choices:
         facts["measured GPU choices"] = {" ".join(map(str, k)): v for k, v in _backend.gpu_choices.items()}
     lines = ["mptkernels.info()"]

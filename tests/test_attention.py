@@ -204,3 +204,28 @@ def test_triton_interpreter_forward_backward(dtype, case):
     for name, g, ref in zip(("dq", "dk", "dv"), runs[0], want):
         if ref.norm() > 1e-6 * dout.double().norm():
             assert rel_err(g, ref) <= GRAD_TOL[dtype], (name, rel_err(g, ref))
+
+
+def test_scaled_dot_product_attention_matches_torch():
+    F = torch.nn.functional
+    q, k, v = (torch.randn(2, 4, 19, 32) for _ in range(3))
+    for kw in ({}, {"is_causal": True}, {"scale": 0.2}):
+        assert rel_err(ops.scaled_dot_product_attention(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw)) <= 1e-5
+    kg, vg = k[:, :2], v[:, :2]  # GQA needs enable_gqa, as in PyTorch
+    assert rel_err(ops.scaled_dot_product_attention(q, kg, vg, enable_gqa=True),
+                   F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True)) <= 1e-5
+    # fallbacks: a mask, top-left causal with Sq != Sk; each equals PyTorch's result
+    mask = torch.rand(19, 19) > 0.3
+    assert torch.equal(ops.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                       F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert torch.equal(ops.scaled_dot_product_attention(q[:, :, :5], k, v, is_causal=True),
+                       F.scaled_dot_product_attention(q[:, :, :5], k, v, is_causal=True))
+    # ALiBi on the kernel path and on the fallback path agree
+    slopes = reference.alibi_slopes(4)
+    fused = ops.scaled_dot_product_attention(q, k, v, is_causal=True, alibi_slopes=slopes)
+    via_mask = ops.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(19, 19, dtype=torch.bool),
+                                                is_causal=False, alibi_slopes=slopes)
+    causal_ref = reference.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, alibi_slopes=slopes)
+    assert rel_err(fused, causal_ref.transpose(1, 2)) <= 1e-5
+    nocausal_ref = reference.attention(*(t.transpose(1, 2) for t in (q, k, v)), alibi_slopes=slopes)
+    assert rel_err(via_mask, nocausal_ref.transpose(1, 2)) <= 1e-5

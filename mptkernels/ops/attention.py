@@ -40,6 +40,52 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, d
     return out
 
 
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, alibi_slopes=None):
+    """``torch.nn.functional.scaled_dot_product_attention`` on the fused kernel.
+
+    Same signature and semantics: tensors are (batch, heads, seqlen, head_dim), ``is_causal`` is
+    top-left aligned as in PyTorch. The extra ``alibi_slopes`` adds MPT's bias (as in
+    ``attention``). Cases the kernel does not cover run PyTorch's own SDPA (with the ALiBi bias
+    materialised into the mask when slopes are given), listed in ``SDPA_FALLBACKS``: an
+    ``attn_mask``, ``dropout_p > 0``, ``is_causal`` with seqlen_q != seqlen_k (top-left alignment),
+    and head dims or dtypes the kernel does not take.
+    """
+    hq, hk = query.shape[-3], key.shape[-3]
+    d = query.shape[-1]
+    fallback = (attn_mask is not None or dropout_p > 0.0 or query.dim() != 4
+                or (is_causal and query.shape[-2] != key.shape[-2]) or d % 8 or d > MAX_HEAD_DIM
+                or query.dtype not in _KERNEL_DTYPES or (hq != hk and not enable_gqa))
+    if fallback:
+        if alibi_slopes is not None:
+            attn_mask = _alibi_mask(alibi_slopes, query, key, attn_mask, is_causal)
+            is_causal = False
+        kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
+                    alibi_slopes=alibi_slopes, softmax_scale=scale)
+    return out.transpose(1, 2)
+
+
+# what scaled_dot_product_attention hands to PyTorch (mptkernels.info() prints it)
+SDPA_FALLBACKS = "attn_mask, dropout_p > 0, is_causal with seqlen_q != seqlen_k (top-left), head_dim % 8 or > 256"
+
+
+def _alibi_mask(slopes, query, key, attn_mask, is_causal):
+    """The additive mask PyTorch's SDPA needs to reproduce ALiBi (+ its own mask and causal)."""
+    sq, sk = query.shape[-2], key.shape[-2]
+    i = torch.arange(sq, device=query.device).view(-1, 1)
+    j = torch.arange(sk, device=query.device).view(1, -1)
+    shape = (-1, slopes.shape[-1], 1, 1) if slopes.dim() == 2 else (slopes.shape[-1], 1, 1)
+    bias = slopes.view(shape).float() * (j - i - (sk - sq)).float()
+    if is_causal:  # PyTorch's is_causal: top-left aligned
+        bias = bias.masked_fill(j > i, float("-inf"))
+    if attn_mask is not None:
+        bias = bias.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else bias + attn_mask
+    return bias.to(query.dtype)
+
+
 def _check(q, k, v, alibi_slopes, softmax_scale):
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
