@@ -158,6 +158,29 @@ def _store_tile(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _score_tile(
+    q,  # [BLOCK_M, BLOCK_D] query tile
+    k,  # [BLOCK_N, BLOCK_D] key tile
+    kn,  # [BLOCK_N] key indices j
+    q_pos,  # [BLOCK_M] i + Sk - Sq: the last key each row sees (causal), ALiBi's origin
+    slope2, qk_scale, Sk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Scores in log2 units: q k^T * scale (+ ALiBi), masked to -inf where a key is not
+    visible. Keys past Sk are masked too: with ALiBi their bias would be positive."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_ALIBI:
+        # exact integer distance, then one rounding (slope2 already carries log2(e))
+        s += slope2 * (kn[None, :] - q_pos[:, None]).to(tl.float32)
+    if MASKED:
+        visible = (kn < Sk)[None, :]
+        if CAUSAL:
+            visible = visible & (kn[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i,  # running state of the BLOCK_M rows
     q,  # [BLOCK_M, BLOCK_D] q tile
@@ -175,15 +198,7 @@ def _fwd_inner(
         # unmasked blocks lie entirely below Sk, so only the masked phase checks rows
         k = _load_tile(k_base + kv_off, kn < Sk, d_ok, MASKED, EVEN_D)
         v = _load_tile(v_base + kv_off, kn < Sk, d_ok, MASKED, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_ALIBI:
-            # exact integer distance, then one rounding (slope2 already carries log2(e))
-            s += slope2 * (kn[None, :] - q_pos[:, None]).to(tl.float32)
-        if MASKED:
-            visible = (kn < Sk)[None, :]
-            if CAUSAL:
-                visible = visible & (kn[None, :] <= q_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
+        s = _score_tile(q, k, kn, q_pos, slope2, qk_scale, Sk, MASKED, CAUSAL, HAS_ALIBI, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no key yet keeps m = -inf; subtracting 0 instead keeps
         # exp2(-inf - -inf) = NaN out of alpha and p (both become exactly 0)
@@ -453,16 +468,9 @@ def _bwd_dq_inner(
         kv_off = kn.to(tl.int64)[:, None] * stride_ks + offs_d[None, :]
         k = _load_tile(k_base + kv_off, kn < Sk, d_ok, MASKED, EVEN_D)
         v = _load_tile(v_base + kv_off, kn < Sk, d_ok, MASKED, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_ALIBI:
-            s += slope2 * (kn[None, :] - q_pos[:, None]).to(tl.float32)
-        if MASKED:
-            # keys past Sk must be masked here (unlike in dk/dv): with ALiBi their bias
-            # is positive and an overflowing P times the zero k row would be NaN
-            visible = (kn < Sk)[None, :]
-            if CAUSAL:
-                visible = visible & (kn[None, :] <= q_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
+        # keys past Sk are masked here (unlike in dk/dv): with ALiBi their bias is
+        # positive and an overflowing P times the zero k row would be NaN
+        s = _score_tile(q, k, kn, q_pos, slope2, qk_scale, Sk, MASKED, CAUSAL, HAS_ALIBI, DOT_PRECISION)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
