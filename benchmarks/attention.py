@@ -92,9 +92,60 @@ def run(device: str, quick: bool):
             "attention", f"causal+ALiBi fwd+bwd {tag}", device, quick, None,
             {"mptkernels": lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True, alibi_slopes=slopes),
                                                        (qg, kg, vg), dout)},
-            {"SDPA + bias tensor": lambda: torch.autograd.grad(
-                F.scaled_dot_product_attention(qtg, ktg, vtg, attn_mask=mask), (qtg, ktg, vtg), doutt)},
-            flops=3.5 * flops)
+            _fwd_bwd_baselines(device, qtg, ktg, vtg, doutt, mask, slopes), flops=3.5 * flops)
+        if device == "cuda" or not quick:
+            rows += case_rows(
+                "attention", f"causal fwd+bwd {tag}", device, quick, None,
+                {"mptkernels": lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True), (qg, kg, vg), dout)},
+                {name: (lambda be=be: torch.autograd.grad(_sdpa(be, qtg, ktg, vtg, is_causal=True), (qtg, ktg, vtg),
+                                                          doutt))
+                 for name, be in _sdpa_backends(device).items()}, flops=3.5 * flops)
+    rows += _decode_rows(device, quick)
+    return rows
+
+
+def _fwd_bwd_baselines(device, qt, kt, vt, doutt, mask, slopes):
+    base = {"SDPA + bias tensor": lambda: torch.autograd.grad(
+        F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask), (qt, kt, vt), doutt)}
+    if device == "cuda":
+        flex = _flex_alibi(qt, kt, vt, slopes)
+        base["FlexAttention (compiled)"] = lambda: torch.autograd.grad(flex(), (qt, kt, vt), doutt)
+    return base
+
+
+def _graphed(fn):
+    """fn captured once in a CUDA graph: a decode step is a few microseconds of GPU work, so
+    timing eager launches would time the CPU. Both sides of the comparison get it."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _decode_rows(device, quick):
+    """One new token per sequence attending over a filled KV cache; rate = cache bytes read."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cases = [(1, 4096, 32, 32, 128), (8, 4096, 32, 8, 128)] if device == "cuda" else [(1, 2048, 16, 16, 64)]
+    rows = []
+    for b, s, hq, hk, d in cases[:1] if quick else cases:
+        kc, vc = (torch.randn(b, s, hk, d, device=device, dtype=dtype) for _ in range(2))
+        q = torch.randn(b, 1, hq, d, device=device, dtype=dtype)
+        lens = torch.full((b,), s, dtype=torch.int32, device=device)
+        slopes = reference.alibi_slopes(hq).to(device)
+        qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)  # SDPA's layout, as views
+        gqa = {"enable_gqa": True} if hq != hk else {}
+        ours = {"mptkernels": lambda: ops.attention_with_kvcache(q, kc, vc, lens, alibi_slopes=slopes)}
+        bias = (slopes.view(1, hq, 1, 1) * (torch.arange(s, device=device) - (s - 1))).to(dtype)
+        base = {"SDPA + bias tensor": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, **gqa)}
+        if device == "cuda":
+            ours = {k: _graphed(f) for k, f in ours.items()}
+            base = {k: _graphed(f) for k, f in base.items()}
+            base["SDPA (no bias)"] = _graphed(lambda: F.scaled_dot_product_attention(qt, kt, vt, **gqa))
+        nbytes = 2 * b * s * hk * d * kc.element_size()
+        tag = f"B{b} cache{s} Hq{hq} Hkv{hk} d{d} {str(dtype).replace('torch.', '')}"
+        rows += case_rows("attention", f"ALiBi decode 1 token {tag}", device, quick, nbytes, ours, base)
     return rows
 
 

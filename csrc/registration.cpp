@@ -53,4 +53,25 @@ TORCH_LIBRARY(mptkernels, m) {
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "
       "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)");
+  // attention_fwd over packed sequences: q (total_q, Hq, D), k and v (total_k, Hk, D);
+  // sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q and the same of k/v by
+  // cu_seqlens_k (int32 (B + 1,), from 0); max_seqlen_* bound every length. alibi_slopes
+  // (Hq,) or (B, Hq). Returns (out (total_q, Hq, D), lse (Hq, total_q) float32); rows after
+  // cu_seqlens_q[-1] get out = 0 and lse = -inf.
+  m.def(
+      "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float softmax_scale, bool causal) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, "
+      "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)");
+  // Decoding with a KV cache: k_cache, v_cache (B, max_seqlen, Hk, D) contiguous; k, v
+  // (B, Sn, Hk, D), if given, are written in place into rows [cache_seqlens[b], + Sn) of
+  // the caches; then q (B, Sq, Hq, D) attends over the first cache_seqlens[b] + Sn rows of
+  // each cache, as attention_fwd with Sk = cache_seqlens[b] + Sn (causal bottom-right
+  // aligned, ALiBi by the same formula). cache_seqlens (B,) int32 is not modified.
+  m.def(
+      "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, "
+      "Tensor? v, Tensor? alibi_slopes, float softmax_scale, bool causal) -> Tensor");
 }

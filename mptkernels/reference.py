@@ -120,6 +120,44 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, r
     return (out, lse.float()) if return_lse else out
 
 
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, alibi_slopes=None, softmax_scale=None,
+                     return_lse=False):
+    """``attention`` of each packed sequence on its own: q (total_q, Hq, D), k/v (total_k, Hk, D),
+    sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q (and the same of k/v by
+    cu_seqlens_k); alibi_slopes (Hq,) or (B, Hq). Rows after the last sequence get zeros
+    (lse -inf). lse is (Hq, total_q)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        o, lse = attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                           causal=causal, alibi_slopes=slopes, softmax_scale=softmax_scale, return_lse=True)
+        outs.append(o[0])
+        lses.append(lse[0])
+    rest = q.shape[0] - cq[-1]
+    outs.append(q.new_zeros((rest,) + q.shape[1:]))
+    lses.append(torch.full((q.shape[1], rest), float("-inf"), device=q.device))
+    out, lse = torch.cat(outs), torch.cat(lses, dim=1)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, *, causal=True, alibi_slopes=None,
+                           softmax_scale=None):
+    """Writes k, v (B, Sn, Hk, D) into the caches at rows cache_seqlens[b]... (in place), then
+    ``attention`` of q (B, Sq, Hq, D) over the first cache_seqlens[b] + Sn rows of each cache."""
+    lens = cache_seqlens.tolist()
+    sn = 0 if k is None else k.shape[1]
+    outs = []
+    for b, n in enumerate(lens):
+        if sn:
+            k_cache[b, n:n + sn] = k[b]
+            v_cache[b, n:n + sn] = v[b]
+        slopes = alibi_slopes[b:b + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :n + sn], v_cache[b:b + 1, :n + sn], causal=causal,
+                              alibi_slopes=slopes, softmax_scale=softmax_scale))
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
 def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
     """MPT's ALiBi slopes (float32, (n_heads,)), as llm-foundry's gen_slopes computes them."""
     n = 2 ** math.ceil(math.log2(n_heads))

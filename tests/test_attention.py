@@ -150,11 +150,15 @@ def test_non_contiguous_inputs():
 
 
 # ---------------------------------------------------------------- GPU (the lent machine)
+GPU_SHAPES = SHAPES + [(2, 1000, 1000, 8, 1, 64), (1, 2048, 2048, 4, 4, 128)]
+# every shape in bf16, a few in fp16 (the kernels differ only in the element type); each
+# (causal, alibi) pair compiles its own kernels, so the pairs are the ones that matter
+GPU_CASES = ([(torch.bfloat16, s) for s in GPU_SHAPES] + [(torch.float16, s) for s in GPU_SHAPES[2:5]])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES + [(2, 1000, 1000, 8, 1, 64), (1, 2048, 2048, 4, 4, 128)], ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("alibi", [None, "heads", "batch"])
+@pytest.mark.parametrize("dtype, shape", GPU_CASES, ids=str)
+@pytest.mark.parametrize("causal, alibi", [(False, None), (True, None), (True, "heads"), (False, "batch")])
 def test_gpu_forward_and_gradients(dtype, shape, causal, alibi):
     q, k, v, slopes = _case(shape, dtype, device="cuda", alibi=alibi)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -229,3 +233,289 @@ def test_scaled_dot_product_attention_matches_torch():
     assert rel_err(fused, causal_ref.transpose(1, 2)) <= 1e-5
     nocausal_ref = reference.attention(*(t.transpose(1, 2) for t in (q, k, v)), alibi_slopes=slopes)
     assert rel_err(via_mask, nocausal_ref.transpose(1, 2)) <= 1e-5
+
+
+
+# ---------------------------------------------------------------- packed variable-length sequences
+def _varlen_case(lens_q, lens_k, hq, hk, d, dtype, device="cpu", alibi=None, tail=0):
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=device)
+    # `tail` extra rows after the last sequence belong to none (they must come back zero)
+    q = torch.randn(sum(lens_q) + tail, hq, d, dtype=dtype, device=device)
+    k = torch.randn(sum(lens_k), hk, d, dtype=dtype, device=device)
+    v = torch.randn(sum(lens_k), hk, d, dtype=dtype, device=device)
+    slopes = None
+    if alibi == "heads":
+        slopes = reference.alibi_slopes(hq).to(device)
+    elif alibi == "batch":
+        slopes = (reference.alibi_slopes(hq).repeat(len(lens_q), 1) * torch.rand(len(lens_q), 1) * 2).to(device)
+    return q, k, v, cu_q, cu_k, slopes
+
+
+# (lens_q, lens_k, hq, hk, d): lengths 1, 17, 129, an empty sequence, Sq != Sk per sequence
+VARLEN_SHAPES = [([17, 1, 129, 5], [17, 1, 129, 5], 4, 2, 32),
+                 ([3, 0, 64, 1], [40, 2, 64, 257], 8, 1, 64),
+                 ([33, 12], [20, 12], 2, 2, 24)]
+
+
+def _check_varlen(q, k, v, cu_q, cu_k, slopes, causal, dtype, fwd_tol, grad_tol, call):
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = call(q, k, v)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = reference.attention_varlen(q64, k64, v64, cu_q, cu_k, causal=causal, alibi_slopes=slopes)
+    assert rel_err(out, want) <= fwd_tol
+    tail = int(cu_q[-1])
+    assert torch.equal(out[tail:], torch.zeros_like(out[tail:])), "rows outside every sequence must be zero"
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    ref = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        assert rel_err(g, r) <= grad_tol, (name, rel_err(g, r))
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", VARLEN_SHAPES, ids=str)
+@pytest.mark.parametrize("causal, alibi", [(False, None), (True, "heads"), (True, "batch"), (False, "heads")])
+def test_cpu_varlen_matches_per_sequence_reference(dtype, shape, causal, alibi):
+    lens_q, lens_k, hq, hk, d = shape
+    q, k, v, cu_q, cu_k, slopes = _varlen_case(lens_q, lens_k, hq, hk, d, dtype, alibi=alibi, tail=3)
+    _check_varlen(q, k, v, cu_q, cu_k, slopes, causal, dtype, TOL[dtype], GRAD_TOL[dtype],
+                  lambda q, k, v: ops.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                                       alibi_slopes=slopes))
+
+
+def test_varlen_equals_attention_of_each_sequence():
+    """Packing changes nothing: each sequence's rows equal ops.attention on it alone."""
+    lens = [7, 30, 1]
+    q, k, v, cu, _, slopes = _varlen_case(lens, lens, 4, 2, 16, torch.float32, alibi="heads")
+    packed = ops.attention_varlen(q, k, v, cu, cu, 30, 30, causal=True, alibi_slopes=slopes)
+    for b in range(3):
+        s, e = int(cu[b]), int(cu[b + 1])
+        alone = ops.attention(q[None, s:e], k[None, s:e], v[None, s:e], causal=True, alibi_slopes=slopes)[0]
+        assert torch.allclose(packed[s:e], alone, atol=1e-6)
+
+
+# ---------------------------------------------------------------- KV-cache decoding
+def _kvcache_case(b, smax, hq, hk, d, sq, sn, dtype, device="cpu", lens=None):
+    k_cache = torch.randn(b, smax, hk, d, dtype=dtype, device=device)
+    v_cache = torch.randn(b, smax, hk, d, dtype=dtype, device=device)
+    if lens is None:
+        lens = torch.randint(0, smax - sn + 1, (b,)).tolist()
+        lens[0] = 0  # an empty cache
+    cache_seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(b, sq, hq, d, dtype=dtype, device=device)
+    k = torch.randn(b, sn, hk, d, dtype=dtype, device=device) if sn else None
+    v = torch.randn(b, sn, hk, d, dtype=dtype, device=device) if sn else None
+    return q, k_cache, v_cache, cache_seqlens, k, v
+
+
+def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal, slopes, tol, call):
+    before_k, before_v, lens_before = k_cache.clone(), v_cache.clone(), cache_seqlens.clone()
+    out = call(q, k_cache, v_cache, cache_seqlens, k, v)
+    assert torch.equal(cache_seqlens, lens_before), "cache_seqlens must not change"
+    sn = 0 if k is None else k.shape[1]
+    for b, n in enumerate(cache_seqlens.tolist()):
+        # the cache holds the new rows at [n, n + sn) and nothing else changed
+        want_k, want_v = before_k[b].clone(), before_v[b].clone()
+        if sn:
+            want_k[n:n + sn], want_v[n:n + sn] = k[b], v[b]
+        assert torch.equal(k_cache[b], want_k) and torch.equal(v_cache[b], want_v)
+        sl = slopes[b:b + 1] if slopes is not None and slopes.dim() == 2 else slopes
+        ref = reference.attention(q[b:b + 1].double(), k_cache[b:b + 1, :n + sn].double(),
+                                  v_cache[b:b + 1, :n + sn].double(), causal=causal, alibi_slopes=sl)
+        assert rel_err(out[b:b + 1], ref) <= tol, (b, n, rel_err(out[b:b + 1], ref))
+
+
+# (batch, max_seqlen, hq, hk, d, seqlen_q, seqlen_new)
+KVCACHE_SHAPES = [(3, 64, 4, 4, 32, 1, 1), (2, 300, 8, 2, 64, 1, 0), (2, 129, 8, 1, 16, 4, 4),
+                  (1, 1000, 2, 2, 128, 1, 1), (2, 40, 4, 2, 24, 17, 17)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", KVCACHE_SHAPES, ids=str)
+@pytest.mark.parametrize("causal, alibi", [(True, None), (True, "heads"), (False, "batch")])
+def test_cpu_kvcache_matches_attention_over_the_prefix(dtype, shape, causal, alibi):
+    b, smax, hq, hk, d, sq, sn = shape
+    q, kc, vc, lens, k, v = _kvcache_case(b, smax, hq, hk, d, sq, sn, dtype)
+    slopes = _case((b, 1, 1, hq, hk, 8), torch.float32, alibi=alibi)[3]
+    _check_kvcache(q, kc, vc, lens, k, v, causal, slopes, TOL[dtype],
+                   lambda *a: ops.attention_with_kvcache(*a[:4], k=a[4], v=a[5], causal=causal, alibi_slopes=slopes))
+
+
+def test_cached_decoding_equals_full_recompute():
+    """Prefill 5 tokens, then decode one at a time: each step equals full causal attention."""
+    b, hq, hk, d, total = 2, 4, 2, 32, 23
+    q, k, v = torch.randn(b, total, hq, d), torch.randn(b, total, hk, d), torch.randn(b, total, hk, d)
+    slopes = reference.alibi_slopes(hq)
+    full = ops.attention(q, k, v, causal=True, alibi_slopes=slopes)
+    kc, vc = torch.randn(b, 32, hk, d), torch.randn(b, 32, hk, d)
+    lens = torch.zeros(b, dtype=torch.int32)
+    out = ops.attention_with_kvcache(q[:, :5], kc, vc, lens, k=k[:, :5], v=v[:, :5], alibi_slopes=slopes)
+    steps = [out]
+    lens += 5
+    for t in range(5, total):
+        steps.append(ops.attention_with_kvcache(q[:, t:t + 1], kc, vc, lens, k=k[:, t:t + 1], v=v[:, t:t + 1],
+                                                alibi_slopes=slopes))
+        lens += 1
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_varlen_and_kvcache_opcheck():
+    q, k, v, cu_q, cu_k, slopes = _varlen_case([5, 0, 9], [7, 2, 9], 4, 2, 16, torch.float32, alibi="heads", tail=1)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 9, 9, slopes, 0.25, True)
+    torch.library.opcheck(torch.ops.mptkernels.attention_varlen_fwd.default, args)
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = torch.ops.mptkernels.attention_varlen_fwd(q, k, v, cu_q, cu_k, 9, 9, slopes, 0.25, True)
+    torch.library.opcheck(torch.ops.mptkernels.attention_varlen_bwd.default,
+                          (torch.randn_like(q), q, k, v, out, lse, cu_q, cu_k, 9, 9, slopes, 0.25, True))
+    q, kc, vc, lens, kn, vn = _kvcache_case(2, 20, 4, 2, 16, 2, 2, torch.float32, lens=[3, 11])
+    torch.library.opcheck(torch.ops.mptkernels.attention_kvcache.default,
+                          (q, kc, vc, lens, kn, vn, None, 0.25, True))
+
+
+def test_torch_compile_decode_step():
+    """A decode step (cache write + attention) compiles into one graph and updates the cache."""
+    q, kc, vc, lens, k, v = _kvcache_case(2, 16, 4, 2, 16, 1, 1, torch.float32, lens=[3, 9])
+    slopes = reference.alibi_slopes(4)
+
+    def step(q, k, v, kc, vc, lens):
+        return ops.attention_with_kvcache(q, kc, vc, lens, k=k, v=v, alibi_slopes=slopes) * 2
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = step(q, k, v, kc2, vc2, lens)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(q, k, v, kc, vc, lens)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda t: ops.attention_varlen(t["q"], t["k"], t["v"], t["cu"].long(), t["cu"], 8, 8), "cu_seqlens_q must be a 1-D int32"),
+    (lambda t: ops.attention_varlen(t["q"], t["k"], t["v"], t["cu"], t["cu"][:2], 8, 8), "both must be batch"),
+    (lambda t: ops.attention_varlen(t["q"][None], t["k"], t["v"], t["cu"], t["cu"], 8, 8), r"q must be a \(total_tokens"),
+    (lambda t: ops.attention_varlen(t["q"], t["k"], t["v"], t["cu"], t["cu"], 8, 2.5), "max_seqlen_k must be a non-negative int"),
+    (lambda t: torch.ops.mptkernels.attention_varlen_fwd(t["q"], t["k"], t["v"], t["cu"], t["cu"], 4, 8, None, 1.0, False),
+     "exceeds|max_seqlen given"),
+    (lambda t: torch.ops.mptkernels.attention_varlen_fwd(t["q"], t["k"], t["v"], t["cu"].flip(0), t["cu"], 8, 8, None, 1.0,
+                                                         False), r"\[0\] must be 0"),
+    (lambda t: ops.attention_with_kvcache(t["dq"], t["kc"], t["vc"], t["lens"].long()), "cache_seqlens must be an int32"),
+    (lambda t: ops.attention_with_kvcache(t["dq"], t["kc"], t["vc"], t["lens"] + 14, k=t["kn"], v=t["vn"]),
+     "does not fit the cache"),
+    (lambda t: ops.attention_with_kvcache(t["dq"], t["kc"], t["vc"], t["lens"], k=t["kn"]), "both k and v"),
+    (lambda t: ops.attention_with_kvcache(t["dq"], t["kc"].transpose(1, 2).contiguous().transpose(1, 2), t["vc"],
+                                          t["lens"]), "k_cache must be contiguous"),
+    (lambda t: ops.attention_with_kvcache(t["dq"], t["kc"], t["vc"], t["lens"], k=t["kn"][:, :, :1], v=t["vn"][:, :, :1]),
+     r"k must be \(2, seqlen_new, 2, 16\)"),
+    (lambda t: ops.attention_with_kvcache(t["dq"], t["kc"].half(), t["vc"].half(), t["lens"]), "one dtype"),
+    (lambda t: torch.ops.mptkernels.attention_kvcache(t["dq"], t["kc"], t["vc"], t["lens"] + 14, t["kn"], t["vn"], None,
+                                                      1.0, True), "does not fit the cache"),
+])
+def test_varlen_and_kvcache_bad_input(call, match):
+    q, k, v, cu, _, _ = _varlen_case([3, 8], [3, 8], 4, 2, 16, torch.float32)
+    dq, kc, vc, lens, kn, vn = _kvcache_case(2, 16, 4, 2, 16, 1, 3, torch.float32, lens=[0, 1])
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call(dict(q=q, k=k, v=v, cu=cu, dq=dq, kc=kc, vc=vc, lens=lens, kn=kn, vn=vn))
+
+
+# ---------------------------------------------------------------- Triton varlen / decode (interpreter)
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter run; on a GPU the gpu tests cover Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal, alibi", [(True, "batch"), (False, "heads")])
+def test_triton_interpreter_varlen(dtype, causal, alibi):
+    tl_attn = importlib.import_module("mptkernels.triton.attention")
+    lens_q, lens_k = [17, 0, 5, 1], [17, 3, 40, 1]
+    q, k, v, cu_q, cu_k, slopes = _varlen_case(lens_q, lens_k, 4, 2, 24, dtype, alibi=alibi, tail=2)
+    scale = 24 ** -0.5
+    out, lse = tl_attn.attention_varlen_fwd(q, k, v, cu_q, cu_k, 17, 40, slopes, scale, causal)
+    want, want_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=causal,
+                                                alibi_slopes=slopes, return_lse=True)
+    assert rel_err(out, want) <= TOL[dtype]
+    seen = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert torch.allclose(lse[seen], want_lse[seen].float(), atol=1e-3, rtol=1e-4)
+    dout = torch.randn_like(q)
+    got = tl_attn.attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, 17, 40, slopes, scale, causal)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad(reference.attention_varlen(q64, k64, v64, cu_q, cu_k, causal=causal, alibi_slopes=slopes),
+                              (q64, k64, v64), dout.double())
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        assert rel_err(g, r) <= GRAD_TOL[dtype], (name, rel_err(g, r))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter run; on a GPU the gpu tests cover Triton")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])  # fp32 takes the forward kernel
+@pytest.mark.parametrize("programs_per_sm", [1, 64])  # one split; many splits + the combine kernel
+@pytest.mark.parametrize("shape", [(2, 300, 8, 2, 32, 1, 1), (2, 64, 4, 1, 16, 3, 3), (1, 40, 4, 4, 64, 17, 17)],
+                         ids=str)
+def test_triton_interpreter_kvcache(monkeypatch, programs_per_sm, shape, dtype):
+    tl_attn = importlib.import_module("mptkernels.triton.attention")
+    monkeypatch.setattr(tl_attn, "DECODE_PROGRAMS_PER_SM", programs_per_sm)
+    b, smax, hq, hk, d, sq, sn = shape
+    q, kc, vc, lens, k, v = _kvcache_case(b, smax, hq, hk, d, sq, sn, dtype)
+    slopes = reference.alibi_slopes(hq)
+    _check_kvcache(q, kc, vc, lens, k, v, True, slopes, TOL[dtype],
+                   lambda *a: tl_attn.attention_kvcache(*a, slopes, d ** -0.5, True))
+
+
+# ---------------------------------------------------------------- GPU: varlen, decode, CUDA graphs
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", VARLEN_SHAPES + [([1000, 17, 2048, 1], [1000, 17, 2048, 1], 8, 2, 128)], ids=str)
+@pytest.mark.parametrize("causal, alibi", [(True, "heads"), (False, "batch")])
+def test_gpu_varlen(dtype, shape, causal, alibi):
+    lens_q, lens_k, hq, hk, d = shape
+    q, k, v, cu_q, cu_k, slopes = _varlen_case(lens_q, lens_k, hq, hk, d, dtype, device="cuda", alibi=alibi, tail=3)
+    _check_varlen(q, k, v, cu_q, cu_k, slopes, causal, dtype, TOL[dtype], GRAD_TOL[dtype],
+                  lambda q, k, v: ops.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                                       alibi_slopes=slopes))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", KVCACHE_SHAPES + [(1, 4096, 32, 32, 128, 1, 1), (4, 8192, 32, 8, 128, 1, 1),
+                                                    (2, 2048, 32, 4, 64, 4, 4), (1, 512, 16, 16, 256, 1, 1)], ids=str)
+def test_gpu_kvcache(dtype, shape):
+    b, smax, hq, hk, d, sq, sn = shape
+    q, kc, vc, lens, k, v = _kvcache_case(b, smax, hq, hk, d, sq, sn, dtype, device="cuda")
+    slopes = reference.alibi_slopes(hq).cuda()
+    _check_kvcache(q, kc, vc, lens, k, v, True, slopes, TOL[dtype],
+                   lambda *a: ops.attention_with_kvcache(*a[:4], k=a[4], v=a[5], alibi_slopes=slopes))
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_cuda_graph_and_reduce_overhead():
+    """A decode step captured in a CUDA graph, replayed as the cache fills, matches eager; and
+    torch.compile(mode="reduce-overhead") of it does too."""
+    b, smax, hq, hk, d = 2, 1024, 16, 4, 128
+    dt = torch.bfloat16
+    kc, vc = (torch.randn(b, smax, hk, d, device="cuda", dtype=dt) for _ in range(2))
+    lens = torch.tensor([100, 700], dtype=torch.int32, device="cuda")
+    q, kn, vn = (torch.randn(b, 1, h, d, device="cuda", dtype=dt) for h in (hq, hk, hk))
+    slopes = reference.alibi_slopes(hq).cuda()
+
+    def step():
+        return ops.attention_with_kvcache(q, kc, vc, lens, k=kn, v=vn, alibi_slopes=slopes)
+
+    step()  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for _ in range(3):
+        for t in (q, kn, vn):
+            t.copy_(torch.randn_like(t))
+        lens += 1
+        kc_ref, vc_ref = kc.clone(), vc.clone()
+        eager = reference.attention_with_kvcache(q, kc_ref, vc_ref, lens, kn, vn, alibi_slopes=slopes)
+        graph.replay()
+        assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+        assert rel_err(static_out, eager) <= TOL[dt]
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        lens += 1
+        kc_ref, vc_ref = kc.clone(), vc.clone()
+        eager = reference.attention_with_kvcache(q, kc_ref, vc_ref, lens, kn, vn, alibi_slopes=slopes)
+        got = compiled().clone()
+        assert torch.equal(kc, kc_ref)
+        assert rel_err(got, eager) <= TOL[dt]

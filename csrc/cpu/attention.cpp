@@ -5,19 +5,27 @@
 // the vector width, so the GEMMs need no tail handling and bf16/fp16 inputs cost one pass
 // of conversion instead of one per tile.
 //
-// Forward: parallel over (batch, q head, query block). Backward (flash-attention 2): parallel
-// over (batch, kv head); a task owns dK/dV of its kv head and dQ of the q heads of its group,
+// Forward: parallel over (sequence, q head, query block). Backward (flash-attention 2): parallel
+// over (sequence, kv head); a task owns dK/dV of its kv head and dQ of the q heads of its group,
 // so there are no races and the result is bitwise reproducible.
+//
+// One kernel serves three layouts through per-sequence descriptors (Seq): padded batches
+// (attention_fwd/bwd), packed variable-length sequences (attention_varlen_*: rows located by
+// cu_seqlens) and a KV cache (attention_kvcache: sequence b reads the first cache_seqlens[b]
+// + seqlen_new rows of its cache, after the new keys and values are written there).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -88,33 +96,62 @@ void load_rows(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, fl
 }
 
 // src [rows, D] (row stride ld) -> dst fp32 [Dp, cols] transposed (dst[d][r]), zero-padded
+// Strips of 16 source rows: the strip stays in L1 while each of its columns is written as
+// one 64-byte run (a column-at-a-time walk over all rows misses the cache on every read once
+// rows * ld outgrows it: 20x slower for a 2048-row cache).
 template <typename T>
 void load_cols(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, int64_t cols, float* dst) {
-  for (int64_t d = 0; d < Dp; ++d)
-    for (int64_t r = 0; r < cols; ++r) dst[d * cols + r] = (d < D && r < rows) ? static_cast<float>(src[r * ld + d]) : 0.f;
+  constexpr int64_t kStrip = 16;
+  for (int64_t r0 = 0; r0 < cols; r0 += kStrip) {
+    const int64_t r1 = std::min(r0 + kStrip, cols), live = std::min(r1, rows);
+    for (int64_t d = 0; d < Dp; ++d) {
+      float* out = dst + d * cols;
+      if (d < D) {
+        for (int64_t r = r0; r < live; ++r) out[r] = static_cast<float>(src[r * ld + d]);
+        for (int64_t r = std::max(live, r0); r < r1; ++r) out[r] = 0.f;
+      } else {
+        for (int64_t r = r0; r < r1; ++r) out[r] = 0.f;
+      }
+    }
+  }
 }
 
+// One sequence: its query rows [q0, q0 + Sq) and key rows [k0, k0 + Sk) in the token
+// dimension of q and of k/v, and where its lse lives (lse[lse0 + h * lse_head_stride + i]).
+struct Seq {
+  int64_t q0, Sq, k0, Sk, lse0;
+  int64_t offset() const { return Sk - Sq; }  // bottom-right alignment
+};
+
 struct Geometry {
-  int64_t B, Sq, Sk, Hq, Hk, D, Dp, Skp, group, offset;  // offset = Sk - Sq (bottom-right alignment)
+  int64_t Hq, Hk, D, Dp, group, lse_head_stride, max_Sq, max_Skp;
   float scale;
   bool causal;
-  // keys visible to query row i: j < last_key(i) (causal) or Sk
-  int64_t key_end(int64_t i) const { return causal ? std::clamp<int64_t>(i + offset + 1, 0, Sk) : Sk; }
+  std::vector<Seq> seqs;
+  // keys visible to query row i of s: j < key_end(s, i)
+  int64_t key_end(const Seq& s, int64_t i) const {
+    return causal ? std::clamp<int64_t>(i + s.offset() + 1, 0, s.Sk) : s.Sk;
+  }
+  void finish() {  // the padded sizes of the largest sequence
+    max_Sq = 0, max_Skp = kBlockK;
+    for (const Seq& s : seqs) max_Sq = std::max(max_Sq, s.Sq), max_Skp = std::max(max_Skp, round_up(s.Sk, kBlockK));
+  }
 };
 
 // scores tile [bq, kBlockK] for query rows [i0, i0 + bq) and keys [j0, j0 + kBlockK): ALiBi
 // bias and masks (causal, padding past Sk) applied in place. The bias of row i is
 // slope * (j0 - i - offset) + slope * c: a scalar plus a fixed ramp over the tile's columns.
-inline void bias_and_mask(float* S, int64_t bq, int64_t i0, int64_t j0, const Geometry& g, float slope) {
+inline void bias_and_mask(float* S, int64_t bq, int64_t i0, int64_t j0, const Geometry& g, const Seq& s,
+                          float slope) {
   alignas(64) static thread_local float ramp[kBlockK];
   const bool has_bias = slope != 0.f;
   if (has_bias)
     for (int64_t c = 0; c < kBlockK; ++c) ramp[c] = slope * static_cast<float>(c);
   for (int64_t r = 0; r < bq; ++r) {
-    const int64_t i = i0 + r, visible = g.key_end(i) - j0;  // columns [0, visible) are visible
+    const int64_t i = i0 + r, visible = g.key_end(s, i) - j0;  // columns [0, visible) are visible
     float* row = S + r * kBlockK;
     if (has_bias) {
-      const Vf base(slope * static_cast<float>(j0 - i - g.offset));
+      const Vf base(slope * static_cast<float>(j0 - i - s.offset()));
       for (int64_t c = 0; c < kBlockK; c += kW) (Vf::loadu(row + c) + base + Vf::loadu(ramp + c)).store(row + c);
     }
     for (int64_t c = std::max<int64_t>(visible, 0); c < kBlockK; ++c) row[c] = kNegInf;
@@ -125,118 +162,221 @@ inline float slope_of(const float* slopes, bool per_batch, const Geometry& g, in
   return slopes ? slopes[(per_batch ? b * g.Hq : 0) + h] : 0.f;
 }
 
-template <typename T>
-void attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* slopes,
-                        bool slopes_per_batch, const Geometry& g, at::Tensor& out, at::Tensor& lse) {
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  float* lp = lse.mutable_data_ptr<float>();
-  const int64_t D = g.D, Dp = g.Dp, Skp = g.Skp;
-  // K^T and V of every (batch, kv head) in fp32, padded: [B*Hk, Dp, Skp] and [B*Hk, Skp, Dp]
-  std::vector<float> kt(g.B * g.Hk * Dp * Skp), vv(g.B * g.Hk * Skp * Dp);
-  at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / g.Hk, h = t % g.Hk;
-      const int64_t base = (b * g.Sk * g.Hk + h) * D;  // k[b, 0, h, 0]
-      load_cols(kp + base, g.Hk * D, g.Sk, D, Dp, Skp, kt.data() + t * Dp * Skp);
-      load_rows(vp + base, g.Hk * D, g.Sk, D, Dp, 1.f, vv.data() + t * Skp * Dp);
-      for (int64_t r = g.Sk; r < Skp; ++r)
-        for (int64_t d = 0; d < Dp; ++d) vv[(t * Skp + r) * Dp + d] = 0.f;
+// offsets of each sequence's fp32 K^T / V copies ([Hk, Dp, Skp_s] each) in one buffer
+inline std::vector<int64_t> kv_buffer_offsets(const Geometry& g) {
+  std::vector<int64_t> off(g.seqs.size() + 1, 0);
+  for (size_t s = 0; s < g.seqs.size(); ++s) off[s + 1] = off[s] + g.Hk * g.Dp * round_up(g.seqs[s].Sk, kBlockK);
+  return off;
+}
+
+// Online softmax over one [bq, kBlockK] score tile: the row maxima m and sums l absorb the
+// tile, acc (bq x Dp) is rescaled to the new maxima, and S is overwritten with the tile's
+// probabilities (0 in rows that have seen no visible key yet), ready for acc += S V.
+inline void softmax_update(float* S, int64_t bq, float* m, float* l, float* acc, int64_t Dp) {
+  for (int64_t r = 0; r < bq; ++r) {
+    float* row = S + r * kBlockK;
+    Vf vmax(m[r]);
+    for (int64_t c = 0; c < kBlockK; c += kW) vmax = at::vec::maximum(vmax, Vf::loadu(row + c));
+    const float mx = at::vec::vec_reduce_all<float>([](Vf& a, Vf& bb) { return at::vec::maximum(a, bb); }, vmax);
+    if (mx == kNegInf) {  // nothing visible yet in this row: exp(-inf) = 0 adds nothing
+      std::fill(row, row + kBlockK, 0.f);
+      continue;
     }
-  });
-  const int64_t n_qblocks = (g.Sq + kBlockQ - 1) / kBlockQ;
-  at::parallel_for(0, g.B * g.Hq * n_qblocks, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> qt(kBlockQ * Dp), S(kBlockQ * kBlockK), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t qb = w % n_qblocks, h = (w / n_qblocks) % g.Hq, b = w / (n_qblocks * g.Hq);
-      const int64_t t = b * g.Hk + h / g.group;
-      const int64_t i0 = qb * kBlockQ, bq = std::min(kBlockQ, g.Sq - i0);
-      const float slope = slope_of(slopes, slopes_per_batch, g, b, h);
-      const int64_t qrow = g.Hq * D;
-      // the softmax scale is folded into q
-      load_rows(qp + ((b * g.Sq + i0) * g.Hq + h) * D, qrow, bq, D, Dp, g.scale, qt.data());
+    const float corr = std::exp(m[r] - mx);
+    Vf vsum(0.f);
+    for (int64_t c = 0; c < kBlockK; c += kW) {
+      const Vf p = (Vf::loadu(row + c) - Vf(mx)).exp_u20();
+      p.store(row + c);
+      vsum = vsum + p;
+    }
+    l[r] = l[r] * corr + at::vec::vec_reduce_all<float>([](Vf& a, Vf& bb) { return a + bb; }, vsum);
+    m[r] = mx;
+    if (corr != 1.f)
+      for (int64_t d = 0; d < Dp; d += kW) (Vf::loadu(acc + r * Dp + d) * Vf(corr)).store(acc + r * Dp + d);
+  }
+}
+
+// out = acc / l and lse = m + log(l); a row that saw no key returns zeros and lse = -inf
+template <typename T>
+inline void write_row(T* out, float* lse, const float* acc, float m, float l, int64_t D) {
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] * inv);
+  if (lse) *lse = l > 0.f ? m + std::log(l) : kNegInf;
+}
+
+// Decoding (a few query rows per sequence over a long cache): a task per (sequence, kv
+// head) takes every q head of the group and every query token as its rows, so each key and
+// value row is read and converted once, straight from the cache (no padded fp32 copy of
+// the whole cache, which would cost more than the attention). Scores are dot products along
+// head_dim; the softmax and the P V update are the forward's.
+constexpr int64_t kDecodeMaxQ = 4;
+
+// rows [0, n) of a cache as fp32 rows of Dp floats: read in place when they already are
+// (fp32, head_dim a multiple of the vector width; ld stays the cache's row stride), else
+// converted into buf (ld becomes Dp)
+template <typename T>
+inline const float* cache_rows(const T* src, int64_t& ld, int64_t n, int64_t D, int64_t Dp, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (D == Dp) return src;
+  }
+  load_rows(src, ld, n, D, Dp, 1.f, buf);
+  ld = Dp;
+  return buf;
+}
+
+template <typename T>
+void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* slopes, bool slopes_per_batch,
+                           const Geometry& g, T* op, float* lp) {
+  const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
+  const int64_t qrow = g.Hq * D, krow = g.Hk * D;
+  at::parallel_for(0, nseq * g.Hk, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t R = g.max_Sq * g.group;  // rows: (token t, head in group) -> r = t * group + gi
+    std::vector<float> qt(R * Dp), acc(R * Dp), S(R * kBlockK), m(R), l(R), slope(R), kv(kBlockK * Dp);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / g.Hk, hk = t % g.Hk;
+      const Seq& s = g.seqs[b];
+      const int64_t rows = s.Sq * g.group;
+      if (rows == 0) continue;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = r / g.group, h = hk * g.group + r % g.group;
+        load_rows(qp + ((s.q0 + i) * g.Hq + h) * D, qrow, 1, D, Dp, g.scale, qt.data() + r * Dp);
+        slope[r] = slope_of(slopes, slopes_per_batch, g, b, h);
+      }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
-      const int64_t j_end = g.key_end(i0 + bq - 1);  // the block's last row sees the most keys
+      const int64_t j_end = g.key_end(s, s.Sq - 1);
+      const T* kbase = kp + (s.k0 * g.Hk + hk) * D;
+      const T* vbase = vp + (s.k0 * g.Hk + hk) * D;
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
-        gemm(bq, kBlockK, Dp, qt.data(), Dp, kt.data() + t * Dp * Skp + j0, Skp, S.data(), kBlockK, false);
-        bias_and_mask(S.data(), bq, i0, j0, g, slope);
-        for (int64_t r = 0; r < bq; ++r) {  // online softmax: rescale what came before
-          float* row = S.data() + r * kBlockK;
-          Vf vmax(m[r]);
-          for (int64_t c = 0; c < kBlockK; c += kW) vmax = at::vec::maximum(vmax, Vf::loadu(row + c));
-          const float mx = at::vec::vec_reduce_all<float>([](Vf& a, Vf& bb) { return at::vec::maximum(a, bb); }, vmax);
-          if (mx == kNegInf) continue;  // nothing visible yet in this row
-          const float corr = std::exp(m[r] - mx);
-          Vf vsum(0.f);
-          for (int64_t c = 0; c < kBlockK; c += kW) {
-            const Vf p = (Vf::loadu(row + c) - Vf(mx)).exp_u20();
-            p.store(row + c);
-            vsum = vsum + p;
+        const int64_t nk = std::min(kBlockK, s.Sk - j0);
+        int64_t ld = krow;
+        const float* krows = cache_rows(kbase + j0 * krow, ld, nk, D, Dp, kv.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = S.data() + r * kBlockK;
+          const float* q = qt.data() + r * Dp;
+          for (int64_t c = 0; c < nk; ++c) {
+            const float* k = krows + c * ld;
+            Vf dot(0.f);
+            for (int64_t d = 0; d < Dp; d += kW) dot = at::vec::fmadd(Vf::loadu(q + d), Vf::loadu(k + d), dot);
+            srow[c] = at::vec::vec_reduce_all<float>([](Vf& a, Vf& bb) { return a + bb; }, dot);
           }
-          l[r] = l[r] * corr + at::vec::vec_reduce_all<float>([](Vf& a, Vf& bb) { return a + bb; }, vsum);
-          m[r] = mx;
-          if (corr != 1.f)
-            for (int64_t d = 0; d < Dp; d += kW) (Vf::loadu(acc.data() + r * Dp + d) * Vf(corr)).store(acc.data() + r * Dp + d);
+          std::fill(srow + nk, srow + kBlockK, 0.f);  // masked below (past Sk)
+          bias_and_mask(srow, 1, r / g.group, j0, g, s, slope[r]);
         }
-        // rows with nothing visible hold exp(-inf) = 0 in S: they add nothing here
-        for (int64_t r = 0; r < bq; ++r)
-          if (m[r] == kNegInf) std::fill(S.data() + r * kBlockK, S.data() + (r + 1) * kBlockK, 0.f);
-        gemm(bq, Dp, kBlockK, S.data(), kBlockK, vv.data() + (t * Skp + j0) * Dp, Dp, acc.data(), Dp, true);
+        softmax_update(S.data(), rows, m.data(), l.data(), acc.data(), Dp);
+        ld = krow;
+        const float* vrows = cache_rows(vbase + j0 * krow, ld, nk, D, Dp, kv.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          float* a = acc.data() + r * Dp;
+          const float* p = S.data() + r * kBlockK;
+          for (int64_t c = 0; c < nk; ++c) {
+            if (p[c] == 0.f) continue;  // masked keys (the causal edge, or nothing visible)
+            const Vf pc(p[c]);
+            const float* v = vrows + c * ld;
+            for (int64_t d = 0; d < Dp; d += kW) at::vec::fmadd(pc, Vf::loadu(v + d), Vf::loadu(a + d)).store(a + d);
+          }
+        }
       }
-      for (int64_t r = 0; r < bq; ++r) {
-        T* orow = op + ((b * g.Sq + i0 + r) * g.Hq + h) * D;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // a row that sees no key returns zeros
-        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(acc[r * Dp + d] * inv);
-        lp[(b * g.Hq + h) * g.Sq + i0 + r] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = r / g.group, h = hk * g.group + r % g.group;
+        write_row(op + ((s.q0 + i) * g.Hq + h) * D, lp ? lp + s.lse0 + h * g.lse_head_stride + i : nullptr,
+                  acc.data() + r * Dp, m[r], l[r], D);
       }
     }
   });
 }
 
 template <typename T>
-void attention_bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& out, const at::Tensor& lse, const float* slopes, bool slopes_per_batch,
-                        const Geometry& g, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  const T *dop = dout.const_data_ptr<T>(), *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(),
-          *vp = v.const_data_ptr<T>(), *op = out.const_data_ptr<T>();
-  const float* lp = lse.const_data_ptr<float>();
-  T *dqp = dq.mutable_data_ptr<T>(), *dkp = dk.mutable_data_ptr<T>(), *dvp = dv.mutable_data_ptr<T>();
-  const int64_t D = g.D, Dp = g.Dp, Skp = g.Skp;
-  at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> kt(Dp * Skp), kr(Skp * Dp), vt(Dp * Skp), dk_acc(Skp * Dp), dv_acc(Skp * Dp);
+void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slopes, bool slopes_per_batch,
+                        const Geometry& g, T* op, float* lp) {
+  const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
+  const int64_t qrow = g.Hq * D, krow = g.Hk * D;
+  // K^T and V of every (sequence, kv head) in fp32, padded: [Dp, Skp_s] and [Skp_s, Dp]
+  const std::vector<int64_t> buf = kv_buffer_offsets(g);
+  std::vector<float> kt(buf.back()), vv(buf.back());
+  at::parallel_for(0, nseq * g.Hk, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Seq& s = g.seqs[t / g.Hk];
+      const int64_t h = t % g.Hk, Skp = round_up(s.Sk, kBlockK);
+      const int64_t src = (s.k0 * g.Hk + h) * D;  // k[k0, h, 0]
+      float* ktp = kt.data() + buf[t / g.Hk] + h * Dp * Skp;
+      float* vvp = vv.data() + buf[t / g.Hk] + h * Skp * Dp;
+      load_cols(kp + src, krow, s.Sk, D, Dp, Skp, ktp);
+      load_rows(vp + src, krow, s.Sk, D, Dp, 1.f, vvp);
+      std::fill(vvp + s.Sk * Dp, vvp + Skp * Dp, 0.f);
+    }
+  });
+  const int64_t n_qblocks = (g.max_Sq + kBlockQ - 1) / kBlockQ;
+  at::parallel_for(0, nseq * g.Hq * n_qblocks, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qt(kBlockQ * Dp), S(kBlockQ * kBlockK), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t qb = w % n_qblocks, h = (w / n_qblocks) % g.Hq, b = w / (n_qblocks * g.Hq);
+      const Seq& s = g.seqs[b];
+      const int64_t i0 = qb * kBlockQ;
+      if (i0 >= s.Sq) continue;  // a shorter sequence of a packed batch
+      const int64_t bq = std::min(kBlockQ, s.Sq - i0), Skp = round_up(s.Sk, kBlockK);
+      const float* ktp = kt.data() + buf[b] + (h / g.group) * Dp * Skp;
+      const float* vvp = vv.data() + buf[b] + (h / g.group) * Skp * Dp;
+      const float slope = slope_of(slopes, slopes_per_batch, g, b, h);
+      // the softmax scale is folded into q
+      load_rows(qp + ((s.q0 + i0) * g.Hq + h) * D, qrow, bq, D, Dp, g.scale, qt.data());
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t j_end = g.key_end(s, i0 + bq - 1);  // the block's last row sees the most keys
+      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
+        gemm(bq, kBlockK, Dp, qt.data(), Dp, ktp + j0, Skp, S.data(), kBlockK, false);
+        bias_and_mask(S.data(), bq, i0, j0, g, s, slope);
+        softmax_update(S.data(), bq, m.data(), l.data(), acc.data(), Dp);
+        gemm(bq, Dp, kBlockK, S.data(), kBlockK, vvp + j0 * Dp, Dp, acc.data(), Dp, true);
+      }
+      for (int64_t r = 0; r < bq; ++r)
+        write_row(op + ((s.q0 + i0 + r) * g.Hq + h) * D, lp ? lp + s.lse0 + h * g.lse_head_stride + i0 + r : nullptr,
+                  acc.data() + r * Dp, m[r], l[r], D);
+    }
+  });
+}
+
+template <typename T>
+void attention_bwd_impl(const T* dop, const T* qp, const T* kp, const T* vp, const T* op, const float* lp,
+                        const float* slopes, bool slopes_per_batch, const Geometry& g, T* dqp, T* dkp, T* dvp) {
+  const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
+  const int64_t krow = g.Hk * D, qrow = g.Hq * D;
+  at::parallel_for(0, nseq * g.Hk, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t maxp = g.max_Skp;
+    std::vector<float> kt(Dp * maxp), kr(maxp * Dp), vt(Dp * maxp), dk_acc(maxp * Dp), dv_acc(maxp * Dp);
     std::vector<float> qt(kBlockQ * Dp), dot(kBlockQ * Dp), dq_acc(kBlockQ * Dp), S(kBlockQ * kBlockK),
         dP(kBlockQ * kBlockK), sT(kBlockK * kBlockQ), delta(kBlockQ), lrow(kBlockQ);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / g.Hk, hk = t % g.Hk;
-      const int64_t kbase = (b * g.Sk * g.Hk + hk) * D, krow = g.Hk * D, qrow = g.Hq * D;
-      load_cols(kp + kbase, krow, g.Sk, D, Dp, Skp, kt.data());
-      load_cols(vp + kbase, krow, g.Sk, D, Dp, Skp, vt.data());
-      load_rows(kp + kbase, krow, g.Sk, D, Dp, 1.f, kr.data());
-      std::fill(kr.begin() + g.Sk * Dp, kr.end(), 0.f);
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+      const Seq& s = g.seqs[b];
+      const int64_t Skp = round_up(s.Sk, kBlockK);
+      const int64_t kbase = (s.k0 * g.Hk + hk) * D;
+      load_cols(kp + kbase, krow, s.Sk, D, Dp, Skp, kt.data());
+      load_cols(vp + kbase, krow, s.Sk, D, Dp, Skp, vt.data());
+      load_rows(kp + kbase, krow, s.Sk, D, Dp, 1.f, kr.data());
+      std::fill(kr.begin() + s.Sk * Dp, kr.begin() + Skp * Dp, 0.f);
+      std::fill(dk_acc.begin(), dk_acc.begin() + Skp * Dp, 0.f);
+      std::fill(dv_acc.begin(), dv_acc.begin() + Skp * Dp, 0.f);
       for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
         const float slope = slope_of(slopes, slopes_per_batch, g, b, h);
-        for (int64_t i0 = 0; i0 < g.Sq; i0 += kBlockQ) {
-          const int64_t bq = std::min(kBlockQ, g.Sq - i0);
-          const int64_t qoff = ((b * g.Sq + i0) * g.Hq + h) * D;
+        for (int64_t i0 = 0; i0 < s.Sq; i0 += kBlockQ) {
+          const int64_t bq = std::min(kBlockQ, s.Sq - i0);
+          const int64_t qoff = ((s.q0 + i0) * g.Hq + h) * D;
           load_rows(qp + qoff, qrow, bq, D, Dp, g.scale, qt.data());  // scaled q: dK = dS^T q_scaled
           load_rows(dop + qoff, qrow, bq, D, Dp, 1.f, dot.data());
           std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
           for (int64_t r = 0; r < bq; ++r) {  // delta_i = rowsum(dO * O)
-            float s = 0.f;
-            for (int64_t d = 0; d < D; ++d) s += dot[r * Dp + d] * static_cast<float>(op[qoff + r * qrow + d]);
-            delta[r] = s;
-            lrow[r] = lp[(b * g.Hq + h) * g.Sq + i0 + r];
+            float sum = 0.f;
+            for (int64_t d = 0; d < D; ++d) sum += dot[r * Dp + d] * static_cast<float>(op[qoff + r * qrow + d]);
+            delta[r] = sum;
+            lrow[r] = lp[s.lse0 + h * g.lse_head_stride + i0 + r];
           }
-          const int64_t j_end = g.key_end(i0 + bq - 1);
+          const int64_t j_end = g.key_end(s, i0 + bq - 1);
           for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
             gemm(bq, kBlockK, Dp, qt.data(), Dp, kt.data() + j0, Skp, S.data(), kBlockK, false);
-            bias_and_mask(S.data(), bq, i0, j0, g, slope);
+            bias_and_mask(S.data(), bq, i0, j0, g, s, slope);
             for (int64_t r = 0; r < bq; ++r) {  // P = exp(S - lse); a row with lse = -inf has P = 0
               float* row = S.data() + r * kBlockK;
               if (lrow[r] == kNegInf) {
@@ -262,7 +402,7 @@ void attention_bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::T
             for (int64_t d = 0; d < D; ++d) dqp[qoff + r * qrow + d] = static_cast<T>(dq_acc[r * Dp + d] * g.scale);
         }
       }
-      for (int64_t j = 0; j < g.Sk; ++j)
+      for (int64_t j = 0; j < s.Sk; ++j)
         for (int64_t d = 0; d < D; ++d) {
           dkp[kbase + j * krow + d] = static_cast<T>(dk_acc[j * Dp + d]);
           dvp[kbase + j * krow + d] = static_cast<T>(dv_acc[j * Dp + d]);
@@ -271,37 +411,115 @@ void attention_bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::T
   });
 }
 
-Geometry geometry(const at::Tensor& q, const at::Tensor& k, double softmax_scale, bool causal) {
+Geometry geometry(int64_t Hq, int64_t Hk, int64_t D, double softmax_scale, bool causal) {
   Geometry g;
-  g.B = q.size(0), g.Sq = q.size(1), g.Hq = q.size(2), g.D = q.size(3);
-  g.Sk = k.size(1), g.Hk = k.size(2);
-  g.Dp = round_up(std::max<int64_t>(g.D, 1), kW);
-  g.Skp = round_up(std::max<int64_t>(g.Sk, 1), kBlockK);
-  g.group = g.Hq / g.Hk;
-  g.offset = g.Sk - g.Sq;
+  g.Hq = Hq, g.Hk = Hk, g.D = D;
+  g.Dp = round_up(std::max<int64_t>(D, 1), kW);
+  g.group = Hq / Hk;
   g.scale = static_cast<float>(softmax_scale);
   g.causal = causal;
   return g;
+}
+
+// padded batch: q (B, Sq, Hq, D), k (B, Sk, Hk, D), lse (B, Hq, Sq)
+Geometry batch_geometry(const at::Tensor& q, const at::Tensor& k, double softmax_scale, bool causal) {
+  Geometry g = geometry(q.size(2), k.size(2), q.size(3), softmax_scale, causal);
+  const int64_t B = q.size(0), Sq = q.size(1), Sk = k.size(1);
+  g.lse_head_stride = Sq;
+  for (int64_t b = 0; b < B; ++b) g.seqs.push_back({b * Sq, Sq, b * Sk, Sk, b * g.Hq * Sq});
+  g.finish();
+  return g;
+}
+
+// cu_seqlens: int32 (B + 1,) on the CPU, non-decreasing from 0, last <= total, and every
+// length <= max_seqlen (the GPU kernels size their grids by max_seqlen)
+std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, int64_t total, int64_t max_seqlen, const char* name) {
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1 && cu.scalar_type() == at::kInt, "attention_varlen: ", name,
+              " must be a 1-D int32 tensor of batch + 1 offsets, got ", cu.scalar_type(), " ", cu.sizes());
+  const at::Tensor c = cu.contiguous();
+  const int32_t* p = c.const_data_ptr<int32_t>();
+  std::vector<int64_t> out(p, p + c.size(0));
+  TORCH_CHECK(out[0] == 0, "attention_varlen: ", name, "[0] must be 0, got ", out[0]);
+  for (size_t i = 1; i < out.size(); ++i) {
+    const int64_t len = out[i] - out[i - 1];
+    TORCH_CHECK(len >= 0, "attention_varlen: ", name, " must be non-decreasing, got ", out[i - 1], " then ", out[i]);
+    TORCH_CHECK(len <= max_seqlen, "attention_varlen: sequence ", i - 1, " has ", len, " tokens (from ", name,
+                ") but the max_seqlen given for it is ", max_seqlen);
+  }
+  TORCH_CHECK(out.back() <= total, "attention_varlen: ", name, "[-1] = ", out.back(), " exceeds the ", total,
+              " tokens of its tensor");
+  return out;
+}
+
+// packed: q (total_q, Hq, D), k (total_k, Hk, D), lse (Hq, total_q)
+Geometry varlen_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                         int64_t max_q, int64_t max_k, double softmax_scale, bool causal) {
+  const auto cq = read_cu_seqlens(cu_q, q.size(0), max_q, "cu_seqlens_q");
+  const auto ck = read_cu_seqlens(cu_k, k.size(0), max_k, "cu_seqlens_k");
+  TORCH_CHECK(cq.size() == ck.size(), "attention_varlen: cu_seqlens_q has ", cq.size(), " entries but cu_seqlens_k ",
+              ck.size(), "; both must be batch + 1");
+  Geometry g = geometry(q.size(1), k.size(1), q.size(2), softmax_scale, causal);
+  g.lse_head_stride = q.size(0);
+  for (size_t b = 0; b + 1 < cq.size(); ++b) g.seqs.push_back({cq[b], cq[b + 1] - cq[b], ck[b], ck[b + 1] - ck[b], cq[b]});
+  g.finish();
+  return g;
+}
+
+// (B, S, H, D) views of packed (total, H, D) tensors, for the shared argument checks
+at::Tensor as_batch(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
+
+void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& alibi_slopes, int64_t batch, const char* op) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
+    TORCH_CHECK(t->dim() == 3, op, ": ", name, " must be (total_tokens, heads, head_dim), got shape ", t->sizes());
+  mptk::check_attention_args(as_batch(q), as_batch(k), as_batch(v), std::nullopt, op);
+  if (alibi_slopes) {
+    const at::Tensor& s = *alibi_slopes;
+    const bool ok = (s.dim() == 1 && s.size(0) == q.size(1)) || (s.dim() == 2 && s.size(0) == batch && s.size(1) == q.size(1));
+    TORCH_CHECK(ok && s.scalar_type() == at::kFloat && s.is_contiguous() && s.device() == q.device(), op,
+                ": alibi_slopes must be a contiguous float32 (", q.size(1), ",) or (", batch, ", ", q.size(1),
+                ") tensor on ", q.device(), ", got ", s.scalar_type(), " ", s.sizes());
+  }
+}
+
+void run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& alibi,
+             const Geometry& g, at::Tensor& out, float* lse) {
+  const float* slopes = alibi ? alibi->const_data_ptr<float>() : nullptr;
+  const bool per_batch = alibi && alibi->dim() == 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mptkernels_attention_fwd", [&] {
+    auto impl = g.max_Sq <= kDecodeMaxQ ? &attention_decode_impl<scalar_t> : &attention_fwd_impl<scalar_t>;
+    impl(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), slopes, per_batch,
+         g, out.mutable_data_ptr<scalar_t>(), lse);
+  });
+}
+
+void run_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& alibi, const Geometry& g,
+             at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const float* slopes = alibi ? alibi->const_data_ptr<float>() : nullptr;
+  const bool per_batch = alibi && alibi->dim() == 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mptkernels_attention_bwd", [&] {
+    attention_bwd_impl<scalar_t>(dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                                 k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                                 out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(), slopes, per_batch, g,
+                                 dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+                                 dv.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void check_lse(const at::Tensor& lse, at::IntArrayRef shape, const char* op) {
+  TORCH_CHECK(lse.sizes() == shape && lse.scalar_type() == at::kFloat && lse.is_contiguous(), op,
+              ": lse must be a contiguous float32 ", shape, " tensor, got ", lse.scalar_type(), " ", lse.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& alibi_slopes,
                                                      double softmax_scale, bool causal) {
   mptk::check_attention_args(q, k, v, alibi_slopes, "attention_fwd");
-  const Geometry g = geometry(q, k, softmax_scale, causal);
+  const Geometry g = batch_geometry(q, k, softmax_scale, causal);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({g.B, g.Hq, g.Sq}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
-  const float* slopes = alibi_slopes ? alibi_slopes->const_data_ptr<float>() : nullptr;
-  const bool per_batch = alibi_slopes && alibi_slopes->dim() == 2;
-  if (g.Sk == 0) {  // no keys at all: every row sees nothing
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mptkernels_attention_fwd", [&] {
-    attention_fwd_impl<scalar_t>(q, k, v, slopes, per_batch, g, out, lse);
-  });
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  if (q.numel() > 0) run_fwd(q, k, v, alibi_slopes, g, out, lse.mutable_data_ptr<float>());
   return {out, lse};
 }
 
@@ -311,22 +529,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   mptk::check_attention_args(q, k, v, alibi_slopes, "attention_bwd");
   mptk::check_same_layout(dout, q, "dout", "q");
   mptk::check_same_layout(out, q, "out", "q");
-  const Geometry g = geometry(q, k, softmax_scale, causal);
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == g.B && lse.size(1) == g.Hq && lse.size(2) == g.Sq &&
-                  lse.scalar_type() == at::kFloat && lse.is_contiguous(),
-              "attention_bwd: lse must be a contiguous float32 (", g.B, ", ", g.Hq, ", ", g.Sq, ") tensor");
+  check_lse(lse, {q.size(0), q.size(2), q.size(1)}, "attention_bwd");
+  const Geometry g = batch_geometry(q, k, softmax_scale, causal);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
     return {dq, dk, dv};
   }
-  const float* slopes = alibi_slopes ? alibi_slopes->const_data_ptr<float>() : nullptr;
-  const bool per_batch = alibi_slopes && alibi_slopes->dim() == 2;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mptkernels_attention_bwd", [&] {
-    attention_bwd_impl<scalar_t>(dout, q, k, v, out, lse, slopes, per_batch, g, dq, dk, dv);
-  });
+  run_bwd(dout, q, k, v, out, lse, alibi_slopes, g, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal) {
+  check_varlen_args(q, k, v, alibi_slopes, cu_seqlens_q.numel() - 1, "attention_varlen_fwd");
+  const Geometry g = varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal);
+  // rows past cu_seqlens_q[-1] belong to no sequence: zeros (lse -inf), like an empty row
+  at::Tensor out = at::zeros(q.sizes(), q.options());
+  at::Tensor lse = at::full({q.size(1), q.size(0)}, -std::numeric_limits<double>::infinity(),
+                            q.options().dtype(at::kFloat));
+  if (q.numel() > 0) run_fwd(q, k, v, alibi_slopes, g, out, lse.mutable_data_ptr<float>());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal) {
+  check_varlen_args(q, k, v, alibi_slopes, cu_seqlens_q.numel() - 1, "attention_varlen_bwd");
+  mptk::check_same_layout(dout, q, "dout", "q");
+  mptk::check_same_layout(out, q, "out", "q");
+  check_lse(lse, {q.size(1), q.size(0)}, "attention_varlen_bwd");
+  const Geometry g = varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal);
+  // tokens outside every sequence get zero gradients
+  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
+             dv = at::zeros(v.sizes(), v.options());
+  if (q.numel() > 0 && k.numel() > 0) run_bwd(dout, q, k, v, out, lse, alibi_slopes, g, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
+// KV cache: writes k, v (B, Sn, Hk, D) into the caches at rows [cache_seqlens[b], + Sn), then
+// attends q (B, Sq, Hq, D) over the first cache_seqlens[b] + Sn rows of each cache.
+at::Tensor attention_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                 const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k,
+                                 const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& alibi_slopes,
+                                 double softmax_scale, bool causal) {
+  const char* op = "attention_with_kvcache";
+  mptk::check_attention_args(q, k_cache, v_cache, alibi_slopes, op);
+  const int64_t B = q.size(0), Smax = k_cache.size(1);
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B && cache_seqlens.scalar_type() == at::kInt &&
+                  cache_seqlens.device() == q.device(),
+              op, ": cache_seqlens must be an int32 (", B, ",) tensor on ", q.device(), ", got ",
+              cache_seqlens.scalar_type(), " ", cache_seqlens.sizes());
+  TORCH_CHECK(k.has_value() == v.has_value(), op, ": give both k and v, or neither");
+  int64_t Sn = 0;
+  if (k) {
+    TORCH_CHECK(k->dim() == 4 && k->size(0) == B && k->size(2) == k_cache.size(2) && k->size(3) == q.size(3) &&
+                    k->sizes() == v->sizes(),
+                op, ": k and v must be (", B, ", seqlen_new, ", k_cache.size(2), ", ", q.size(3), "), got ",
+                k->sizes(), " and ", v->sizes());
+    TORCH_CHECK(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(), op,
+                ": k and v must have q's dtype ", q.scalar_type());
+    Sn = k->size(1);
+  }
+  const at::Tensor lens = cache_seqlens.contiguous();
+  const int32_t* lp = lens.const_data_ptr<int32_t>();
+  Geometry g = geometry(q.size(2), k_cache.size(2), q.size(3), softmax_scale, causal);
+  g.lse_head_stride = q.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 0 && lp[b] + Sn <= Smax, op, ": cache_seqlens[", b, "] = ", lp[b], " plus ", Sn,
+                " new tokens does not fit the cache of ", Smax, " rows");
+    g.seqs.push_back({b * q.size(1), q.size(1), b * Smax, lp[b] + Sn, b * g.Hq * q.size(1)});
+  }
+  g.finish();
+  if (Sn > 0) {
+    for (int64_t b = 0; b < B; ++b) {
+      k_cache[b].narrow(0, lp[b], Sn).copy_((*k)[b]);
+      v_cache[b].narrow(0, lp[b], Sn).copy_((*v)[b]);
+    }
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.numel() > 0) run_fwd(q, k_cache, v_cache, alibi_slopes, g, out, nullptr);
+  return out;
 }
 
 }  // namespace
@@ -335,4 +622,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(mptkernels, CPU, m) {
   m.impl("attention_fwd", &mptk::cpu::attention_fwd_cpu);
   m.impl("attention_bwd", &mptk::cpu::attention_bwd_cpu);
+  m.impl("attention_varlen_fwd", &mptk::cpu::attention_varlen_fwd_cpu);
+  m.impl("attention_varlen_bwd", &mptk::cpu::attention_varlen_bwd_cpu);
+  m.impl("attention_kvcache", &mptk::cpu::attention_kvcache_cpu);
 }

@@ -40,6 +40,61 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, d
     return out
 
 
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+                     alibi_slopes=None, softmax_scale=None, deterministic=False):
+    """``attention`` over sequences packed along one token dimension (no padding).
+
+    q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv, head_dim). cu_seqlens_q/_k:
+    int32 (batch + 1,) cumulative lengths from 0: sequence b is rows
+    [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and the same of k, v by cu_seqlens_k; no token
+    attends across a sequence boundary. max_seqlen_q/_k: the longest sequence (the GPU grid
+    is sized by it; a longer one is an error, checked on the host except while a CUDA graph
+    is being captured). alibi_slopes: (heads_q,) or (batch, heads_q) float32. causal and the
+    ALiBi bias are per sequence (bottom-right aligned when its q and k lengths differ). Rows
+    after cu_seqlens_q[-1] belong to no sequence and return zeros. Differentiable in q, k, v;
+    the backward is deterministic (see ``attention``).
+    """
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
+    if q.dtype not in _KERNEL_DTYPES or _backend.use_reference(q.device, has_kernel=_has_gpu_kernel()):
+        return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, alibi_slopes=slopes,
+                                          softmax_scale=scale)
+    out, _ = _ops.attention_varlen_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+                                       int(max_seqlen_q), int(max_seqlen_k), slopes, scale, causal)
+    return out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, causal=True, alibi_slopes=None,
+                           softmax_scale=None):
+    """Attention of a few new tokens per sequence over a KV cache (decoding), updating the cache.
+
+    q: (batch, seqlen_q, heads_q, head_dim). k_cache, v_cache: (batch, max_seqlen, heads_kv,
+    head_dim), contiguous, q's dtype. cache_seqlens: int32 (batch,), the rows of each cache
+    already filled. k, v: (batch, seqlen_new, heads_kv, head_dim) or None; if given they are
+    written into the caches in place at rows [cache_seqlens[b], cache_seqlens[b] + seqlen_new)
+    and attended to. cache_seqlens itself is not modified (the caller advances it). q attends
+    over the first cache_seqlens[b] + seqlen_new rows of its cache exactly as ``attention``
+    would (causal bottom-right aligned: query i of seqlen_q sees the cache and the new keys up
+    to its own position; ALiBi by the same formula). Returns out like q. Not differentiable.
+
+    Caches too short for the new tokens raise; the check reads cache_seqlens on the host, which
+    is skipped while a CUDA graph is captured (there, rows that do not fit are not written).
+    On the GPU one query token over a long cache splits the keys across programs and combines
+    the partial results (flash-decoding), so a batch of one still fills the GPU.
+    """
+    _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
+    if q.dtype not in _KERNEL_DTYPES or _backend.use_reference(q.device, has_kernel=_has_gpu_kernel()):
+        _check_cache_room(k_cache, cache_seqlens, k)
+        return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal=causal,
+                                                alibi_slopes=slopes, softmax_scale=scale)
+    return _ops.attention_kvcache(q.contiguous(), k_cache, v_cache, cache_seqlens,
+                                  None if k is None else k.contiguous(), None if v is None else v.contiguous(),
+                                  slopes, scale, causal)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, alibi_slopes=None):
     """``torch.nn.functional.scaled_dot_product_attention`` on the fused kernel.
@@ -107,16 +162,100 @@ def _check(q, k, v, alibi_slopes, softmax_scale):
     if d % 8 or not 0 < d <= MAX_HEAD_DIM:
         raise ValueError(f"attention: head_dim must be a multiple of 8 up to {MAX_HEAD_DIM}, got {d}")
     if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
-            raise TypeError("attention: alibi_slopes must be a float32 tensor (mptkernels.ops.alibi_slopes "
-                            f"gives MPT's), got {getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")
-        if tuple(alibi_slopes.shape) not in ((hq,), (b, hq)):
-            raise ValueError(f"attention: alibi_slopes must have shape ({hq},) or ({b}, {hq}), got "
-                             f"{tuple(alibi_slopes.shape)}")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"attention: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        _check_slopes(alibi_slopes, b, hq, q.device)
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"attention: softmax_scale must be > 0, got {softmax_scale}")
+
+
+def _check_slopes(alibi_slopes, b, hq, device):
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+        raise TypeError("attention: alibi_slopes must be a float32 tensor (mptkernels.ops.alibi_slopes "
+                        f"gives MPT's), got {getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")
+    if tuple(alibi_slopes.shape) not in ((hq,), (b, hq)):
+        raise ValueError(f"attention: alibi_slopes must have shape ({hq},) or ({b}, {hq}), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"attention: alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+
+
+def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale):
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"attention_varlen: {name} must be a (total_tokens, heads, head_dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    for t, name in ((cu_q, "cu_seqlens_q"), (cu_k, "cu_seqlens_k")):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.numel() < 1:
+            raise TypeError(f"attention_varlen: {name} must be a 1-D int32 tensor of batch + 1 offsets, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != q.device:
+            raise ValueError(f"attention_varlen: {name} is on {t.device} but q is on {q.device}")
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"attention_varlen: cu_seqlens_q has {cu_q.numel()} entries and cu_seqlens_k "
+                         f"{cu_k.numel()}; both must be batch + 1")
+    for m, name in ((max_q, "max_seqlen_q"), (max_k, "max_seqlen_k")):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise TypeError(f"attention_varlen: {name} must be a non-negative int, got {m!r}")
+    batch = cu_q.numel() - 1
+    _check(q[None], k[None], v[None], None, softmax_scale)
+    if alibi_slopes is not None:
+        _check_slopes(alibi_slopes, batch, q.shape[1], q.device)
+    if q.is_cuda and not torch.cuda.is_current_stream_capturing():
+        # the GPU grid covers max_seqlen rows per sequence: a longer one would be cut short
+        _check_lengths(cu_q, q.shape[0], max_q, "cu_seqlens_q", "max_seqlen_q")
+        _check_lengths(cu_k, k.shape[0], max_k, "cu_seqlens_k", "max_seqlen_k")
+
+
+def _check_lengths(cu, total, max_len, name, max_name):
+    c = cu.tolist()
+    lens = [b - a for a, b in zip(c, c[1:])]
+    if c[0] != 0 or any(n < 0 for n in lens) or c[-1] > total:
+        raise ValueError(f"attention_varlen: {name} must rise from 0 to at most {total} tokens, got {c}")
+    if lens and max(lens) > max_len:
+        raise ValueError(f"attention_varlen: a sequence of {max(lens)} tokens in {name} exceeds "
+                         f"{max_name} = {max_len}")
+
+
+def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale):
+    op = "attention_with_kvcache"
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"{op}: q must be a (batch, seqlen, heads, head_dim) tensor")
+    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be a (batch, max_seqlen, heads_kv, head_dim) tensor")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (it is written in place)")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _check(q, k_cache, v_cache, alibi_slopes, softmax_scale)
+    b, hk, d = q.shape[0], k_cache.shape[2], q.shape[3]
+    if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32
+            or tuple(cache_seqlens.shape) != (b,)):
+        raise TypeError(f"{op}: cache_seqlens must be an int32 ({b},) tensor, got "
+                        f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)} "
+                        f"{tuple(getattr(cache_seqlens, 'shape', ()))}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if (k is None) != (v is None):
+        raise ValueError(f"{op}: give both k and v, or neither")
+    if k is not None:
+        for t, name in ((k, "k"), (v, "v")):
+            if t.dim() != 4 or t.shape[0] != b or t.shape[2] != hk or t.shape[3] != d:
+                raise ValueError(f"{op}: {name} must be ({b}, seqlen_new, {hk}, {d}), got {tuple(t.shape)}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"{op}: {name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if q.is_cuda and not torch.cuda.is_current_stream_capturing():
+        _check_cache_room(k_cache, cache_seqlens, k)
+
+
+def _check_cache_room(k_cache, cache_seqlens, k):
+    new = 0 if k is None else k.shape[1]
+    lens = cache_seqlens.tolist()
+    for i, n in enumerate(lens):
+        if n < 0 or n + new > k_cache.shape[1]:
+            raise ValueError(f"attention_with_kvcache: cache_seqlens[{i}] = {n} plus {new} new tokens does not fit "
+                             f"the cache of {k_cache.shape[1]} rows")
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,3 +320,61 @@ def _(q, k, v, alibi_slopes, softmax_scale, causal):
 @torch.library.register_kernel("mptkernels::attention_bwd", "cuda")
 def _(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal):
     return _triton_attention().attention_bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal)
+
+
+# ---- packed variable-length sequences
+@torch.library.register_fake("mptkernels::attention_varlen_fwd")
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, causal):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("mptkernels::attention_varlen_bwd")
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale,
+      causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
+    ctx.flags = (max_q, max_k, softmax_scale, causal)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
+    max_q, max_k, softmax_scale, causal = ctx.flags
+    dq, dk, dv = _ops.attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                           alibi_slopes, softmax_scale, causal)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("mptkernels::attention_varlen_fwd", _varlen_backward,
+                                setup_context=_varlen_setup_context)
+torch.library.register_autograd("mptkernels::attention_varlen_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.register_kernel("mptkernels::attention_varlen_fwd", "cuda")
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, causal):
+    return _triton_attention().attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                    alibi_slopes, softmax_scale, causal)
+
+
+@torch.library.register_kernel("mptkernels::attention_varlen_bwd", "cuda")
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale,
+      causal):
+    return _triton_attention().attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                    max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, causal)
+
+
+# ---- KV-cache decoding (writes the caches in place; no autograd)
+@torch.library.register_fake("mptkernels::attention_kvcache")
+def _(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal):
+    return torch.empty_like(q)
+
+
+@torch.library.register_kernel("mptkernels::attention_kvcache", "cuda")
+def _(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal):
+    return _triton_attention().attention_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes,
+                                                 softmax_scale, causal)

@@ -75,10 +75,14 @@ import triton.language as tl
 # (BLOCK_M x BLOCK_N) live in registers, k/v tiles are pipelined through shared memory.
 # Two warpgroups of 64 rows each (8 warps) halve the registers per thread compared with 4
 # warps (D=64: 118 instead of 255), so two CTAs fit on an SM.
+# Timed on the H100 (benchmarks/tune_attention.py, causal + ALiBi bf16, 2026-11-24): at d128
+# (B4 S4096 H32) (128, 64, 8, 3) and (64, 64, 4, 3) tie at 419 TFLOP/s, every other tile of
+# the sweep is slower; at d64 (B8 S2048 H32) (64, 64, 4, 3) gives 330 against 315 for the
+# 8-warp tile.
 FWD_CONFIGS = {
-    16: (128, 64, 8, 3),
-    32: (128, 64, 8, 3),
-    64: (128, 64, 8, 3),  # 118 regs, 64 KB smem
+    16: (64, 64, 4, 3),
+    32: (64, 64, 4, 3),
+    64: (64, 64, 4, 3),
     128: (128, 64, 8, 3),  # 215 regs, 128 KB
     256: (64, 64, 8, 2),  # 255 regs, 160 KB
 }
@@ -86,10 +90,12 @@ FWD_CONFIGS = {
 # operands, the dk and dv accumulators) while BLOCK_M-row query tiles stream past, so
 # registers, not shared memory, limit the tile: 2 * BLOCK_N * BLOCK_D fp32 accumulator
 # values plus 2 * BLOCK_N * BLOCK_D 16-bit k/v values over num_warps * 32 threads.
+# H100, d64 (B8 S2048 H32, causal + ALiBi): (64, 128, 4, 2) makes the whole backward 1.32x
+# faster than (32, 128, 8, 3), the best of 24 tiles.
 BWD_DKDV_CONFIGS = {
-    16: (32, 128, 8, 3),
-    32: (32, 128, 8, 3),
-    64: (32, 128, 8, 3),  # 245 regs, 81 KB
+    16: (64, 128, 4, 2),
+    32: (64, 128, 4, 2),
+    64: (64, 128, 4, 2),
     128: (32, 64, 8, 2),  # 255 regs, 97 KB; (16, 128, 8, 2) also fits (250 regs)
     256: (16, 64, 8, 2),  # spills 144 B; (16, 32, 8, 2) does not but falls back to mma.sync
 }
@@ -213,21 +219,44 @@ def _fwd_inner(
 
 
 @triton.jit
+def _sequence(CU_Q, CU_K, SEQLENS_K, b, Sq, Sk, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr):
+    """(first q row, first k row, Sq, Sk) of sequence b: from cu_seqlens for packed
+    sequences, from seqlens_k for a KV cache, else the batch-wide sizes at row 0."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        Sq = tl.load(CU_Q + b + 1) - q_start
+        Sk = tl.load(CU_K + b + 1) - k_start
+        q_start = q_start.to(tl.int64)
+        k_start = k_start.to(tl.int64)
+    else:
+        q_start = 0
+        k_start = 0
+    if HAS_SEQLENS_K:
+        Sk = tl.load(SEQLENS_K + b)
+    return q_start, k_start, Sq, Sk
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,  # [B, Sq, Hq, D]
     K,  # [B, Sk, Hk, D]
     V,  # [B, Sk, Hk, D]
     SLOPES,  # [Hq] or [B, Hq] fp32, read only when HAS_ALIBI
     O,  # [B, Sq, Hq, D] q's dtype, same strides as Q
-    LSE,  # [B, Hq, Sq] fp32
-    Sq, Sk, Hq,
+    LSE,  # [B, Hq, Sq] fp32 (varlen: [Hq, total_q])
+    CU_Q, CU_K,  # VARLEN: int32 [B + 1] first row of each sequence in q and in k/v
+    SEQLENS_K,  # HAS_SEQLENS_K: int32 [B] keys of each sequence (a KV cache's filled rows)
+    Sq, Sk, Hq,  # VARLEN / HAS_SEQLENS_K: replaced per sequence
     GROUP,  # Hq // Hk
     stride_qb, stride_qs,  # of Q and O (head stride D, feature stride 1)
     stride_kb, stride_ks,  # of K and V
+    stride_lse_b, stride_lse_h,  # of LSE
     stride_slope_b,  # 0 for (Hq,) slopes
     qk_scale,  # softmax_scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
 ):
     if CAUSAL:
         # later query tiles see more keys: launch them first
@@ -238,6 +267,9 @@ def _attn_fwd_kernel(
     b = tl.program_id(2).to(tl.int64)
     h_kv = h // GROUP
     start_m = pid_m * BLOCK_M
+    q_start, k_start, Sq, Sk = _sequence(CU_Q, CU_K, SEQLENS_K, b, Sq, Sk, VARLEN, HAS_SEQLENS_K)
+    if start_m >= Sq:  # a shorter sequence than the grid's longest
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -248,10 +280,10 @@ def _attn_fwd_kernel(
     stride_ks = stride_ks.to(tl.int64)
 
     q_off = offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :]
-    q_base = Q + b * stride_qb + h * HEAD_DIM
-    q = _load_tile(q_base + q_off, row_ok, d_ok, True, EVEN_D)
-    k_base = K + b * stride_kb + h_kv * HEAD_DIM
-    v_base = V + b * stride_kb + h_kv * HEAD_DIM
+    q_head = b * stride_qb + q_start * stride_qs + h * HEAD_DIM  # Q and O at (b, row 0, h, 0)
+    q = _load_tile(Q + q_head + q_off, row_ok, d_ok, True, EVEN_D)
+    k_base = K + b * stride_kb + k_start * stride_ks + h_kv * HEAD_DIM
+    v_base = V + b * stride_kb + k_start * stride_ks + h_kv * HEAD_DIM
 
     diag = Sk - Sq
     q_pos = offs_m + diag
@@ -289,8 +321,8 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    _store_tile(O + b * stride_qb + h * HEAD_DIM + q_off, out.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
-    tl.store(LSE + (b * Hq + h) * Sq + offs_m, lse, mask=row_ok)
+    _store_tile(O + q_head + q_off, out.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
+    tl.store(LSE + b * stride_lse_b + h * stride_lse_h + q_start + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -373,20 +405,26 @@ def _attn_bwd_dkdv_kernel(
     DELTA,  # [B, Hq, Sq] fp32 rowsum(dO * O)
     DK,  # [B, Sk, Hk, D] same strides as K
     DV,  # [B, Sk, Hk, D] same strides as K
+    CU_Q, CU_K,  # VARLEN: int32 [B + 1] first row of each sequence in q and in k/v
     Sq, Sk, Hq,
     GROUP,  # Hq // Hk
     stride_qb, stride_qs,  # of Q and DO
     stride_kb, stride_ks,  # of K, V, DK and DV
+    stride_lse_b, stride_lse_h,  # of LSE and DELTA
     stride_slope_b,  # 0 for (Hq,) slopes
     qk_scale,  # softmax_scale * log2(e)
     softmax_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h_kv = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
+    q_start, k_start, Sq, Sk = _sequence(CU_Q, CU_K, CU_K, b, Sq, Sk, VARLEN, False)
+    if start_n >= Sk:
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -395,7 +433,8 @@ def _attn_bwd_dkdv_kernel(
     stride_qs = stride_qs.to(tl.int64)
     stride_ks = stride_ks.to(tl.int64)
 
-    kv_off = b * stride_kb + h_kv * HEAD_DIM + offs_n.to(tl.int64)[:, None] * stride_ks + offs_d[None, :]
+    kv_off = (b * stride_kb + k_start * stride_ks + h_kv * HEAD_DIM + offs_n.to(tl.int64)[:, None] * stride_ks
+              + offs_d[None, :])
     k = _load_tile(K + kv_off, col_ok, d_ok, True, EVEN_D)
     v = _load_tile(V + kv_off, col_ok, d_ok, True, EVEN_D)
     diag = Sk - Sq
@@ -420,10 +459,10 @@ def _attn_bwd_dkdv_kernel(
     # the query heads sharing this kv head, in a fixed order (deterministic sum)
     for g in range(GROUP):
         h = h_kv * GROUP + g
-        q_base = Q + b * stride_qb + h * HEAD_DIM
-        do_base = DO + b * stride_qb + h * HEAD_DIM
-        lse_base = LSE + (b * Hq + h) * Sq
-        delta_base = DELTA + (b * Hq + h) * Sq
+        q_base = Q + b * stride_qb + q_start * stride_qs + h * HEAD_DIM
+        do_base = DO + b * stride_qb + q_start * stride_qs + h * HEAD_DIM
+        lse_base = LSE + b * stride_lse_b + h * stride_lse_h + q_start
+        delta_base = DELTA + b * stride_lse_b + h * stride_lse_h + q_start
         if HAS_ALIBI:
             slope2 = tl.load(SLOPES + b * stride_slope_b + h) * LOG2E
         else:
@@ -488,15 +527,18 @@ def _attn_bwd_dq_kernel(
     LSE,  # [B, Hq, Sq] fp32 from the forward
     DELTA,  # [B, Hq, Sq] fp32 rowsum(dO * O)
     DQ,  # [B, Sq, Hq, D] same strides as Q
+    CU_Q, CU_K,  # VARLEN: int32 [B + 1] first row of each sequence in q and in k/v
     Sq, Sk, Hq,
     GROUP,  # Hq // Hk
     stride_qb, stride_qs,  # of Q, DO and DQ
     stride_kb, stride_ks,  # of K and V
+    stride_lse_b, stride_lse_h,  # of LSE and DELTA
     stride_slope_b,  # 0 for (Hq,) slopes
     qk_scale,  # softmax_scale * log2(e)
     softmax_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -506,6 +548,9 @@ def _attn_bwd_dq_kernel(
     b = tl.program_id(2).to(tl.int64)
     h_kv = h // GROUP
     start_m = pid_m * BLOCK_M
+    q_start, k_start, Sq, Sk = _sequence(CU_Q, CU_K, CU_K, b, Sq, Sk, VARLEN, False)
+    if start_m >= Sq:
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -514,15 +559,17 @@ def _attn_bwd_dq_kernel(
     stride_qs = stride_qs.to(tl.int64)
     stride_ks = stride_ks.to(tl.int64)
 
-    q_off = b * stride_qb + h * HEAD_DIM + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :]
+    q_off = (b * stride_qb + q_start * stride_qs + h * HEAD_DIM + offs_m.to(tl.int64)[:, None] * stride_qs
+             + offs_d[None, :])
     q = _load_tile(Q + q_off, row_ok, d_ok, True, EVEN_D)
     do = _load_tile(DO + q_off, row_ok, d_ok, True, EVEN_D)
-    lse = tl.load(LSE + (b * Hq + h) * Sq + offs_m, mask=row_ok, other=float("inf"))
+    lse_off = b * stride_lse_b + h * stride_lse_h + q_start + offs_m
+    lse = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
     # a row that sees no key has lse = -inf: +inf makes its P exactly 0 (dq = 0, no NaN)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(DELTA + (b * Hq + h) * Sq + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + h_kv * HEAD_DIM
-    v_base = V + b * stride_kb + h_kv * HEAD_DIM
+    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + k_start * stride_ks + h_kv * HEAD_DIM
+    v_base = V + b * stride_kb + k_start * stride_ks + h_kv * HEAD_DIM
 
     diag = Sk - Sq
     q_pos = offs_m + diag
@@ -549,6 +596,122 @@ def _attn_bwd_dq_kernel(
         True, CAUSAL, HAS_ALIBI, EVEN_D, BLOCK_N, DOT_PRECISION)
     dq = dq * softmax_scale
     _store_tile(DQ + q_off, dq.to(DQ.dtype.element_ty), row_ok, d_ok, EVEN_D)
+
+
+@triton.jit
+def _kv_append_kernel(
+    K_NEW, V_NEW,  # [B, Sn, Hk, D]
+    K_CACHE, V_CACHE,  # [B, Smax, Hk, D]
+    SEQLENS,  # int32 [B]: rows of each cache already filled
+    Sn, Smax, Hk,
+    stride_nb, stride_ns, stride_cb, stride_cs,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one (batch, new token, kv head) row per program; a position past the cache is not
+    # written (the host checks it outside CUDA-graph capture and raises)
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    pos = tl.load(SEQLENS + b) + t
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_d < HEAD_DIM) & (pos < Smax) & (pos >= 0)
+    src = b * stride_nb + t * stride_ns + h * HEAD_DIM + offs_d
+    dst = b * stride_cb + pos.to(tl.int64) * stride_cs + h * HEAD_DIM + offs_d
+    tl.store(K_CACHE + dst, tl.load(K_NEW + src, mask=ok), mask=ok)
+    tl.store(V_CACHE + dst, tl.load(V_NEW + src, mask=ok), mask=ok)
+
+
+@triton.jit
+def _attn_decode_kernel(
+    Q,  # [B, Sq, Hq, D] a few new tokens per sequence
+    K, V,  # [B, Smax, Hk, D] caches
+    SLOPES,  # [Hq] or [B, Hq] fp32, read only when HAS_ALIBI
+    SEQLENS_K,  # int32 [B]: keys of each sequence (filled cache rows, new ones included)
+    O,  # [B, Sq, Hq, D], written when NUM_SPLITS == 1
+    O_PART,  # [B, Sq, Hq, NUM_SPLITS, D] fp32 partial outputs, when NUM_SPLITS > 1
+    LSE_PART,  # [B, Sq, Hq, NUM_SPLITS] fp32 their log-sum-exp (natural log)
+    Sq, Hq,
+    GROUP,  # Hq // Hk
+    stride_qb, stride_qs, stride_kb, stride_ks, stride_slope_b,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """Flash-decoding: program (split, kv head, batch) attends the GROUP q heads x Sq tokens
+    that read this kv head (rows r = token * GROUP + head-in-group, so the cache is read once
+    per kv head, not once per q head) over its 1/NUM_SPLITS share of the keys."""
+    split = tl.program_id(0)
+    h_kv = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    Sk = tl.load(SEQLENS_K + b)
+    rows = tl.arange(0, BLOCK_M)
+    t = rows // GROUP
+    h = h_kv * GROUP + rows % GROUP
+    row_ok = t < Sq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    stride_ks = stride_ks.to(tl.int64)
+
+    q_rows = b * stride_qb + t.to(tl.int64) * stride_qs + h * HEAD_DIM
+    q = _load_tile(Q + q_rows[:, None] + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    q_pos = t + Sk - Sq
+    if HAS_ALIBI:
+        slope2 = (tl.load(SLOPES + b * stride_slope_b + h, mask=row_ok, other=0.0) * LOG2E)[:, None]
+    else:
+        slope2 = 0.0
+    # this split's keys: an equal share of Sk in whole blocks
+    per_split = tl.cdiv(tl.cdiv(Sk, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, Sk)
+    k_base = K + b * stride_kb + h_kv * HEAD_DIM
+    v_base = V + b * stride_kb + h_kv * HEAD_DIM
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # every block masked (at hi; causal only bites on the last block): the masked loop of
+    # the forward, with hi in place of Sk
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, q_pos, offs_n, offs_d, d_ok,
+        slope2, qk_scale, lo, hi, hi,
+        True, CAUSAL, HAS_ALIBI, EVEN_D, BLOCK_N, None)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_rows = (b * Sq + t) * Hq + h  # (b, t, h) row of O and of the partials
+    if NUM_SPLITS == 1:
+        _store_tile(O + o_rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+                    row_ok, d_ok, EVEN_D)
+    else:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+        part = o_rows.to(tl.int64) * NUM_SPLITS + split
+        _store_tile(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, row_ok, d_ok, EVEN_D)
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_decode_combine_kernel(
+    O_PART, LSE_PART, O,  # see _attn_decode_kernel; O [B * Sq * Hq, D]
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s(lse_s); a row whose
+    # splits all saw nothing (lse_s = -inf) gets zeros
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    lse = tl.load(LSE_PART + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    total = tl.sum(w, 0)
+    w = w / tl.where(total == 0.0, 1.0, total)
+    parts = tl.load(O_PART + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(parts * w[:, None], 0)
+    tl.store(O + row * HEAD_DIM + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------
@@ -616,41 +779,104 @@ def _dot_precision(dtype):
     return FP32_DOT_PRECISION if dtype == torch.float32 else None
 
 
+def _fwd(q, k, v, alibi_slopes, softmax_scale, causal, out, lse, *, batch, max_sq, max_sk, lse_strides,
+         cu_seqlens=None, seqlens_k=None):
+    """Launch the forward over (batch, S, H, D) views: one tensor per batch element
+    (stride_qb) or one packed sequence dimension (stride 0, rows found by cu_seqlens)."""
+    D, Hq, Hk = q.shape[3], q.shape[2], k.shape[2]
+    slopes, stride_slope_b, has_alibi = _slopes_args(alibi_slopes, q)
+    block_d = _block_d(D)
+    block_m, block_n, num_warps, num_stages = fwd_config(D, q.dtype, max_sq, max_sk)
+    varlen = cu_seqlens is not None
+    cu_q, cu_k = cu_seqlens if varlen else (q, q)  # dummies are never dereferenced
+    grid = (triton.cdiv(max_sq, block_m), Hq, batch)
+    with _device_ctx(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, slopes, out, lse, cu_q, cu_k, q if seqlens_k is None else seqlens_k,
+            max_sq, max_sk, Hq, Hq // Hk,
+            0 if varlen else q.stride(0), q.stride(1), 0 if varlen else k.stride(0), k.stride(1),
+            lse_strides[0], lse_strides[1], stride_slope_b,
+            float(softmax_scale) * _LOG2E,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            CAUSAL=bool(causal), HAS_ALIBI=has_alibi, EVEN_D=D == block_d,
+            DOT_PRECISION=_dot_precision(q.dtype), VARLEN=varlen, HAS_SEQLENS_K=seqlens_k is not None,
+            num_warps=num_warps, num_stages=num_stages)
+
+
 def attention_fwd(q, k, v, alibi_slopes, softmax_scale: float, causal: bool):
     """Attention forward; returns (out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) float32)."""
     _check_inputs(q, k, v, alibi_slopes)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Sq, Hq, D = q.shape
-    Sk, Hk = k.shape[1], k.shape[2]
+    Sk = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     if Sk == 0:  # nothing to attend to: every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
+    _fwd(q, k, v, alibi_slopes, softmax_scale, causal, out, lse, batch=B, max_sq=Sq, max_sk=Sk,
+         lse_strides=(Hq * Sq, Sq))
+    return out, lse
 
+
+def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, alibi_slopes,
+                         softmax_scale: float, causal: bool):
+    """Forward over packed sequences: q (total_q, Hq, D), k, v (total_k, Hk, D); returns
+    (out (total_q, Hq, D), lse (Hq, total_q)). Rows after cu_seqlens_q[-1] get 0 and -inf."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    total_q, Hq, _ = q.shape
+    batch = cu_seqlens_q.numel() - 1
+    out = torch.zeros_like(q)
+    lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or k.shape[0] == 0:
+        return out, lse
+    _check_inputs(q[None], k[None], v[None], None)
+    _fwd(q[None], k[None], v[None], alibi_slopes, softmax_scale, causal, out[None], lse, batch=batch,
+         max_sq=max_seqlen_q, max_sk=max_seqlen_k, lse_strides=(0, total_q),
+         cu_seqlens=(cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()))
+    return out, lse
+
+
+def _bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, dq, dk, dv, *, batch, max_sq, max_sk,
+         lse_strides, cu_seqlens=None):
+    D, Hq, Hk = q.shape[3], q.shape[2], k.shape[2]
     slopes, stride_slope_b, has_alibi = _slopes_args(alibi_slopes, q)
     block_d = _block_d(D)
-    block_m, block_n, num_warps, num_stages = fwd_config(D, q.dtype, Sq, Sk)
-    grid = (triton.cdiv(Sq, block_m), Hq, B)
+    even_d = D == block_d
+    precision = _dot_precision(q.dtype)
+    qk_scale = float(softmax_scale) * _LOG2E
+    (kv_m, kv_n, kv_warps, kv_stages), (q_m, q_n, q_warps, q_stages) = bwd_configs(D, q.dtype, max_sq, max_sk)
+    varlen = cu_seqlens is not None
+    cu_q, cu_k = cu_seqlens if varlen else (q, q)
+
+    # delta has lse's layout: rows of the (B or 1, S, Hq) token grid in order
+    delta = torch.empty_like(lse)
+    nb, S = q.shape[0], q.shape[1]
+    rows = nb * S * Hq
+    block_r = max(DELTA_TILE // block_d, 1)
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_ALIBI=has_alibi, EVEN_D=even_d,
+                  DOT_PRECISION=precision, VARLEN=varlen)
+    sizes = (max_sq, max_sk, Hq, Hq // Hk,
+             0 if varlen else q.stride(0), q.stride(1), 0 if varlen else k.stride(0), k.stride(1),
+             lse_strides[0], lse_strides[1], stride_slope_b, qk_scale, float(softmax_scale))
     with _device_ctx(q):
-        _attn_fwd_kernel[grid](
-            q, k, v, slopes, out, lse,
-            Sq, Sk, Hq, Hq // Hk,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_slope_b,
-            float(softmax_scale) * _LOG2E,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            CAUSAL=bool(causal), HAS_ALIBI=has_alibi, EVEN_D=D == block_d,
-            DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=num_warps, num_stages=num_stages)
-    return out, lse
+        _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](
+            out, dout, delta, rows, S, Hq,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, EVEN_D=even_d, num_warps=4)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(max_sk, kv_n), Hk, batch)](
+            q, k, v, slopes, dout, lse, delta, dk, dv, cu_q, cu_k, *sizes,
+            BLOCK_M=kv_m, BLOCK_N=kv_n, **common, num_warps=kv_warps, num_stages=kv_stages)
+        _attn_bwd_dq_kernel[(triton.cdiv(max_sq, q_m), Hq, batch)](
+            q, k, v, slopes, dout, lse, delta, dq, cu_q, cu_k, *sizes,
+            BLOCK_M=q_m, BLOCK_N=q_n, **common, num_warps=q_warps, num_stages=q_stages)
 
 
 def attention_bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale: float, causal: bool):
     """Gradient of attention_fwd; returns (dq, dk, dv) in the inputs' dtype."""
     _check_inputs(q, k, v, alibi_slopes)
     B, Sq, Hq, D = q.shape
-    Sk, Hk = k.shape[1], k.shape[2]
+    Sk = k.shape[1]
     assert dout.shape == q.shape and out.shape == q.shape, "dout and out must have q's shape"
     assert lse.shape == (B, Hq, Sq), f"lse must be ({B}, {Hq}, {Sq}), got {tuple(lse.shape)}"
     # dout comes from autograd and may be strided (expanded, transposed): one layout for all
@@ -664,33 +890,106 @@ def attention_bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale: float, c
     if dk.numel() == 0 or dq.numel() == 0:
         # no keys: nothing reaches q; no queries: nothing reaches k, v
         return dq.zero_(), dk.zero_(), dv.zero_()
-
-    slopes, stride_slope_b, has_alibi = _slopes_args(alibi_slopes, q)
-    block_d = _block_d(D)
-    even_d = D == block_d
-    precision = _dot_precision(q.dtype)
-    qk_scale = float(softmax_scale) * _LOG2E
-    (kv_m, kv_n, kv_warps, kv_stages), (q_m, q_n, q_warps, q_stages) = bwd_configs(D, q.dtype, Sq, Sk)
-
-    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    rows = B * Sq * Hq
-    block_r = max(DELTA_TILE // block_d, 1)
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_ALIBI=has_alibi, EVEN_D=even_d,
-                  DOT_PRECISION=precision)
-    with _device_ctx(q):
-        _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](
-            out, dout, delta, rows, Sq, Hq,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, EVEN_D=even_d, num_warps=4)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, kv_n), Hk, B)](
-            q, k, v, slopes, dout, lse, delta, dk, dv,
-            Sq, Sk, Hq, Hq // Hk,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_slope_b,
-            qk_scale, float(softmax_scale),
-            BLOCK_M=kv_m, BLOCK_N=kv_n, **common, num_warps=kv_warps, num_stages=kv_stages)
-        _attn_bwd_dq_kernel[(triton.cdiv(Sq, q_m), Hq, B)](
-            q, k, v, slopes, dout, lse, delta, dq,
-            Sq, Sk, Hq, Hq // Hk,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_slope_b,
-            qk_scale, float(softmax_scale),
-            BLOCK_M=q_m, BLOCK_N=q_n, **common, num_warps=q_warps, num_stages=q_stages)
+    _bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, dq, dk, dv, batch=B, max_sq=Sq, max_sk=Sk,
+         lse_strides=(Hq * Sq, Sq))
     return dq, dk, dv
+
+
+def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                         max_seqlen_k: int, alibi_slopes, softmax_scale: float, causal: bool):
+    """Gradient of attention_varlen_fwd; tokens outside every sequence get zero gradients."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dout = dout.to(q.dtype).contiguous()
+    out = out.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    batch = cu_seqlens_q.numel() - 1
+    if dq.numel() == 0 or dk.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return dq, dk, dv
+    _check_inputs(q[None], k[None], v[None], None)
+    _bwd(dout[None], q[None], k[None], v[None], out[None], lse, alibi_slopes, softmax_scale, causal,
+         dq[None], dk[None], dv[None], batch=batch, max_sq=max_seqlen_q, max_sk=max_seqlen_k,
+         lse_strides=(0, q.shape[0]),
+         cu_seqlens=(cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()))
+    return dq, dk, dv
+
+
+# Decode kernel: rows of one program (query tokens x q heads per kv head) it takes at most;
+# more go to the forward kernel (with per-sequence key counts).
+DECODE_MAX_ROWS = 64
+# (BLOCK_N, num_warps, num_stages) of the decode kernel, by BLOCK_D
+DECODE_CONFIGS = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
+# Split the keys until about this many programs per SM run (flash-decoding)
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_MAX_SPLITS = 64
+
+_SM_COUNT = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":  # the interpreter
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def decode_splits(batch: int, heads_kv: int, max_seqlen: int, block_n: int, sm_count: int) -> int:
+    """How many key splits the decode kernel uses: enough programs to fill the GPU, no split
+    shorter than two key blocks. Depends only on shapes (never on cache_seqlens' values), so a
+    captured CUDA graph stays valid as the cache fills."""
+    want = triton.cdiv(DECODE_PROGRAMS_PER_SM * sm_count, max(batch * heads_kv, 1))
+    most = max(max_seqlen // (2 * block_n), 1)
+    return int(max(1, min(want, most, DECODE_MAX_SPLITS)))
+
+
+def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale: float, causal: bool):
+    """Write k, v (if given) into the caches at cache_seqlens, then attend q over the first
+    cache_seqlens[b] + seqlen_new rows of each cache; returns out (B, Sq, Hq, D)."""
+    B, Sq, Hq, D = q.shape
+    Smax, Hk = k_cache.shape[1], k_cache.shape[2]
+    q = q.contiguous()
+    block_d = _block_d(D)
+    seqlens = cache_seqlens.to(torch.int32)
+    with _device_ctx(q):
+        if k is not None and k.shape[1] > 0:
+            k, v = k.contiguous(), v.contiguous()
+            Sn = k.shape[1]
+            _kv_append_kernel[(Sn, Hk, B)](
+                k, v, k_cache, v_cache, seqlens, Sn, Smax, Hk,
+                k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1),
+                HEAD_DIM=D, BLOCK_D=block_d, num_warps=1 if block_d <= 64 else 2)
+            seqlens = seqlens + Sn
+    out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    if Sq * (Hq // Hk) > DECODE_MAX_ROWS or q.dtype == torch.float32:
+        # prefill into a cache, or fp32: the forward kernel, one key count per sequence
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+        _fwd(q, k_cache, v_cache, alibi_slopes, softmax_scale, causal, out, lse, batch=B, max_sq=Sq,
+             max_sk=Smax, lse_strides=(Hq * Sq, Sq), seqlens_k=seqlens)
+        return out
+    slopes, stride_slope_b, has_alibi = _slopes_args(alibi_slopes, q)
+    block_m = max(_MIN_BLOCK, triton.next_power_of_2(Sq * (Hq // Hk)))
+    block_n, num_warps, num_stages = DECODE_CONFIGS[block_d]
+    splits = decode_splits(B, Hk, Smax, block_n, _sm_count(q.device))
+    if splits > 1:
+        o_part = torch.empty((B, Sq, Hq, splits, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, Sq, Hq, splits), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = out  # not dereferenced
+    with _device_ctx(q):
+        _attn_decode_kernel[(splits, Hk, B)](
+            q, k_cache, v_cache, slopes, seqlens, out, o_part, lse_part,
+            Sq, Hq, Hq // Hk,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), stride_slope_b,
+            float(softmax_scale) * _LOG2E,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits,
+            CAUSAL=bool(causal), HAS_ALIBI=has_alibi, EVEN_D=D == block_d,
+            num_warps=num_warps, num_stages=num_stages)
+        if splits > 1:
+            _attn_decode_combine_kernel[(B * Sq * Hq,)](
+                o_part, lse_part, out, HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
+                BLOCK_S=triton.next_power_of_2(splits), num_warps=4 if block_d >= 128 else 2)
+    return out
