@@ -199,10 +199,6 @@ def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale
     _check(q[None], k[None], v[None], None, softmax_scale)
     if alibi_slopes is not None:
         _check_slopes(alibi_slopes, batch, q.shape[1], q.device)
-    if q.is_cuda and not torch.cuda.is_current_stream_capturing():
-        # the GPU grid covers max_seqlen rows per sequence: a longer one would be cut short
-        _check_lengths(cu_q, q.shape[0], max_q, "cu_seqlens_q", "max_seqlen_q")
-        _check_lengths(cu_k, k.shape[0], max_k, "cu_seqlens_k", "max_seqlen_k")
 
 
 def _check_lengths(cu, total, max_len, name, max_name):
@@ -245,8 +241,6 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softm
                 raise TypeError(f"{op}: {name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
         if k.shape != v.shape:
             raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    if q.is_cuda and not torch.cuda.is_current_stream_capturing():
-        _check_cache_room(k_cache, cache_seqlens, k)
 
 
 def _check_cache_room(k_cache, cache_seqlens, k):
@@ -268,6 +262,9 @@ def _triton_attention():
     return importlib.import_module("mptkernels.triton.attention")
 
 
+# torch.compile calls this once and keeps the answer as a constant (tracing into the import
+# machinery would break the graph)
+@torch.compiler.assume_constant_result
 def _has_gpu_kernel() -> bool:
     return _triton_attention() is not None
 
@@ -355,8 +352,18 @@ torch.library.register_autograd("mptkernels::attention_varlen_bwd", _no_double_b
                                 setup_context=lambda ctx, inputs, output: None)
 
 
+def _host_checks() -> bool:
+    """Checks that read a device tensor on the host (a sync) run in the CUDA kernels of the
+    ops, eagerly; not while a CUDA graph is captured (they would break the capture)."""
+    return not torch.cuda.is_current_stream_capturing()
+
+
 @torch.library.register_kernel("mptkernels::attention_varlen_fwd", "cuda")
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, causal):
+    if _host_checks():
+        # the GPU grid covers max_seqlen rows per sequence: a longer one would be cut short
+        _check_lengths(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
+        _check_lengths(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
     return _triton_attention().attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                     alibi_slopes, softmax_scale, causal)
 
@@ -376,5 +383,7 @@ def _(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, cau
 
 @torch.library.register_kernel("mptkernels::attention_kvcache", "cuda")
 def _(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal):
+    if _host_checks():
+        _check_cache_room(k_cache, cache_seqlens, k)
     return _triton_attention().attention_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes,
                                                  softmax_scale, causal)

@@ -158,6 +158,7 @@ torch.library.register_autograd("mptkernels::layer_norm_bwd", _no_double_backwar
 
 
 # ---- CUDA: choose between the CUDA C++ kernels and the Triton kernels
+@torch.compiler.assume_constant_result  # torch.compile keeps the answer as a constant
 def _has_gpu_kernel() -> bool:
     from ..triton import available as triton_available
 
