@@ -13,11 +13,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import attention  # noqa: E402
+import gemm  # noqa: E402
 import harness  # noqa: E402
 import layer_norm  # noqa: E402
 import rotary  # noqa: E402
 
-FAMILIES = {"layer_norm": layer_norm, "rotary": rotary, "attention": attention}
+FAMILIES = {"layer_norm": layer_norm, "rotary": rotary, "attention": attention, "gemm": gemm}
 
 
 def main(argv=None):

@@ -74,4 +74,26 @@ TORCH_LIBRARY(mptkernels, m) {
   m.def(
       "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, "
       "Tensor? v, Tensor? alibi_slopes, float softmax_scale, bool causal) -> Tensor");
+
+  // ---- GEMM family. x is 2-D (M, K) (the Python layer flattens leading dims); weights are
+  // (N, K) like nn.Linear's; activation is "none", "relu", "gelu" (exact erf) or "gelu_tanh".
+  // out = act(x @ weight^T + bias) in x's dtype (fp32 accumulation). preact = x @ weight^T +
+  // bias in x's dtype, kept for the backward of the gelus; an empty (0,) tensor otherwise.
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)");
+  // Gradient of linear_fwd: saved = preact for the gelus, out for relu, unused for none.
+  // Returns (dx, dweight, dbias or an empty (0,) tensor when has_bias is false).
+  m.def(
+      "linear_bwd(Tensor dout, Tensor x, Tensor weight, Tensor saved, str activation, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Symmetric per-row int8 quantisation of x (M, K): scale = absmax / 127 (float32 (M,); an
+  // all-zero row gets 1), q = round-half-even(x / scale) clamped to [-127, 127].
+  m.def("quantize_rowwise(Tensor x) -> (Tensor, Tensor)");
+  // Exact int8 GEMM core: a (M, K) int8, b (N, K) int8 -> a @ b^T as int32 (M, N).
+  m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
+  // W8A8: x (M, K) float quantised per row, times w_int8 (N, K) in int8 with int32
+  // accumulation; out = act(acc * x_scale[m] * w_scale[n] + bias[n]) in x's dtype.
+  m.def("int8_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, str activation) -> Tensor");
+  // Weight-only int8: out = x @ (w_int8 * w_scale[:, None])^T + bias, x's dtype, the weight
+  // dequantised on the fly (never materialised in full).
+  m.def("weight_only_int8_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
 }

@@ -1,7 +1,7 @@
 """mptkernels: fast kernels for MPT-style transformers as PyTorch custom ops.
 
 Public surface: ``mptkernels.ops`` (functional ops), ``mptkernels.nn`` (module drop-ins),
-``mptkernels.patch(model)``, ``mptkernels.backend(name)``, ``mptkernels.info()``.
+``mptkernels.patch(model)``, ``mptkernels.quantize_(model)``, ``mptkernels.backend(name)``, ``mptkernels.info()``.
 Importing loads the compiled op library (_C) and registers the Python parts of each op;
 nothing is compiled or measured at import.
 """
@@ -12,5 +12,7 @@ from . import ops, nn, reference  # noqa: E402
 from ._backend import backend  # noqa: E402
 from ._info import info  # noqa: E402
 from .patch import patch, PatchReport  # noqa: E402
+from .quantize import quantize_, QuantizeReport  # noqa: E402
 
-__all__ = ["ops", "nn", "reference", "backend", "info", "patch", "PatchReport", "build_info", "__version__"]
+__all__ = ["ops", "nn", "reference", "backend", "info", "patch", "PatchReport", "quantize_", "QuantizeReport",
+           "build_info", "__version__"]

@@ -12,16 +12,19 @@ from .nn import LayerNorm, RMSNorm
 @dataclasses.dataclass
 class PatchReport:
     swapped: list = dataclasses.field(default_factory=list)  # (module name, old class, new class, cast)
+    int8: object = None  # the QuantizeReport when patch(..., int8=...) quantised linears
 
     def __len__(self):
-        return len(self.swapped)
+        return len(self.swapped) + (len(self.int8) if self.int8 is not None else 0)
 
     def __str__(self):
-        if not self.swapped:
-            return "mptkernels.patch: nothing swapped"
-        lines = [f"mptkernels.patch: swapped {len(self.swapped)} module(s)"]
-        lines += [f"  {name or '<root>'}: {old} -> {new} (cast={cast!r})" for name, old, new, cast in self.swapped]
-        return "\n".join(lines)
+        lines = []
+        if self.swapped:
+            lines = [f"mptkernels.patch: swapped {len(self.swapped)} module(s)"]
+            lines += [f"  {name or '<root>'}: {old} -> {new} (cast={cast!r})" for name, old, new, cast in self.swapped]
+        if self.int8 is not None:
+            lines.append(str(self.int8))
+        return "\n".join(lines) if lines else "mptkernels.patch: nothing swapped"
 
 
 def _layer_norm_from(m, cast):
@@ -63,14 +66,20 @@ def _swap_rule(m):
     return None
 
 
-def patch(model: torch.nn.Module, *, layer_norm: bool = True) -> PatchReport:
+def patch(model: torch.nn.Module, *, layer_norm: bool = True, int8=False, calibration=None) -> PatchReport:
     """Replace, in ``model`` itself, every norm module mptkernels has a drop-in for.
 
     layer_norm: swap torch.nn.LayerNorm / RMSNorm (and llm-foundry's LPLayerNorm, HF's
     Llama/Mistral/Qwen2/Gemma RMSNorm, with the cast mode that reproduces each) for
     mptkernels.nn.LayerNorm / RMSNorm sharing the same parameters (state_dict unchanged).
+    int8: False, or a mode of ``mptkernels.quantize_`` ("w8a8", "weight_only", "auto"; True
+    means "w8a8") applied to the model's nn.Linear layers; "auto" needs ``calibration``.
     """
     report = PatchReport()
+    if int8:
+        from .quantize import quantize_
+
+        report.int8 = quantize_(model, "w8a8" if int8 is True else int8, calibration=calibration)
     if not layer_norm:
         return report
     for name, module in list(model.named_modules()):

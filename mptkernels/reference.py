@@ -166,3 +166,61 @@ def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
     if n != n_heads:
         slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
     return slopes
+
+
+# ---- GEMM family: linear with an activation, int8 quantisation and int8 linears
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
+
+
+def activation(h, name):
+    """The activations of ``linear``: None, "relu", "gelu" (exact erf, MPT's FFN), "gelu_tanh"."""
+    if name is None or name == "none":
+        return h
+    if name == "relu":
+        return torch.relu(h)
+    if name == "gelu":
+        return torch.nn.functional.gelu(h)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(h, approximate="tanh")
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def linear(x, weight, bias=None, activation_name=None):
+    """act(x @ weight^T + bias), computed in float32 (float64 for float64), rounded to x's dtype."""
+    acc = _acc_dtype(x.dtype)
+    h = torch.nn.functional.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    return activation(h, activation_name).to(x.dtype)
+
+
+def quantize_rowwise(x):
+    """(x_int8, scale): scale = absmax of each row (last dim) / 127 in float32 (1 for an all-zero
+    row); x_int8 = round-half-to-even(x / scale) clamped to [-127, 127]."""
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1)
+    # a tensor divisor: CUDA divides by a Python number through its reciprocal (not IEEE division)
+    scale = torch.where(absmax > 0, absmax / torch.full_like(absmax, 127.0), torch.ones_like(absmax))
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_mm(a, b):
+    """a (M, K) int8 @ b (N, K)^T int8, exact, as int32."""
+    return (a.long() @ b.long().t()).to(torch.int32)
+
+
+def int8_linear(x, w_int8, w_scale, bias=None, activation_name=None):
+    """W8A8: x quantised per row, the int8 product, then act(acc * x_scale * w_scale + bias)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, xs = quantize_rowwise(x2)
+    acc = int8_mm(xq, w_int8).float() * xs.unsqueeze(1) * w_scale.float().unsqueeze(0)
+    if bias is not None:
+        acc = acc + bias.float()
+    return activation(acc, activation_name).to(x.dtype).reshape(*shape[:-1], w_int8.shape[0])
+
+
+def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
+    """x @ (w_int8 * w_scale[:, None])^T + bias in float32, rounded to x's dtype."""
+    w = w_int8.float() * w_scale.float().unsqueeze(1)
+    out = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return out.to(x.dtype)

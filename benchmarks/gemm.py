@@ -1,0 +1,83 @@
+"""The GEMM family against PyTorch's paths on the same device.
+
+Baselines: F.linear (cuBLAS / MKL), F.gelu(F.linear(...)) eager and compiled,
+torch._int_mm in its fast layout (second operand a transposed (N, K) weight), and for
+weight-only int8 a dequantise-then-F.linear path. FLOPs 2·M·N·K (int8 rows: "TFLOP/s" are
+TOP/s). Weight-only decoding rows report GB/s of int8 weight bytes (what bounds it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mptkernels import ops
+
+try:
+    from .harness import case_rows, compiled
+except ImportError:
+    from harness import case_rows, compiled
+
+
+def run(device: str, quick: bool):
+    rows = []
+    gpu = device == "cuda"
+    dt = torch.bfloat16 if gpu else torch.float32
+    # MPT-7B FFN shapes on the GPU (d_model 4096, 4x expansion); a 2-core-sized one on the CPU
+    m, k, n = (8192, 4096, 16384) if gpu else (512, 2048, 2048)
+    if gpu and quick:
+        m, k, n = 8192, 4096, 4096
+    x = torch.randn(m, k, device=device, dtype=dt)
+    w = torch.randn(n, k, device=device, dtype=dt) * k ** -0.5
+    flops = 2 * m * n * k
+    tag = f"{m}x{k}x{n} {str(dt).replace('torch.', '')}"
+    if gpu:
+        rows += case_rows("gemm", f"linear {tag}", device, quick, None,
+                          {"mptkernels": lambda: ops.linear(x, w)}, {"F.linear": lambda: F.linear(x, w)},
+                          flops=flops)
+    gelu_compiled = compiled(lambda x, w: F.gelu(F.linear(x, w)))
+    rows += case_rows("gemm", f"linear+GELU {tag}", device, quick, None,
+                      {"mptkernels": lambda: ops.linear(x, w, activation="gelu")},
+                      {"F.gelu(F.linear) eager": lambda: F.gelu(F.linear(x, w)),
+                       "torch.compile": lambda: gelu_compiled(x, w)}, flops=flops)
+
+    # int8: the exact GEMM core and W8A8 end to end (activation quantisation included)
+    mi, ki, ni = (8192, 8192, 8192) if gpu else (512, 2048, 2048)
+    a8 = torch.randint(-127, 128, (mi, ki), dtype=torch.int8, device=device)
+    w8 = torch.randint(-127, 128, (ni, ki), dtype=torch.int8, device=device)
+    itag = f"{mi}x{ki}x{ni}"
+    base = {"torch._int_mm (w^T)": lambda: torch._int_mm(a8, w8.t())}
+    if gpu:
+        ab, wb = a8.to(dt), w8.to(dt)
+        base["bf16 F.linear"] = lambda: F.linear(ab, wb)
+    else:
+        af, wf = a8.float(), w8.float()
+        base["fp32 F.linear (sgemm)"] = lambda: F.linear(af, wf)
+    rows += case_rows("gemm", f"int8 GEMM core {itag}", device, quick, None,
+                      {"mptkernels int8_mm": lambda: torch.ops.mptkernels.int8_mm(a8, w8)}, base, flops=2 * mi * ni * ki)
+    xf = torch.randn(mi, ki, device=device, dtype=dt)
+    wq, ws = ops.quantize_rowwise(torch.randn(ni, ki, device=device))
+    wd = (wq.float() * ws[:, None]).to(dt)
+    rows += case_rows("gemm", f"int8_linear W8A8 {itag} {str(dt).replace('torch.', '')}", device, quick, None,
+                      {"mptkernels": lambda: ops.int8_linear(xf, wq, ws)},
+                      {"F.linear (float weight)": lambda: F.linear(xf, wd)}, flops=2 * mi * ni * ki)
+
+    # weight-only int8 for decoding: M = 1 and 16 tokens, an MPT-7B QKV projection
+    kd, nd = (4096, 12288) if gpu else (2048, 6144)
+    wq, ws = ops.quantize_rowwise(torch.randn(nd, kd, device=device))
+    wd = (wq.float() * ws[:, None]).to(dt)
+    for md in (1,) if quick else (1, 16):
+        xd = torch.randn(md, kd, device=device, dtype=dt)
+        rows += case_rows("gemm", f"weight-only int8 M={md} {kd}->{nd} {str(dt).replace('torch.', '')}", device,
+                          quick, nd * kd,
+                          {"mptkernels": lambda: ops.weight_only_int8_linear(xd, wq, ws)},
+                          {"F.linear (float weight)": lambda: F.linear(xd, wd),
+                           "dequantise + F.linear": lambda: F.linear(xd, (wq.to(dt) * ws[:, None].to(dt)))})
+    return rows
+
+
+if __name__ == "__main__":
+    from harness import environment, print_table, setup
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    setup(dev)
+    print_table(run(dev, quick=True), environment(dev))

@@ -1,0 +1,557 @@
+// The GEMM family on the CPU: linear with a fused bias + activation epilogue, row-wise int8
+// quantisation, an exact int8 GEMM core, W8A8 and weight-only int8 linears.
+//
+// Floating GEMMs go through at::mm in fp32 (MKL/oneDNN sgemm): on these CPUs bf16 matmul is
+// ~350x slower than sgemm, so 16-bit inputs are widened to fp32 first and the result rounded
+// once in the epilogue. The epilogue (bias, activation, the pre-activation copy the gelus'
+// backward needs, the rounding) is one vectorised pass over the output.
+//
+// int8: torch._int_mm runs 12-40x slower than sgemm on AVX2 machines, so the int8 product has
+// its own kernel: operands packed once (padded to a whole vector along K), a register-blocked
+// microkernel multiplying MR rows of A by NR rows of B (vpdpbusd with AVX512-VNNI, vpmaddwd
+// otherwise; see below), exact in int32 (the lanes overflow only past K ~ 130k, which is
+// checked). The lanes of each accumulator are summed once per output at the end of K.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/clamp_min.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "common/cpu_vec.h"
+
+namespace mptk::cpu {
+namespace {
+
+using Vf = Vectorized<float>;
+constexpr int64_t kWf = Vf::size();
+
+// ---------------------------------------------------------------- activations
+enum class Act { kNone, kRelu, kGelu, kGeluTanh };
+
+Act parse_activation(std::string_view a, const char* op) {
+  if (a == "none") return Act::kNone;
+  if (a == "relu") return Act::kRelu;
+  if (a == "gelu") return Act::kGelu;
+  if (a == "gelu_tanh") return Act::kGeluTanh;
+  TORCH_CHECK(false, op, ": activation must be \"none\", \"relu\", \"gelu\" or \"gelu_tanh\", got \"", a, "\"");
+}
+
+constexpr float kInvSqrt2 = 0.70710678118654752f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kTanhCoef = 0.044715f;
+
+inline Vf act_fwd(const Vf& h, Act a) {
+  switch (a) {
+    case Act::kRelu: return at::vec::clamp_min(h, Vf(0.f));
+    case Act::kGelu: return h * Vf(0.5f) * (Vf(1.f) + (h * Vf(kInvSqrt2)).erf());
+    case Act::kGeluTanh: {
+      const Vf u = Vf(kSqrt2OverPi) * (h + Vf(kTanhCoef) * h * h * h);
+      return h * Vf(0.5f) * (Vf(1.f) + u.tanh());
+    }
+    default: return h;
+  }
+}
+
+inline float act_grad(float s, Act a) {  // d act / d h at h (relu: s is the output)
+  switch (a) {
+    case Act::kRelu: return s > 0.f ? 1.f : 0.f;
+    case Act::kGelu: return 0.5f * (1.f + std::erf(s * kInvSqrt2)) + s * kInvSqrt2Pi * std::exp(-0.5f * s * s);
+    case Act::kGeluTanh: {
+      const float t = std::tanh(kSqrt2OverPi * (s + kTanhCoef * s * s * s));
+      return 0.5f * (1.f + t) + 0.5f * s * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kTanhCoef * s * s);
+    }
+    default: return 1.f;
+  }
+}
+
+// ---------------------------------------------------------------- argument checks
+void check_2d(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU here, got ", t.device());
+}
+
+void check_float(const at::Tensor& t, const char* name, const char* op) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op, ": ", name,
+              " must be float32, float16, bfloat16 or float64, got ", dt);
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be (", N, ",), got ", bias->sizes());
+  check_float(*bias, "bias", op);
+  TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU here, got ", bias->device());
+}
+
+void check_int8_weight(const at::Tensor& w, const at::Tensor& scale, int64_t K, const char* op) {
+  check_2d(w, "w_int8", op);
+  TORCH_CHECK(w.scalar_type() == at::kChar, op, ": w_int8 must be int8 (quantize_rowwise of the weight), got ",
+              w.scalar_type());
+  TORCH_CHECK(w.size(1) == K, op, ": w_int8 is (N, K) = ", w.sizes(), " but x has K = ", K);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == w.size(0) && scale.scalar_type() == at::kFloat, op,
+              ": w_scale must be float32 (", w.size(0), ",), got ", scale.scalar_type(), " ", scale.sizes());
+}
+
+// fp32 (or fp64) contiguous view of t
+at::Tensor wide(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? t.contiguous() : t.to(at::kFloat).contiguous();
+}
+
+// ---------------------------------------------------------------- linear
+// h (M, N) fp32, in place: h += bias; preact (x's dtype) = h if wanted; out = act(h) rounded.
+template <typename T>
+void linear_epilogue(float* h, const float* bias, Act act, T* out, T* preact, int64_t M, int64_t N) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      float* row = h + m * N;
+      int64_t n = 0;
+      for (; n + kWf <= N; n += kWf) {
+        Vf v = Vf::loadu(row + n);
+        if (bias) v = v + Vf::loadu(bias + n);
+        if constexpr (std::is_same_v<T, float>) {
+          if (preact) v.store(preact + m * N + n);
+          act_fwd(v, act).store(out + m * N + n);
+        } else {
+          alignas(64) float tmp[kWf];
+          if (preact) {
+            v.store(tmp);
+            for (int64_t i = 0; i < kWf; ++i) preact[m * N + n + i] = static_cast<T>(tmp[i]);
+          }
+          act_fwd(v, act).store(tmp);
+          for (int64_t i = 0; i < kWf; ++i) out[m * N + n + i] = static_cast<T>(tmp[i]);
+        }
+      }
+      if (n < N) {  // tail through a padded vector
+        alignas(64) float tmp[kWf] = {};
+        for (int64_t i = 0; n + i < N; ++i) tmp[i] = row[n + i] + (bias ? bias[n + i] : 0.f);
+        if (preact)
+          for (int64_t i = 0; n + i < N; ++i) preact[m * N + n + i] = static_cast<T>(tmp[i]);
+        act_fwd(Vf::loadu(tmp), act).store(tmp);
+        for (int64_t i = 0; n + i < N; ++i) out[m * N + n + i] = static_cast<T>(tmp[i]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  const char* op = "linear";
+  check_2d(x, "x", op);
+  check_2d(weight, "weight", op);
+  check_float(x, "x", op);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(), ", got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight is (N, K) = ", weight.sizes(), " but x has K = ", x.size(1));
+  const int64_t M = x.size(0), N = weight.size(0);
+  check_bias(bias, N, op);
+  const Act act = parse_activation(std::string_view(activation.data(), activation.size()), op);
+  const bool keep_preact = act == Act::kGelu || act == Act::kGeluTanh;
+  if (x.scalar_type() == at::kDouble) {  // float64: plain ATen (a reference-precision path)
+    at::Tensor h = at::mm(x, weight.t());
+    if (bias) h = at::add(h, bias->to(at::kDouble));
+    at::Tensor out = act == Act::kRelu ? h.clamp_min(0) : act == Act::kGelu ? at::gelu(h)
+                     : act == Act::kGeluTanh ? at::gelu(h, "tanh") : h.clone();
+    return {out, keep_preact ? h : at::empty({0}, x.options())};
+  }
+  at::Tensor h = at::mm(wide(x), wide(weight).t());  // fp32 (M, N)
+  at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = x.scalar_type() == at::kFloat ? h : at::empty({M, N}, x.options());
+  at::Tensor preact = keep_preact ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_linear_fwd", [&] {
+    linear_epilogue<scalar_t>(h.mutable_data_ptr<float>(), bias ? bias32.const_data_ptr<float>() : nullptr, act,
+                              out.mutable_data_ptr<scalar_t>(),
+                              keep_preact ? preact.mutable_data_ptr<scalar_t>() : nullptr, M, N);
+  });
+  return {out, preact};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& dout, const at::Tensor& x,
+                                                              const at::Tensor& weight, const at::Tensor& saved,
+                                                              c10::string_view activation, bool has_bias) {
+  const char* op = "linear_bwd";
+  check_2d(x, "x", op);
+  check_2d(weight, "weight", op);
+  const int64_t M = x.size(0), N = weight.size(0);
+  TORCH_CHECK(dout.dim() == 2 && dout.size(0) == M && dout.size(1) == N, op, ": dout must be (", M, ", ", N,
+              "), got ", dout.sizes());
+  const Act act = parse_activation(std::string_view(activation.data(), activation.size()), op);
+  const bool is_double = x.scalar_type() == at::kDouble;
+  at::Tensor dpre = is_double ? dout.contiguous().clone() : dout.to(at::kFloat).contiguous().clone();
+  if (act != Act::kNone) {
+    TORCH_CHECK(saved.dim() == 2 && saved.size(0) == M && saved.size(1) == N, op, ": saved must be (", M, ", ", N,
+                ") for activation ", activation, ", got ", saved.sizes());
+    at::Tensor s = is_double ? saved.contiguous() : saved.to(at::kFloat).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(dpre.scalar_type(), "mptkernels_linear_bwd", [&] {
+      scalar_t* d = dpre.mutable_data_ptr<scalar_t>();
+      const scalar_t* sp = s.const_data_ptr<scalar_t>();
+      at::parallel_for(0, M * N, 16384, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) d[i] *= static_cast<scalar_t>(act_grad(static_cast<float>(sp[i]), act));
+      });
+    });
+  }
+  at::Tensor dx = at::mm(dpre, wide(weight)).to(x.scalar_type());
+  at::Tensor dw = at::mm(dpre.t(), wide(x)).to(weight.scalar_type());
+  at::Tensor db = has_bias ? dpre.sum(0) : at::empty({0}, dpre.options());
+  return {dx, dw, db};
+}
+
+// ---------------------------------------------------------------- quantize_rowwise
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    std::vector<float> row(K + kWf);
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* xr = x + m * K;
+      Vf vmax(0.f);
+      int64_t k = 0;
+      for (; k < K; ++k) row[k] = static_cast<float>(xr[k]);
+      for (k = 0; k + kWf <= K; k += kWf) vmax = at::vec::maximum(vmax, Vf::loadu(row.data() + k).abs());
+      float absmax = at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return at::vec::maximum(a, b); }, vmax);
+      for (; k < K; ++k) absmax = std::max(absmax, std::fabs(row[k]));
+      const float s = absmax > 0.f ? absmax / 127.f : 1.f;
+      scale[m] = s;
+      // x / s (IEEE division, as the reference), rounded half to even, clamped
+      const Vf vs(s), lo(-127.f), hi(127.f);
+      alignas(64) float tmp[kWf];
+      int8_t* qr = q + m * K;
+      for (k = 0; k + kWf <= K; k += kWf) {
+        at::vec::clamp(Vf::loadu(row.data() + k) / vs, lo, hi).round().store(tmp);
+        for (int64_t i = 0; i < kWf; ++i) qr[k + i] = static_cast<int8_t>(tmp[i]);
+      }
+      for (; k < K; ++k) qr[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] / s), -127.f, 127.f));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rowwise_cpu(const at::Tensor& x) {
+  const char* op = "quantize_rowwise";
+  check_2d(x, "x", op);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, scale};
+  if (K == 0) return {q, scale.fill_(1.0)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_quantize_rowwise", [&] {
+    quantize_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), M, K, q.mutable_data_ptr<int8_t>(),
+                            scale.mutable_data_ptr<float>());
+  });
+  return {q, scale};
+}
+
+// ---------------------------------------------------------------- int8 GEMM core
+// Three microkernels, by what the build enables:
+// * AVX512-VNNI: vpdpbusd multiplies 64 u8 x s8 pairs into 16 int32 lanes (4 products per
+//   lane, no saturation). A is shifted to unsigned (a + 128 in [1, 255]) and the shift taken
+//   back out exactly at the end: sum((a + 128) b) - 128 sum(b), with sum(b) per B row
+//   precomputed. Operands stay 8-bit (half the bytes of the int16 path).
+// * AVX-512BW / AVX2: both operands widened to int16, vpmaddwd (32 / 16 pairs per
+//   instruction) plus an add.
+// * otherwise scalar.
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
+#define MPTK_INT8_VNNI 1
+using Elem = int8_t;       // B as is; A stored as uint8 in int8 storage (a + 128)
+constexpr int64_t kKStep = 64;
+constexpr int kMR = 4, kNR = 4;
+using VI = __m512i;
+inline VI vzero() { return _mm512_setzero_si512(); }
+inline VI vload(const Elem* p) { return _mm512_loadu_si512(p); }
+inline VI vdot(VI acc, VI a, VI b) { return _mm512_dpbusd_epi32(acc, a, b); }
+inline int32_t vsum(VI v) { return _mm512_reduce_add_epi32(v); }
+#elif defined(CPU_CAPABILITY_AVX512)
+using Elem = int16_t;
+constexpr int64_t kKStep = 32;  // int16 per zmm
+constexpr int kMR = 4, kNR = 4;  // 16 accumulators + 4 A + 1 B of 32 registers
+using VI = __m512i;
+inline VI vzero() { return _mm512_setzero_si512(); }
+inline VI vload(const Elem* p) { return _mm512_loadu_si512(p); }
+inline VI vdot(VI acc, VI a, VI b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+inline int32_t vsum(VI v) { return _mm512_reduce_add_epi32(v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+using Elem = int16_t;
+constexpr int64_t kKStep = 16;
+constexpr int kMR = 2, kNR = 4;  // 8 accumulators + 2 A + 1 B of 16 registers
+using VI = __m256i;
+inline VI vzero() { return _mm256_setzero_si256(); }
+inline VI vload(const Elem* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline VI vdot(VI acc, VI a, VI b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+inline int32_t vsum(VI v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+#else
+using Elem = int16_t;
+constexpr int64_t kKStep = 8;
+constexpr int kMR = 1, kNR = 1;
+#endif
+
+#ifdef MPTK_INT8_VNNI
+constexpr int32_t kAShift = 128;
+#else
+constexpr int32_t kAShift = 0;
+#endif
+
+// int8 (rows, K) -> the microkernel's operand layout (rows, Kp), zero-padded along K:
+// Elem-typed copies, A shifted by `shift` (padding stays 0 in the shifted domain too, so it
+// adds nothing: the shift correction below only counts real columns of B)
+at::Tensor pack_int8(const at::Tensor& t, int64_t Kp, int32_t shift) {
+  const int64_t R = t.size(0), K = t.size(1);
+  at::Tensor out = at::empty({R, Kp}, t.options().dtype(std::is_same_v<Elem, int8_t> ? at::kChar : at::kShort));
+  const at::Tensor tc = t.contiguous();
+  const int8_t* src = tc.const_data_ptr<int8_t>();
+  Elem* dst = static_cast<Elem*>(out.data_ptr());
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t k = 0; k < K; ++k) dst[r * Kp + k] = static_cast<Elem>(src[r * K + k] + shift);
+      for (int64_t k = K; k < Kp; ++k) dst[r * Kp + k] = 0;
+    }
+  });
+  return out;
+}
+
+// C tile [MR x NR] = A rows [m0, m0 + MR) . B rows [n0, n0 + NR) over Kp (exact int32),
+// handed to epi(m, n, value) one output at a time. corr[n] undoes A's shift.
+template <int MR, int NR, typename Epi>
+inline void int8_tile(const Elem* A, const Elem* B, const int32_t* corr, int64_t Kp, int64_t m0, int64_t n0,
+                      Epi& epi) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (MR == 4 && NR == 4) {
+    // the full tile spelled out: with an array of accumulators GCC shuffles every one of
+    // them through a register copy per step (3 moves per multiply-add, measured 2x slower)
+    const Elem *a0 = A + m0 * Kp, *a1 = a0 + Kp, *a2 = a1 + Kp, *a3 = a2 + Kp;
+    const Elem *b0 = B + n0 * Kp, *b1 = b0 + Kp, *b2 = b1 + Kp, *b3 = b2 + Kp;
+    VI c00 = vzero(), c01 = vzero(), c02 = vzero(), c03 = vzero(), c10 = vzero(), c11 = vzero(), c12 = vzero(),
+       c13 = vzero(), c20 = vzero(), c21 = vzero(), c22 = vzero(), c23 = vzero(), c30 = vzero(), c31 = vzero(),
+       c32 = vzero(), c33 = vzero();
+    for (int64_t k = 0; k < Kp; k += kKStep) {
+      const VI x0 = vload(a0 + k), x1 = vload(a1 + k), x2 = vload(a2 + k), x3 = vload(a3 + k);
+      VI y = vload(b0 + k);
+      c00 = vdot(c00, x0, y), c10 = vdot(c10, x1, y), c20 = vdot(c20, x2, y), c30 = vdot(c30, x3, y);
+      y = vload(b1 + k);
+      c01 = vdot(c01, x0, y), c11 = vdot(c11, x1, y), c21 = vdot(c21, x2, y), c31 = vdot(c31, x3, y);
+      y = vload(b2 + k);
+      c02 = vdot(c02, x0, y), c12 = vdot(c12, x1, y), c22 = vdot(c22, x2, y), c32 = vdot(c32, x3, y);
+      y = vload(b3 + k);
+      c03 = vdot(c03, x0, y), c13 = vdot(c13, x1, y), c23 = vdot(c23, x2, y), c33 = vdot(c33, x3, y);
+    }
+    const VI c[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
+    for (int r = 0; r < 4; ++r)
+      for (int cc = 0; cc < 4; ++cc) epi(m0 + r, n0 + cc, vsum(c[r][cc]) - corr[n0 + cc]);
+    return;
+  }
+  VI acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = vzero();
+  const Elem* a = A + m0 * Kp;
+  const Elem* b = B + n0 * Kp;
+  for (int64_t k = 0; k < Kp; k += kKStep) {
+    VI av[MR];
+    for (int r = 0; r < MR; ++r) av[r] = vload(a + r * Kp + k);
+    for (int c = 0; c < NR; ++c) {
+      const VI bv = vload(b + c * Kp + k);
+      for (int r = 0; r < MR; ++r) acc[r][c] = vdot(acc[r][c], av[r], bv);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) epi(m0 + r, n0 + c, vsum(acc[r][c]) - corr[n0 + c]);
+#else
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < Kp; ++k) s += int32_t(A[(m0 + r) * Kp + k]) * int32_t(B[(n0 + c) * Kp + k]);
+      epi(m0 + r, n0 + c, s - corr[n0 + c]);
+    }
+#endif
+}
+
+// Runs the whole (M, N) product in tiles. Parallel over groups of B rows; inside a group,
+// each MR-row strip of A (in L1) meets every NR-row panel of the group (the group's B, 64
+// rows, stays in L2), so A is read from memory once per group rather than once per panel.
+template <typename Epi>
+void int8_gemm(const at::Tensor& a, const at::Tensor& b, Epi epi) {
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  TORCH_CHECK(K <= 130000, "int8 GEMM: K = ", K, " could overflow the int32 accumulators (K <= 130000)");
+  const int64_t Kp = (K + kKStep - 1) / kKStep * kKStep;
+  const at::Tensor A = pack_int8(a, Kp, kAShift);
+  // an int8 B whose rows are already whole vectors is the operand as is (a weight usually is)
+  const bool b_as_is = std::is_same_v<Elem, int8_t> && Kp == K && b.is_contiguous();
+  const at::Tensor B = b_as_is ? b : pack_int8(b, Kp, 0);
+  const Elem* Ap = static_cast<const Elem*>(A.const_data_ptr());
+  const Elem* Bp = static_cast<const Elem*>(B.const_data_ptr());
+  // corr[n] = shift * sum_k b[n][k]
+  std::vector<int32_t> corr(N, 0);
+  if (kAShift != 0) {
+    const at::Tensor bc = b.contiguous();
+    const int8_t* bp = bc.const_data_ptr<int8_t>();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += bp[n * K + k];
+        corr[n] = kAShift * s;
+      }
+    });
+  }
+  const int32_t* cp = corr.data();
+  constexpr int64_t kGroup = 16 * kNR;  // B rows per task
+  const int64_t n_groups = (N + kGroup - 1) / kGroup;
+  at::parallel_for(0, n_groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t nb = g * kGroup, ne = std::min(N, nb + kGroup);
+      const int64_t ne_full = nb + (ne - nb) / kNR * kNR;
+      int64_t m = 0;
+      for (; m + kMR <= M; m += kMR)
+        for (int64_t n0 = nb; n0 < ne_full; n0 += kNR) int8_tile<kMR, kNR>(Ap, Bp, cp, Kp, m, n0, epi);
+      for (; m < M; ++m)
+        for (int64_t n0 = nb; n0 < ne_full; n0 += kNR) int8_tile<1, kNR>(Ap, Bp, cp, Kp, m, n0, epi);
+      for (int64_t n = ne_full; n < ne; ++n)
+        for (m = 0; m < M; ++m) int8_tile<1, 1>(Ap, Bp, cp, Kp, m, n, epi);
+    }
+  });
+}
+
+void check_int8_operand(const at::Tensor& t, const char* name, const char* op) {
+  check_2d(t, name, op);
+  TORCH_CHECK(t.scalar_type() == at::kChar, op, ": ", name, " must be int8, got ", t.scalar_type());
+}
+
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  const char* op = "int8_mm";
+  check_int8_operand(a, "a", op);
+  check_int8_operand(b, "b", op);
+  TORCH_CHECK(a.size(1) == b.size(1), op, ": a is (M, K) = ", a.sizes(), " and b (N, K) = ", b.sizes(),
+              "; their K must match");
+  at::Tensor c = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kInt));
+  if (c.numel() == 0) return c;
+  if (a.size(1) == 0) return c.zero_();
+  int32_t* cp = c.mutable_data_ptr<int32_t>();
+  const int64_t N = b.size(0);
+  int8_gemm(a, b, [cp, N](int64_t m, int64_t n, int32_t v) { cp[m * N + n] = v; });
+  return c;
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_int8, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  const char* op = "int8_linear";
+  check_2d(x, "x", op);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  check_int8_weight(w_int8, w_scale, x.size(1), op);
+  const int64_t M = x.size(0), N = w_int8.size(0);
+  check_bias(bias, N, op);
+  const Act act = parse_activation(std::string_view(activation.data(), activation.size()), op);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (out.numel() == 0) return out;
+  auto [xq, xs] = quantize_rowwise_cpu(x);
+  // the int32 products land in an fp32 buffer (acc * x_scale * w_scale + bias), then the
+  // shared epilogue applies the activation and rounds: one pass over the output
+  at::Tensor h = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* hp = h.mutable_data_ptr<float>();
+  const float* xsp = xs.const_data_ptr<float>();
+  const at::Tensor ws = w_scale.contiguous();
+  const float* wsp = ws.const_data_ptr<float>();
+  if (x.size(1) == 0) {
+    h.zero_();
+  } else {
+    int8_gemm(xq, w_int8, [=](int64_t m, int64_t n, int32_t v) {
+      hp[m * N + n] = static_cast<float>(v) * xsp[m] * wsp[n];
+    });
+  }
+  at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_int8_linear", [&] {
+    linear_epilogue<scalar_t>(hp, bias ? bias32.const_data_ptr<float>() : nullptr, act,
+                              out.mutable_data_ptr<scalar_t>(), nullptr, M, N);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- weight-only int8
+// Few rows (decoding): each weight row is read once, converted in registers, and dotted with
+// every row of x. More rows: the weight converted to fp32 once (exact: int8 values) and
+// sgemm, the per-row scale applied in the epilogue (x @ (w * s)^T = (x @ w^T) * s).
+constexpr int64_t kGemvMaxRows = 16;
+
+template <typename T>
+void weight_only_gemv(const T* x, const int8_t* w, const float* scale, const float* bias, int64_t M, int64_t N,
+                      int64_t K, T* out) {
+  std::vector<float> xf(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> wrow(K + kWf, 0.f);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wr = w + n * K;
+      for (int64_t k = 0; k < K; ++k) wrow[k] = wr[k];
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xf.data() + m * K;
+        Vf acc(0.f);
+        int64_t k = 0;
+        for (; k + kWf <= K; k += kWf) acc = at::vec::fmadd(Vf::loadu(xr + k), Vf::loadu(wrow.data() + k), acc);
+        float s = at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return a + b; }, acc);
+        for (; k < K; ++k) s += xr[k] * wrow[k];
+        out[m * N + n] = static_cast<T>(s * scale[n] + (bias ? bias[n] : 0.f));
+      }
+    }
+  });
+}
+
+at::Tensor weight_only_int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_int8, const at::Tensor& w_scale,
+                                       const std::optional<at::Tensor>& bias) {
+  const char* op = "weight_only_int8_linear";
+  check_2d(x, "x", op);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  check_int8_weight(w_int8, w_scale, x.size(1), op);
+  const int64_t M = x.size(0), N = w_int8.size(0), K = x.size(1);
+  check_bias(bias, N, op);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor ws = w_scale.contiguous();
+  at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bias ? bias32.const_data_ptr<float>() : nullptr;
+  if (M <= kGemvMaxRows) {
+    const at::Tensor xc = x.contiguous(), wc = w_int8.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_wo_int8_gemv", [&] {
+      weight_only_gemv<scalar_t>(xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<int8_t>(),
+                                 ws.const_data_ptr<float>(), bp, M, N, K, out.mutable_data_ptr<scalar_t>());
+    });
+    return out;
+  }
+  at::Tensor h = at::mm(wide(x), w_int8.to(at::kFloat).t());  // exact weight values, fp32 GEMM
+  float* hp = h.mutable_data_ptr<float>();
+  const float* sp = ws.const_data_ptr<float>();
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) hp[m * N + n] *= sp[n];
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_wo_int8_linear", [&] {
+    linear_epilogue<scalar_t>(hp, bp, Act::kNone, out.mutable_data_ptr<scalar_t>(), nullptr, M, N);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace mptk::cpu
+
+TORCH_LIBRARY_IMPL(mptkernels, CPU, m) {
+  m.impl("linear_fwd", &mptk::cpu::linear_fwd_cpu);
+  m.impl("linear_bwd", &mptk::cpu::linear_bwd_cpu);
+  m.impl("quantize_rowwise", &mptk::cpu::quantize_rowwise_cpu);
+  m.impl("int8_mm", &mptk::cpu::int8_mm_cpu);
+  m.impl("int8_linear", &mptk::cpu::int8_linear_cpu);
+  m.impl("weight_only_int8_linear", &mptk::cpu::weight_only_int8_linear_cpu);
+}

@@ -1,0 +1,283 @@
+"""The GEMM family (linear + epilogue, int8 quantisation, W8A8 and weight-only int8): every
+backend against mptkernels.reference on fresh random inputs."""
+import pytest
+import torch
+
+from mptkernels import ops, reference
+from conftest import HAS_CUDA, rel_err
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+MS = [1, 3, 16, 17, 128, 1000]
+ACTS = [None, "relu", "gelu", "gelu_tanh"]
+
+
+def _x(m, k, dtype, device="cpu", outliers=False):
+    x = torch.randn(m, k, dtype=torch.float32, device=device)
+    if outliers:  # a few columns x50, as activations of real LLMs have
+        x[:, :: max(k // 7, 1)] *= 50
+    return x.to(dtype)
+
+
+def _weight(n, k, dtype, device="cpu"):
+    return (torch.randn(n, k, device=device) * k ** -0.5).to(dtype)
+
+
+# ---------------------------------------------------------------- linear
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("act", ACTS)
+def test_cpu_linear_matches_reference(dtype, m, act):
+    k, n = 72, 40  # not multiples of 64
+    x, w, b = _x(m, k, dtype), _weight(n, k, dtype), torch.randn(n, dtype=dtype)
+    for bias in (b, None):
+        got = ops.linear(x, w, bias, act)
+        want = reference.linear(x.double(), w.double(), None if bias is None else bias.double(), act)
+        assert got.dtype == dtype and got.shape == (m, n)
+        assert rel_err(got, want) <= TOL[dtype], (act, rel_err(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ACTS)
+def test_cpu_linear_gradients(dtype, act):
+    x = _x(17, 72, dtype).reshape(1, 17, 72).requires_grad_()  # leading dims
+    w = _weight(33, 72, dtype).requires_grad_()
+    b = torch.randn(33, dtype=dtype).requires_grad_()
+    out = ops.linear(x, w, b, act)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), dout)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    want = torch.autograd.grad(reference.linear(x64, w64, b64, act), (x64, w64, b64), dout.double())
+    for name, g, r in zip(("dx", "dw", "db"), got, want):
+        assert g.dtype == dtype
+        assert rel_err(g, r) <= GRAD_TOL[dtype], (name, rel_err(g, r))
+
+
+def test_linear_float64_gradcheck():
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    for act in ACTS:
+        assert torch.autograd.gradcheck(lambda x, w, b: ops.linear(x, w, b, act), (x, w, b))
+
+
+# ---------------------------------------------------------------- int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("outliers", [False, True])
+def test_quantize_rowwise_exact(dtype, outliers):
+    x = _x(130, 333, dtype, outliers=outliers)
+    x[5] = 0  # an all-zero row: scale 1, zeros
+    q, s = ops.quantize_rowwise(x.reshape(2, 65, 333))
+    rq, rs = reference.quantize_rowwise(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (2, 65)
+    assert torch.equal(q.reshape(130, 333), rq) and torch.equal(s.reshape(130), rs)
+    assert s.reshape(-1)[5] == 1 and (q.reshape(130, 333)[5] == 0).all()
+    assert q.abs().max() <= 127
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (3, 5, 17), (17, 33, 72), (128, 40, 1000), (16, 129, 64)])
+def test_int8_mm_is_exact(m, n, k):
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    a[0, :] = 127  # extremes: the largest products
+    b[0, :] = -127
+    assert torch.equal(torch.ops.mptkernels.int8_mm(a, b), reference.int8_mm(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("outliers", [False, True])
+def test_cpu_int8_linear(dtype, m, outliers):
+    k, n = 200, 72
+    x, w = _x(m, k, dtype, outliers=outliers), _weight(n, k, torch.float32)
+    wq, ws = ops.quantize_rowwise(w)
+    bias = torch.randn(n)
+    for act in ACTS:
+        got = ops.int8_linear(x, wq, ws, bias, act)
+        # against the same maths on the dequantised operands: fp rounding only
+        want = reference.int8_linear(x, wq, ws, bias, act)
+        assert rel_err(got, want.double()) <= max(TOL[dtype], 1e-6), act
+    # against the unquantised fp32 linear: the quantisation error, stated. Per-row absmax
+    # scales give ~0.5/127 relative error per operand; outlier columns inflate the x rows'
+    # scale, so the bound is looser there.
+    full = torch.nn.functional.linear(x.float(), w, bias)
+    assert rel_err(ops.int8_linear(x, wq, ws, bias), full) <= (0.08 if outliers else 0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", MS)
+def test_cpu_weight_only_int8_linear(dtype, m):
+    k, n = 200, 72
+    x, w = _x(m, k, dtype), _weight(n, k, torch.float32)
+    wq, ws = ops.quantize_rowwise(w)
+    bias = torch.randn(n)
+    for b in (bias, None):
+        got = ops.weight_only_int8_linear(x.reshape(1, m, k), wq, ws, b)
+        want = reference.weight_only_int8_linear(x.double(), wq, ws, None if b is None else b.double())
+        assert got.shape == (1, m, n) and got.dtype == dtype
+        assert rel_err(got.reshape(m, n), want) <= TOL[dtype]
+    # weight-only error vs the fp32 weight: only the weight's rounding (~0.5/127 relative)
+    assert rel_err(ops.weight_only_int8_linear(x.float(), wq, ws), torch.nn.functional.linear(x.float(), w)) <= 0.01
+
+
+def test_gemm_opcheck():
+    x, w, b = torch.randn(5, 24), torch.randn(7, 24), torch.randn(7)
+    for act in ("none", "relu", "gelu", "gelu_tanh"):
+        torch.library.opcheck(torch.ops.mptkernels.linear_fwd.default,
+                              (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), act))
+    x, w = x.detach(), w.detach()
+    out, pre = torch.ops.mptkernels.linear_fwd(x, w, b.detach(), "gelu")
+    torch.library.opcheck(torch.ops.mptkernels.linear_bwd.default, (torch.randn_like(out), x, w, pre, "gelu", True))
+    torch.library.opcheck(torch.ops.mptkernels.quantize_rowwise.default, (x,))
+    wq, ws = torch.ops.mptkernels.quantize_rowwise(w)
+    xq, _ = torch.ops.mptkernels.quantize_rowwise(x)
+    torch.library.opcheck(torch.ops.mptkernels.int8_mm.default, (xq, wq))
+    torch.library.opcheck(torch.ops.mptkernels.int8_linear.default, (x, wq, ws, b.detach(), "relu"))
+    torch.library.opcheck(torch.ops.mptkernels.weight_only_int8_linear.default, (x, wq, ws, None))
+
+
+def test_torch_compile_fullgraph_mlp():
+    """An MPT FFN (up + GELU, down) on the fused linear compiles into one graph and trains."""
+    w1, w2 = torch.randn(64, 16, requires_grad=True), torch.randn(16, 64, requires_grad=True)
+
+    def ffn(x):
+        return ops.linear(ops.linear(x, w1, activation="gelu"), w2)
+
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    want = ffn(x)
+    torch._dynamo.reset()
+    got = torch.compile(ffn, fullgraph=True)(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    got.sum().backward()
+    assert torch.isfinite(w1.grad).all() and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, w, q, s: ops.linear(x, w[:, :5]), r"weight is \(N, K\) = \(7, 5\) but x has K = 24"),
+    (lambda x, w, q, s: ops.linear(x, w.double()), "weight must have x's dtype"),
+    (lambda x, w, q, s: ops.linear(x, w, torch.randn(3)), r"bias must be a float \(7,\)"),
+    (lambda x, w, q, s: ops.linear(x, w, activation="swish"), "activation must be one of"),
+    (lambda x, w, q, s: ops.int8_linear(x, q.float(), s), "w_int8 must be an int8"),
+    (lambda x, w, q, s: ops.int8_linear(x[:, :20], q, s), r"w_int8 is \(N, K\) = \(7, 24\) but x has K = 20"),
+    (lambda x, w, q, s: ops.int8_linear(x, q, s[:3]), r"w_scale must be a float32 \(7,\)"),
+    (lambda x, w, q, s: ops.weight_only_int8_linear(x, q, s.double()), "w_scale must be a float32"),
+    (lambda x, w, q, s: ops.weight_only_int8_linear(x.int(), q, s), "x must be a float32"),
+    (lambda x, w, q, s: ops.quantize_rowwise(x.double()), "x must be float32, float16 or bfloat16"),
+    (lambda x, w, q, s: torch.ops.mptkernels.int8_mm(q, q[:, :5].contiguous()), "their K must match"),
+    (lambda x, w, q, s: torch.ops.mptkernels.linear_fwd(x, w, None, "tanh"), "activation must be"),
+])
+def test_gemm_bad_input(call, match):
+    x, w = torch.randn(5, 24), torch.randn(7, 24)
+    q, s = ops.quantize_rowwise(w)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call(x, w, q, s)
+
+
+# ---------------------------------------------------------------- GPU (the lent machine)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 16, 17, 1000, 4096])
+def test_gpu_gemm_family(dtype, m):
+    k, n = 1000, 1100
+    x, w, b = _x(m, k, dtype, "cuda"), _weight(n, k, dtype, "cuda"), torch.randn(n, device="cuda", dtype=dtype)
+    for act in ACTS:
+        got = ops.linear(x, w, b, act)
+        assert rel_err(got, reference.linear(x.double(), w.double(), b.double(), act)) <= TOL[dtype]
+    q, s = ops.quantize_rowwise(x)
+    rq, rs = reference.quantize_rowwise(x)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    wq, ws = ops.quantize_rowwise(w)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+    assert torch.equal(torch.ops.mptkernels.int8_mm(a, wq), reference.int8_mm(a, wq))
+    for act in ACTS:
+        assert rel_err(ops.int8_linear(x, wq, ws, b, act), reference.int8_linear(x, wq, ws, b, act).double()) <= TOL[dtype]
+    assert rel_err(ops.weight_only_int8_linear(x, wq, ws, b),
+                   reference.weight_only_int8_linear(x.double(), wq, ws, b.double())) <= TOL[dtype]
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    out = ops.linear(xg, wg, bg, "gelu")
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (xg, wg, bg), dout)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    want = torch.autograd.grad(reference.linear(x64, w64, b64, "gelu"), (x64, w64, b64), dout.double())
+    for g, r in zip(got, want):
+        assert rel_err(g, r) <= GRAD_TOL[dtype]
+
+
+# ---------------------------------------------------------------- modules, quantize_, patch(int8=)
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(), torch.nn.Linear(160, 96),
+                               torch.nn.LayerNorm(96), torch.nn.Linear(96, 40, bias=False))
+
+
+@pytest.mark.parametrize("mode, tol", [("w8a8", 0.03), ("weight_only", 0.01)])
+def test_quantize_keeps_outputs_and_state_dict_loads(mode, tol):
+    import mptkernels
+
+    model, x = _mlp(), torch.randn(4, 7, 96)
+    want = model(x)
+    report = mptkernels.quantize_(model, mode)
+    assert len(report) == 3 and report.bytes_after < report.bytes_before / 3
+    assert all(isinstance(model[i], mptkernels.nn.Int8Linear) for i in (0, 2, 4))
+    with torch.no_grad():
+        got = model(x)
+    assert rel_err(got, want) <= tol, rel_err(got, want)  # the stated quantisation error
+    # the quantised state_dict loads into another model quantised the same way
+    other = _mlp()
+    torch.nn.init.zeros_(other[0].weight)
+    mptkernels.quantize_(other, mode)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(x), got)
+    assert "w_int8" in "".join(model.state_dict())
+
+
+def test_quantize_filter_and_errors():
+    import mptkernels
+
+    model = _mlp()
+    report = mptkernels.quantize_(model, "weight_only", filter=lambda name, m: name != "4")
+    assert [c.name for c in report.swapped] == ["0", "2"] and type(model[4]) is torch.nn.Linear
+    with pytest.raises(ValueError, match="mode must be one of"):
+        mptkernels.quantize_(model, "int4")
+    with pytest.raises(ValueError, match="needs a calibration batch"):
+        mptkernels.quantize_(model, "auto")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        mptkernels.nn.Int8Linear(4, 4, mode="fp8")
+
+
+def test_quantize_auto_refuses_modes_over_the_error_threshold():
+    """An input with a huge outlier column makes W8A8's per-token scale useless for the rest of
+    the row: auto must measure that and keep the layer out of W8A8; every chosen mode's
+    measured error is within max_error."""
+    import mptkernels
+
+    model = _mlp()
+    x = torch.randn(64, 96)
+    x[:, 3] = 500.0  # dominates every row's absmax, so the other features quantise to ~0 ...
+    with torch.no_grad():
+        model[0].weight[:, 3] = 0.0  # ... while contributing nothing to the output
+    ref_first = model[0](x)
+    report = mptkernels.quantize_(model, "auto", calibration=x, max_error=0.02, repeats=2)
+    first = report.layers[0]
+    assert first.errors["w8a8"] > 0.02 and first.mode != "w8a8"
+    for c in report.layers:
+        assert set(c.errors) == {"weight_only", "w8a8"} and set(c.times_ms) == {"float", "weight_only", "w8a8"}
+        assert c.mode == "float" or c.errors[c.mode] <= 0.02
+    with torch.no_grad():
+        assert rel_err(model[0](x), ref_first) <= 0.02
+    assert "err" in str(report)
+
+
+def test_patch_int8_and_fused_linear_module():
+    import mptkernels
+
+    model, x = _mlp(), torch.randn(5, 96)
+    want = model(x)
+    report = mptkernels.patch(model, int8="weight_only")
+    assert len(report.swapped) == 1 and len(report.int8) == 3  # the LayerNorm and three linears
+    with torch.no_grad():
+        assert rel_err(model(x), want) <= 0.01
+    lin = mptkernels.nn.Linear(96, 40, activation="gelu")
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert rel_err(lin(x), ref) <= 1e-5 and set(lin.state_dict()) == {"weight", "bias"}
