@@ -13,8 +13,12 @@ from .triton import version as triton_version
 FAMILIES = {  # op -> its GPU implementations: "cuda" (in _C) or "triton:<module of mptkernels.triton>"
     "layer_norm / rms_norm": ("cuda", "triton:layer_norm"),
     "apply_rotary": ("cuda",),
-    "attention": ("triton:attention",),
+    "attention / attention_varlen / attention_with_kvcache": ("triton:attention",),
+    "linear / int8_linear / weight_only_int8_linear": ("triton:gemm",),
+    "quantize_rowwise": ("cuda", "triton:gemm"),
 }
+# ops whose GPU implementation is chosen by timing each shape (the others take the first built)
+MEASURED = {"layer_norm / rms_norm"}
 
 
 def _built(lang: str) -> bool:
@@ -23,7 +27,7 @@ def _built(lang: str) -> bool:
     return triton_version() is not None and importlib.util.find_spec(f"mptkernels.triton.{lang[7:]}") is not None
 
 
-def _plan(gpu_langs) -> dict:
+def _plan(op, gpu_langs) -> dict:
     b = _backend.current()
     have = [g.split(":")[0] for g in gpu_langs if _built(g)]
     cpu = "reference (PyTorch)" if b == "reference" else "cpu (C++)"
@@ -31,8 +35,10 @@ def _plan(gpu_langs) -> dict:
         gpu = "reference (PyTorch)" + ("" if b == "reference" else ": no GPU kernel in this build")
     elif b in ("cuda", "triton"):
         gpu = b if b in have else f"{b} requested but not built"
+    elif len(have) == 1 or op not in MEASURED:
+        gpu = have[0]
     else:
-        gpu = have[0] if len(have) == 1 else f"fastest of {'/'.join(have)}, measured per shape on first use"
+        gpu = f"fastest of {'/'.join(have)}, measured per shape on first use"
     return {"cpu": cpu, "cuda": gpu}
 
 
@@ -51,7 +57,7 @@ def info(file=None) -> dict:
         "CUDA kernels": (f"yes, archs {', '.join(build_info.cuda_archs)}" if build_info.with_cuda else "no"),
         "GPU": torch.cuda.get_device_name() if cuda_ok else "none visible",
         "backend": _backend.current() + " (MPTK_BACKEND or mptkernels.backend())",
-        "ops": {op: _plan(langs) for op, langs in FAMILIES.items()},
+        "ops": {op: _plan(op, langs) for op, langs in FAMILIES.items()},
     }
     from .ops.attention import SDPA_FALLBACKS
 

@@ -33,8 +33,38 @@ def check_ops(device):
     print(f"  apply_rotary (offset)   {rel(out, reference.apply_rotary(q, cos, sin, seqlen_offsets=100)):.2e}")
     out.float().pow(2).sum().backward()
     print(f"  apply_rotary backward   |grad| finite: {bool(torch.isfinite(q.grad).all())}")
+    # attention: causal + ALiBi + GQA, packed sequences, and a decode step over a KV cache
+    hq, hk, d = 8, 2, 64
+    slopes = ops.alibi_slopes(hq).to(device)
+    qa = torch.randn(2, 300, hq, d, device=device, dtype=dtype, requires_grad=True)
+    ka, va = (torch.randn(2, 300, hk, d, device=device, dtype=dtype) for _ in range(2))
+    out = ops.attention(qa, ka, va, causal=True, alibi_slopes=slopes)
+    want = reference.attention(qa.detach(), ka, va, causal=True, alibi_slopes=slopes)
+    print(f"  attention causal+ALiBi  {rel(out, want):.2e}")
+    out.float().pow(2).sum().backward()
+    print(f"  attention backward      |grad| finite: {bool(torch.isfinite(qa.grad).all())}")
+    cu = torch.tensor([0, 100, 117, 300], dtype=torch.int32, device=device)
+    qv, kv, vv = (t.detach()[0] for t in (qa, ka, va))
+    got = ops.attention_varlen(qv, kv, vv, cu, cu, 183, 183, causal=True, alibi_slopes=slopes)
+    print(f"  attention_varlen        {rel(got, reference.attention_varlen(qv, kv, vv, cu, cu, causal=True, alibi_slopes=slopes)):.2e}")
+    kc, vc = (torch.randn(2, 512, hk, d, device=device, dtype=dtype) for _ in range(2))
+    lens = torch.tensor([37, 400], dtype=torch.int32, device=device)
+    qn, kn, vn = (torch.randn(2, 1, h, d, device=device, dtype=dtype) for h in (hq, hk, hk))
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = ops.attention_with_kvcache(qn, kc, vc, lens, k=kn, v=vn, alibi_slopes=slopes)
+    want = reference.attention_with_kvcache(qn, kc2, vc2, lens, kn, vn, alibi_slopes=slopes)
+    print(f"  attention_with_kvcache  {rel(got, want):.2e} (cache written: {bool(torch.equal(kc, kc2))})")
+    # GEMMs: linear + GELU, W8A8 and weight-only int8 (errors vs the dequantised reference)
+    xg = torch.randn(77, 512, device=device, dtype=dtype)
+    wg = torch.randn(384, 512, device=device, dtype=dtype) * 512 ** -0.5
+    print(f"  linear + GELU           {rel(ops.linear(xg, wg, None, 'gelu'), reference.linear(xg, wg, None, 'gelu')):.2e}")
+    wq, ws = ops.quantize_rowwise(wg.float())
+    print(f"  int8_linear (W8A8)      {rel(ops.int8_linear(xg, wq, ws), reference.int8_linear(xg, wq, ws)):.2e}"
+          f"  (vs the float linear: {rel(ops.int8_linear(xg, wq, ws), xg.float() @ wg.float().t()):.2e})")
+    print(f"  weight_only_int8_linear "
+          f"{rel(ops.weight_only_int8_linear(xg, wq, ws), reference.weight_only_int8_linear(xg, wq, ws)):.2e}")
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.GELU(), torch.nn.LayerNorm(64))
-    print(" ", str(mptkernels.patch(model)).replace("\n", "\n  "))
+    print(" ", str(mptkernels.patch(model, int8="weight_only")).replace("\n", "\n  "))
 
 
 def main():
