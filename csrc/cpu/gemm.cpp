@@ -355,6 +355,27 @@ inline void int8_tile(const Elem* A, const Elem* B, const int32_t* corr, int64_t
       for (int cc = 0; cc < 4; ++cc) epi(m0 + r, n0 + cc, vsum(c[r][cc]) - corr[n0 + cc]);
     return;
   }
+  if constexpr (MR == 2 && NR == 4) {  // AVX2's full tile, spelled out for the same reason
+    const Elem *a0 = A + m0 * Kp, *a1 = a0 + Kp;
+    const Elem *b0 = B + n0 * Kp, *b1 = b0 + Kp, *b2 = b1 + Kp, *b3 = b2 + Kp;
+    VI c00 = vzero(), c01 = vzero(), c02 = vzero(), c03 = vzero(), c10 = vzero(), c11 = vzero(), c12 = vzero(),
+       c13 = vzero();
+    for (int64_t k = 0; k < Kp; k += kKStep) {
+      const VI x0 = vload(a0 + k), x1 = vload(a1 + k);
+      VI y = vload(b0 + k);
+      c00 = vdot(c00, x0, y), c10 = vdot(c10, x1, y);
+      y = vload(b1 + k);
+      c01 = vdot(c01, x0, y), c11 = vdot(c11, x1, y);
+      y = vload(b2 + k);
+      c02 = vdot(c02, x0, y), c12 = vdot(c12, x1, y);
+      y = vload(b3 + k);
+      c03 = vdot(c03, x0, y), c13 = vdot(c13, x1, y);
+    }
+    const VI c[2][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}};
+    for (int r = 0; r < 2; ++r)
+      for (int cc = 0; cc < 4; ++cc) epi(m0 + r, n0 + cc, vsum(c[r][cc]) - corr[n0 + cc]);
+    return;
+  }
   VI acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) acc[r][c] = vzero();
