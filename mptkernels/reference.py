@@ -204,8 +204,9 @@ def quantize_rowwise(x):
 
 
 def int8_mm(a, b):
-    """a (M, K) int8 @ b (N, K)^T int8, exact, as int32."""
-    return (a.long() @ b.long().t()).to(torch.int32)
+    """a (M, K) int8 @ b (N, K)^T int8, exact, as int32 (in float64: exact while every partial
+    sum stays below 2**53, i.e. K < 5e11; CUDA has no int64 matmul)."""
+    return (a.double() @ b.double().t()).to(torch.int32)
 
 
 def int8_linear(x, w_int8, w_scale, bias=None, activation_name=None):
