@@ -1,0 +1,369 @@
+"""The reference MPT model on mptkernels ops: training forward, static-KV-cache generation,
+and Hugging Face MPT checkpoints in and out.
+
+Architecture (MosaicML MPT / llm-foundry): token embedding (+ learned positions when
+``learned_pos_emb``), n pre-norm blocks of [LayerNorm -> fused QKV -> attention (causal,
+ALiBi or rotary, GQA with kv_n_heads) -> out proj -> residual; LayerNorm -> up proj + GELU ->
+down proj -> residual], a final LayerNorm, and the LM head tied to the embedding. Every
+residual add is fused into the next norm (``ops.layer_norm`` with ``residual``), the GELU
+into the up projection's epilogue (``ops.linear``), attention is ``ops.attention`` (training,
+prefill) or ``ops.attention_with_kvcache`` (decoding). The state_dict keys are HF's
+``MptForCausalLM`` keys, so ``from_hf`` / ``save_pretrained`` are renames-free.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .. import nn as mnn
+from .. import ops, reference
+from . import safetensors_io
+
+_ATTN_DEFAULTS = dict(attn_pdrop=0.0, alibi=True, alibi_bias_max=8, clip_qkv=None, qk_ln=False, softmax_scale=None,
+                      kv_n_heads=None, rope=False, rope_theta=10000.0)
+
+
+@dataclasses.dataclass
+class MPTConfig:
+    """The fields of Hugging Face's ``MptConfig`` (and llm-foundry's attn_config keys), plus
+    our switches. ``attn_config`` keys: alibi, alibi_bias_max, clip_qkv, qk_ln, softmax_scale,
+    kv_n_heads (GQA), rope, rope_theta, attn_pdrop."""
+    d_model: int = 2048
+    n_heads: int = 16
+    n_layers: int = 24
+    expansion_ratio: int = 4
+    max_seq_len: int = 2048
+    vocab_size: int = 50368
+    resid_pdrop: float = 0.0
+    emb_pdrop: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    learned_pos_emb: bool = False
+    logit_scale: float | None = None
+    no_bias: bool = True
+    attn_config: dict = dataclasses.field(default_factory=dict)
+    # ours: LayerNorm rounding ("torch"; "mpt" = llm-foundry's low-precision LayerNorm)
+    norm_cast: str = "torch"
+
+    def __post_init__(self):
+        unknown = set(self.attn_config) - set(_ATTN_DEFAULTS) - {"attn_type", "attn_impl", "prefix_lm",
+                                                                  "attn_uses_sequence_id"}
+        if unknown:
+            raise ValueError(f"MPTConfig: unknown attn_config keys {sorted(unknown)}; known: {sorted(_ATTN_DEFAULTS)}")
+        self.attn_config = {**_ATTN_DEFAULTS, **{k: v for k, v in self.attn_config.items() if k in _ATTN_DEFAULTS}}
+        if self.d_model % self.n_heads:
+            raise ValueError(f"MPTConfig: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if self.n_heads % self.kv_n_heads:
+            raise ValueError(f"MPTConfig: n_heads ({self.n_heads}) must be a multiple of kv_n_heads ({self.kv_n_heads})")
+        if self.attn_config["qk_ln"]:
+            raise ValueError("MPTConfig: attn_config.qk_ln is not supported by mptkernels' MPT yet")
+        if self.attn_config["alibi"] and self.attn_config["rope"]:
+            raise ValueError("MPTConfig: attn_config.alibi and attn_config.rope are exclusive")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_n_heads(self):
+        return self.attn_config.get("kv_n_heads") or self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MPTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class MPTBlock(torch.nn.Module):
+    def __init__(self, cfg: MPTConfig, device=None, dtype=None):
+        super().__init__()
+        d, bias = cfg.d_model, not cfg.no_bias
+        kw = dict(device=device, dtype=dtype)
+        self.cfg = cfg
+        self.norm_1 = mnn.LayerNorm(d, eps=cfg.layer_norm_epsilon, bias=bias, cast=cfg.norm_cast, **kw)
+        self.attn = torch.nn.Module()
+        self.attn.Wqkv = torch.nn.Linear(d, (cfg.n_heads + 2 * cfg.kv_n_heads) * cfg.head_dim, bias=bias, **kw)
+        self.attn.out_proj = torch.nn.Linear(d, d, bias=bias, **kw)
+        self.norm_2 = mnn.LayerNorm(d, eps=cfg.layer_norm_epsilon, bias=bias, cast=cfg.norm_cast, **kw)
+        self.ffn = torch.nn.Module()
+        self.ffn.up_proj = torch.nn.Linear(d, cfg.expansion_ratio * d, bias=bias, **kw)
+        self.ffn.down_proj = torch.nn.Linear(cfg.expansion_ratio * d, d, bias=bias, **kw)
+
+    @staticmethod
+    def _linear(layer, x, activation=None):
+        if isinstance(layer, mnn.Int8Linear):  # after quantize_: int8 weights
+            out = layer(x)
+            return reference.activation(out, activation) if activation else out
+        return ops.linear(x, layer.weight, layer.bias, activation)
+
+    def attention(self, h, slopes, rope, cache):
+        cfg, (b, s, _) = self.cfg, h.shape
+        nh, kv, hd = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+        qkv = self._linear(self.attn.Wqkv, h)
+        if cfg.attn_config["clip_qkv"]:
+            qkv = qkv.clamp(-cfg.attn_config["clip_qkv"], cfg.attn_config["clip_qkv"])
+        q, k, v = qkv.split([nh * hd, kv * hd, kv * hd], dim=-1)
+        q, k, v = q.view(b, s, nh, hd), k.view(b, s, kv, hd), v.view(b, s, kv, hd)
+        if rope is not None:
+            cos, sin, offsets = rope
+            q, k = ops.apply_rotary(q, cos, sin, seqlen_offsets=offsets), ops.apply_rotary(k, cos, sin, seqlen_offsets=offsets)
+        scale = cfg.attn_config["softmax_scale"]
+        if cache is None:
+            out = ops.attention(q, k, v, causal=True, alibi_slopes=slopes, softmax_scale=scale)
+        else:
+            k_cache, v_cache, seqlens = cache
+            out = ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k.contiguous(), v=v.contiguous(),
+                                             causal=True, alibi_slopes=slopes, softmax_scale=scale)
+        return self._linear(self.attn.out_proj, out.reshape(b, s, nh * hd))
+
+    def forward(self, pending, resid, slopes, rope=None, cache=None):
+        """pending: the last sublayer's output not yet added to the residual stream resid."""
+        if pending is None:
+            h, resid = self.norm_1(resid), resid
+        else:
+            h, resid = self.norm_1(pending, resid)
+        a = self.attention(h, slopes, rope, cache)
+        if self.training and self.cfg.resid_pdrop:
+            a = F.dropout(a, self.cfg.resid_pdrop)
+        h, resid = self.norm_2(a, resid)
+        f = self._linear(self.ffn.down_proj, self._linear(self.ffn.up_proj, h, "gelu"))
+        if self.training and self.cfg.resid_pdrop:
+            f = F.dropout(f, self.cfg.resid_pdrop)
+        return f, resid
+
+
+class MPTForCausalLM(torch.nn.Module):
+    """MPT on mptkernels ops. ``forward(input_ids, labels=None)`` -> logits (and the mean
+    next-token cross-entropy when labels are given); ``generate(...)`` decodes with a static
+    KV cache. Parameters and state_dict keys are HF ``MptForCausalLM``'s (``transformer.*``,
+    ``lm_head.weight`` tied to ``transformer.wte.weight``)."""
+
+    def __init__(self, cfg: MPTConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = cfg
+        kw = dict(device=device, dtype=dtype)
+        self.transformer = torch.nn.Module()
+        self.transformer.wte = torch.nn.Embedding(cfg.vocab_size, cfg.d_model, **kw)
+        if cfg.learned_pos_emb:
+            self.transformer.wpe = torch.nn.Embedding(cfg.max_seq_len, cfg.d_model, **kw)
+        self.transformer.blocks = torch.nn.ModuleList(MPTBlock(cfg, **kw) for _ in range(cfg.n_layers))
+        self.transformer.norm_f = mnn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon, bias=not cfg.no_bias,
+                                                cast=cfg.norm_cast, **kw)
+        self.lm_head = torch.nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as MPT
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02):
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=std)
+            elif name.endswith("weight"):
+                torch.nn.init.ones_(p)
+            else:
+                torch.nn.init.zeros_(p)
+
+    # ---- the forward pass (training, prefill and decode share it)
+    def _alibi(self, device):
+        if not self.config.attn_config["alibi"]:
+            return None
+        return reference.alibi_slopes(self.config.n_heads, self.config.attn_config["alibi_bias_max"]).to(device)
+
+    def _rope(self, device, offsets):
+        if not self.config.attn_config["rope"]:
+            return None
+        cos, sin = ops.rotary_cos_sin(self.config.max_seq_len, self.config.head_dim,
+                                      base=self.config.attn_config["rope_theta"], device=device)
+        return cos, sin, offsets
+
+    def forward(self, input_ids, labels=None, *, cache=None, cache_seqlens=None):
+        """input_ids (batch, seqlen). With ``cache`` (from ``new_cache``) and ``cache_seqlens``
+        (batch,) int32, the tokens are appended to the cache at those positions (not advanced
+        here) and attend to it. Returns logits (batch, seqlen, vocab) (and the loss)."""
+        cfg = self.config
+        b, s = input_ids.shape
+        dev = input_ids.device
+        x = self.transformer.wte(input_ids)
+        offsets = cache_seqlens if cache is not None else 0
+        if cfg.learned_pos_emb:
+            pos = torch.arange(s, device=dev).unsqueeze(0) + (cache_seqlens.long().unsqueeze(1) if cache is not None else 0)
+            x = x + self.transformer.wpe(pos)
+        if self.training and cfg.emb_pdrop:
+            x = F.dropout(x, cfg.emb_pdrop)
+        slopes, rope = self._alibi(dev), self._rope(dev, offsets)
+        pending, resid = None, x
+        for i, block in enumerate(self.transformer.blocks):
+            layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache_seqlens)
+            pending, resid = block(pending, resid, slopes, rope, layer_cache)
+        h, _ = self.transformer.norm_f(pending, resid)
+        logits = ops.linear(h, self.lm_head.weight)
+        if cfg.logit_scale is not None:
+            logits = logits * (1.0 / math.sqrt(cfg.d_model) if cfg.logit_scale == "inv_sqrt_d_model" else cfg.logit_scale)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        return logits, loss
+
+    # ---- generation
+    def new_cache(self, batch: int, max_seqlen: int, device=None, dtype=None):
+        """A static KV cache: (k, v), each (n_layers, batch, max_seqlen, kv_heads, head_dim)."""
+        p = self.transformer.wte.weight
+        shape = (self.config.n_layers, batch, max_seqlen, self.config.kv_n_heads, self.config.head_dim)
+        return (torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype),
+                torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype))
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, *, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
+                 eos_token_id=None, streamer=None, generator=None, pad_token_id=None):
+        """Prompt + new tokens, (batch, prompt_len + max_new_tokens) like HF ``generate``.
+
+        Prompts of different lengths: left padding with ``attention_mask`` (1 = token); each
+        prompt is prefilled on its own (padding never enters the cache) and decoding then runs
+        batched with per-sequence cache lengths, so a batch gives each prompt's result alone.
+        temperature 0: greedy; else sampling (``top_k``, ``top_p``), reproducible with a
+        ``generator``. A sequence that emitted ``eos_token_id`` continues with
+        ``pad_token_id`` (default: eos). ``streamer.put(tokens (batch,))`` gets every step,
+        ``streamer.end()`` the end (HF's streamer protocol).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"generate: input_ids must be (batch, seqlen), got {tuple(input_ids.shape)}")
+        b, p = input_ids.shape
+        dev = input_ids.device
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        lengths = mask.sum(1)
+        if (lengths == 0).any():
+            raise ValueError("generate: every prompt needs at least one token (attention_mask row of zeros)")
+        total = int(lengths.max()) + max_new_tokens
+        if total > self.config.max_seq_len and (self.config.learned_pos_emb or self.config.attn_config["rope"]):
+            raise ValueError(f"generate: {total} tokens exceed max_seq_len {self.config.max_seq_len}")
+        was_training = self.training
+        self.eval()
+        cache = self.new_cache(b, total)
+        seqlens = torch.zeros(b, dtype=torch.int32, device=dev)
+        last = []
+        for i in range(b):  # prefill each prompt alone: no padding in the cache
+            ids = input_ids[i][mask[i]].unsqueeze(0)
+            one = (cache[0][:, i:i + 1], cache[1][:, i:i + 1])
+            logits = self(ids, cache=one, cache_seqlens=seqlens[i:i + 1])
+            last.append(logits[0, -1])
+        seqlens += lengths.to(torch.int32)
+        logits = torch.stack(last)
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        out = []
+        for step in range(max_new_tokens):
+            nxt = _sample(logits.float(), temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt)
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = self(nxt.unsqueeze(1), cache=cache, cache_seqlens=seqlens)[:, -1]
+            seqlens += 1
+        if streamer is not None:
+            streamer.end()
+        self.train(was_training)
+        new = torch.stack(out, 1)
+        if new.shape[1] < max_new_tokens:  # everyone stopped: pad like HF does
+            fill = torch.full((b, max_new_tokens - new.shape[1]), pad, dtype=new.dtype, device=dev)
+            new = torch.cat([new, fill], 1)
+        return torch.cat([input_ids, new], 1)
+
+    # ---- Hugging Face checkpoints
+    @classmethod
+    def from_hf(cls, src, *, device=None, dtype=None) -> "MPTForCausalLM":
+        """From a ``transformers`` MptForCausalLM object or a local directory written by its
+        ``save_pretrained`` (config.json + model.safetensors, sharded safetensors, or
+        pytorch_model.bin). No network."""
+        if isinstance(src, (str, os.PathLike)):
+            if not os.path.isfile(os.path.join(src, "config.json")):
+                raise FileNotFoundError(f"from_hf: no config.json in {src} (expected a save_pretrained directory)")
+            with open(os.path.join(src, "config.json")) as f:
+                hf = json.load(f)
+            state = _load_state_dict(src)
+        else:
+            hf = src.config.to_dict()
+            state = src.state_dict()
+        cfg = _config_from_hf(hf)
+        model = cls(cfg, device="meta")
+        model.load_state_dict({k: v for k, v in state.items() if k != "lm_head.weight"}, strict=False, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"from_hf: the checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, path, *, max_shard_bytes: int | None = None):
+        """Write config.json and model.safetensors in HF's MPT format (transformers'
+        ``MptForCausalLM.from_pretrained`` loads it)."""
+        cfg = self.config
+        if cfg.kv_n_heads != cfg.n_heads or cfg.attn_config["rope"] or cfg.learned_pos_emb or not cfg.no_bias \
+                or cfg.expansion_ratio != 4 or not cfg.attn_config["alibi"] or cfg.logit_scale is not None:
+            raise ValueError("save_pretrained: transformers' MPT covers ALiBi, no biases, expansion_ratio 4, no GQA, "
+                             "no rope, no learned positions and no logit_scale; this config differs")
+        os.makedirs(path, exist_ok=True)
+        hf = dict(model_type="mpt", architectures=["MptForCausalLM"], d_model=cfg.d_model, n_heads=cfg.n_heads,
+                  n_layers=cfg.n_layers, expansion_ratio=cfg.expansion_ratio, max_seq_len=cfg.max_seq_len,
+                  vocab_size=cfg.vocab_size, resid_pdrop=cfg.resid_pdrop, emb_pdrop=cfg.emb_pdrop,
+                  layer_norm_epsilon=cfg.layer_norm_epsilon, learned_pos_emb=cfg.learned_pos_emb,
+                  logit_scale=cfg.logit_scale, no_bias=cfg.no_bias, norm_type="low_precision_layernorm",
+                  attn_config={k: v for k, v in cfg.attn_config.items() if k not in ("kv_n_heads", "rope", "rope_theta")},
+                  torch_dtype=str(self.transformer.wte.weight.dtype).replace("torch.", ""), tie_word_embeddings=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        state = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        safetensors_io.save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _config_from_hf(hf: dict) -> MPTConfig:
+    if hf.get("model_type", "mpt") != "mpt":
+        raise ValueError(f"from_hf: model_type must be 'mpt', got {hf.get('model_type')!r}")
+    attn = dict(hf.get("attn_config") or {})
+    # transformers' MptModel always applies ALiBi (max 8) and never a learned position
+    # embedding, and its FFN is always 4x wide, whatever the config says
+    attn.update(alibi=True, alibi_bias_max=8, rope=False)
+    d = {k: hf[k] for k in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "layer_norm_epsilon",
+                             "no_bias") if k in hf}
+    return MPTConfig(**d, expansion_ratio=4, learned_pos_emb=False, logit_scale=None,
+                     attn_config={k: v for k, v in attn.items() if k in _ATTN_DEFAULTS})
+
+
+def _load_state_dict(path):
+    files = sorted(os.listdir(path))
+    st = [f for f in files if f.endswith(".safetensors")]
+    if st:
+        state = {}
+        for f in st:
+            state.update(safetensors_io.load_file(os.path.join(path, f)))
+        return state
+    bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
+    if not bins:
+        raise FileNotFoundError(f"from_hf: no *.safetensors or pytorch_model*.bin in {path}")
+    state = {}
+    for f in bins:
+        state.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
+    return state
+
+
+def _sample(logits, temperature, top_k, top_p, generator):
+    """Next tokens (batch,) from logits (batch, vocab): argmax at temperature 0, else sampling
+    from softmax(logits / temperature) restricted to the top_k and the top_p nucleus."""
+    if not temperature:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

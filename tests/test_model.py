@@ -1,0 +1,161 @@
+"""The reference MPT model: parity with transformers' MptForCausalLM, HF checkpoints in and
+out, KV-cache generation against full recomputation, batching, sampling, training."""
+import pytest
+import torch
+
+from mptkernels.models import MPTConfig, MPTForCausalLM
+
+transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
+
+
+def _hf_model(n_heads=6, d_model=96, n_layers=2, vocab=512, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.MptConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers, max_seq_len=256,
+                                 vocab_size=vocab, attn_config={"alibi": True}, initializer_range=0.2)
+    return transformers.MptForCausalLM(cfg).eval()
+
+
+def _ours(**attn):
+    torch.manual_seed(1)
+    cfg = MPTConfig(d_model=64, n_heads=8, n_layers=2, max_seq_len=128, vocab_size=257, attn_config=attn)
+    m = MPTForCausalLM(cfg).eval()
+    m.reset_parameters(std=0.3)  # sharper logits than the training init: more varied greedy tokens
+    return m
+
+
+@pytest.mark.parametrize("n_heads", [4, 6])  # 6: ALiBi slopes of a non-power-of-two head count
+def test_logits_and_greedy_generation_match_transformers(n_heads):
+    hf = _hf_model(n_heads=n_heads)
+    ours = MPTForCausalLM.from_hf(hf).eval()
+    ids = torch.randint(0, 512, (3, 41))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max() <= 1e-4
+    want = hf.generate(ids[:, :7], max_new_tokens=12, do_sample=False, pad_token_id=0)
+    got = ours.generate(ids[:, :7], 12)
+    assert torch.equal(got, want)
+    assert len(set(got[:, 7:].flatten().tolist())) > 3  # the check is not trivially one token
+
+
+def test_hf_checkpoints_in_and_out(tmp_path):
+    hf = _hf_model()
+    ids = torch.randint(0, 512, (2, 19))
+    with torch.no_grad():
+        want = hf(ids).logits
+    hf.save_pretrained(tmp_path / "st")  # safetensors
+    hf.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    for d in ("st", "bin"):
+        ours = MPTForCausalLM.from_hf(str(tmp_path / d)).eval()
+        with torch.no_grad():
+            assert (ours(ids) - want).abs().max() <= 1e-4, d
+    ours.save_pretrained(str(tmp_path / "ours"))
+    back = transformers.MptForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert (back(ids).logits - want).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="transformers' MPT covers"):
+        _ours(kv_n_heads=2).save_pretrained(str(tmp_path / "gqa"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        MPTForCausalLM.from_hf(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((tmp_path / "ours" / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        MPTForCausalLM.from_hf(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("attn", [dict(alibi=True, kv_n_heads=2), dict(alibi=False, rope=True),
+                                  dict(alibi=True, clip_qkv=0.5)], ids=str)
+def test_cached_decoding_equals_full_recompute(attn):
+    model = _ours(**attn)
+    prompt = torch.randint(0, 257, (2, 9))
+    got = model.generate(prompt, 15)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(15):  # no cache: the whole sequence every step
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, seq)
+
+
+def test_learned_positions_decode_and_batch_of_different_lengths():
+    torch.manual_seed(2)
+    model = MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=100,
+                                     learned_pos_emb=True, attn_config=dict(alibi=False))).eval()
+    model.reset_parameters(std=0.3)
+    a, b = torch.randint(0, 100, (1, 11)), torch.randint(0, 100, (1, 4))
+    alone = [model.generate(a, 8), model.generate(b, 8)]
+    batch = torch.zeros(2, 11, dtype=torch.long)
+    mask = torch.zeros(2, 11, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, 7:], mask[1, 7:] = b[0], 1  # left padding
+    got = model.generate(batch, 8, attention_mask=mask)
+    assert torch.equal(got[0], alone[0][0]) and torch.equal(got[1, 11:], alone[1][0, 4:])
+
+
+def test_sampling_eos_and_streamer():
+    model = _ours()
+    prompt = torch.randint(0, 257, (2, 5))
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    s1 = model.generate(prompt, 10, temperature=0.8, top_k=20, top_p=0.9, generator=g())
+    s2 = model.generate(prompt, 10, temperature=0.8, top_k=20, top_p=0.9, generator=g())
+    assert torch.equal(s1, s2)
+    assert torch.equal(model.generate(prompt, 10, temperature=1.0, top_k=1, generator=g()), model.generate(prompt, 10))
+    greedy = model.generate(prompt, 10)
+    eos = int(greedy[0, 7])  # the third new token of sequence 0
+    stopped = model.generate(prompt, 10, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(stopped[0, :8], greedy[0, :8]) and (stopped[0, 8:] == 0).all()
+
+    class Streamer:
+        def __init__(self):
+            self.got, self.ended = [], False
+
+        def put(self, t):
+            self.got.append(t)
+
+        def end(self):
+            self.ended = True
+
+    st = Streamer()
+    out = model.generate(prompt, 6, streamer=st)
+    assert st.ended and torch.equal(torch.stack(st.got, 1), out[:, 5:])
+
+
+def test_training_on_cpu_learns_and_reaches_every_parameter():
+    torch.manual_seed(3)
+    model = MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=50,
+                                     attn_config=dict(kv_n_heads=2)))
+    model.train()
+    data = torch.arange(40).remainder(10).repeat(4, 1)  # a learnable repeating pattern
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(data, labels=data)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_int8_weight_only_model_still_generates():
+    import mptkernels
+
+    model = _ours()
+    prompt = torch.randint(0, 257, (1, 6))
+    with torch.no_grad():
+        want = model(prompt)
+    report = mptkernels.quantize_(model, "weight_only", filter=lambda name, m: "lm_head" not in name)
+    assert len(report) == 8  # Wqkv, out_proj, up, down of two blocks
+    with torch.no_grad():
+        got = model(prompt)
+    assert ((got - want).norm() / want.norm()) < 0.02
+    assert model.generate(prompt, 5).shape == (1, 11)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown attn_config keys"):
+        MPTConfig(attn_config={"alibbi": True})
+    with pytest.raises(ValueError, match="multiple of kv_n_heads"):
+        MPTConfig(d_model=64, n_heads=8, attn_config={"kv_n_heads": 3})
+    with pytest.raises(ValueError, match="exclusive"):
+        MPTConfig(attn_config={"alibi": True, "rope": True})
+    with pytest.raises(ValueError, match="at least one token"):
+        _ours().generate(torch.zeros(1, 3, dtype=torch.long), 2, attention_mask=torch.zeros(1, 3))
