@@ -159,3 +159,26 @@ def test_config_errors():
         MPTConfig(attn_config={"alibi": True, "rope": True})
     with pytest.raises(ValueError, match="at least one token"):
         _ours().generate(torch.zeros(1, 3, dtype=torch.long), 2, attention_mask=torch.zeros(1, 3))
+
+
+def test_generate_cli_streams_text_and_reports_speed(tmp_path):
+    import subprocess
+    import sys
+
+    torch.manual_seed(4)
+    model = MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=256))
+    model.save_pretrained(str(tmp_path))
+    for extra in ([], ["--int8", "--temperature", "0.7", "--top-k", "40"]):
+        r = subprocess.run([sys.executable, "-m", "mptkernels.generate", "--model", str(tmp_path), "--prompt", "héllo",
+                            "--max-new-tokens", "12", "--device", "cpu", *extra], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("héllo") and "tokens/s" in r.stderr and "12 new tokens" in r.stderr
+    # the printed text is what generate returns
+    from mptkernels.generate import ByteTokenizer
+
+    ids = torch.tensor([ByteTokenizer().encode("héllo")])
+    want = ByteTokenizer().decode(model.eval().generate(ids, 12)[0].tolist())
+    r = subprocess.run([sys.executable, "-m", "mptkernels.generate", "--model", str(tmp_path), "--prompt", "héllo",
+                        "--max-new-tokens", "12", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.stdout.rstrip("\n") == want

@@ -199,7 +199,7 @@ class MPTForCausalLM(torch.nn.Module):
             layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache_seqlens)
             pending, resid = block(pending, resid, slopes, rope, layer_cache)
         h, _ = self.transformer.norm_f(pending, resid)
-        logits = ops.linear(h, self.lm_head.weight)
+        logits = MPTBlock._linear(self.lm_head, h)  # an Int8Linear after quantize_, else tied to wte
         if cfg.logit_scale is not None:
             logits = logits * (1.0 / math.sqrt(cfg.d_model) if cfg.logit_scale == "inv_sqrt_d_model" else cfg.logit_scale)
         if labels is None:
