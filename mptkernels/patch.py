@@ -3,16 +3,28 @@ patched globally). Returns a report of every swap; later op families add their o
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import torch
+import torch.nn.functional as F
 
 from .nn import LayerNorm, RMSNorm
 
 
+# transformers versions whose MPT attention module signature the attention swap was written
+# and tested against (patch checks the installed one and reports a refusal otherwise)
+SUPPORTED_TRANSFORMERS = ("4.57",)
+_CASTS = ("torch", "llama", "gemma", "mpt")  # the detail of a norm swap is its cast mode
+
+
 @dataclasses.dataclass
 class PatchReport:
-    swapped: list = dataclasses.field(default_factory=list)  # (module name, old class, new class, cast)
+    swapped: list = dataclasses.field(default_factory=list)  # (module name, old class, new class, detail)
+    not_swapped: list = dataclasses.field(default_factory=list)  # (module name, class, why)
     int8: object = None  # the QuantizeReport when patch(..., int8=...) quantised linears
+    sdpa_routed: bool = False  # F.scaled_dot_product_attention routed to ours during forward
+    errors: dict = dataclasses.field(default_factory=dict)  # verify: module name -> max |after - before|
+    output_error: float | None = None  # verify: max |logits after - before|
 
     def __len__(self):
         return len(self.swapped) + (len(self.int8) if self.int8 is not None else 0)
@@ -21,9 +33,19 @@ class PatchReport:
         lines = []
         if self.swapped:
             lines = [f"mptkernels.patch: swapped {len(self.swapped)} module(s)"]
-            lines += [f"  {name or '<root>'}: {old} -> {new} (cast={cast!r})" for name, old, new, cast in self.swapped]
+            for name, old, new, detail in self.swapped:
+                err = f", max error {self.errors[name]:.2e}" if name in self.errors else ""
+                what = f"cast={detail!r}" if detail in _CASTS else detail
+                lines.append(f"  {name or '<root>'}: {old} -> {new} ({what}{err})")
+        for name, cls, why in self.not_swapped:
+            lines.append(f"  not swapped: {name} ({cls}): {why}")
+        if self.sdpa_routed:
+            lines.append("  F.scaled_dot_product_attention calls inside model.forward go to "
+                         "mptkernels.ops.scaled_dot_product_attention (PyTorch for what it does not cover)")
         if self.int8 is not None:
             lines.append(str(self.int8))
+        if self.output_error is not None:
+            lines.append(f"  verify: model output max |after - before| = {self.output_error:.2e}")
         return "\n".join(lines) if lines else "mptkernels.patch: nothing swapped"
 
 
@@ -66,32 +88,167 @@ def _swap_rule(m):
     return None
 
 
-def patch(model: torch.nn.Module, *, layer_norm: bool = True, int8=False, calibration=None) -> PatchReport:
-    """Replace, in ``model`` itself, every norm module mptkernels has a drop-in for.
+def _mpt_attention_forward(self, hidden_states, position_bias=None, past_key_values=None, attention_mask=None,
+                           cache_position=None, **kwargs):
+    """transformers' MptAttention.forward on the fused kernel (bound to one instance by patch):
+    same inputs and cache handling; ALiBi from the slopes instead of the bias tensor (they
+    differ by a per-row constant, which softmax ignores). A mask that is not the plain causal
+    one (padding) runs the original forward."""
+    from .ops import attention
+    from .reference import alibi_slopes
+
+    b, s, _ = hidden_states.shape
+    if attention_mask is not None and not _is_plain_causal(attention_mask, s):
+        return self._mptk_original_forward(hidden_states, position_bias, past_key_values=past_key_values,
+                                           attention_mask=attention_mask, cache_position=cache_position, **kwargs)
+    qkv = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    q, k, v = (t.reshape(b, s, self.n_heads, self.head_dim) for t in qkv.chunk(3, dim=2))
+    if past_key_values is not None:  # HF's cache holds (batch, heads, seqlen, head_dim)
+        k, v = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx,
+                                      {"cache_position": cache_position})
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    slopes = alibi_slopes(self.n_heads).to(hidden_states.device)
+    out = attention(q, k, v, causal=True, alibi_slopes=slopes, softmax_scale=self.softmax_scale)
+    return self.out_proj(out.reshape(b, s, self.hidden_size)), None
+
+
+def _is_plain_causal(mask, s):
+    """mask (batch, 1, s, sk) bool, True = masked: is it exactly bottom-right causal?"""
+    sk = mask.shape[-1]
+    i = torch.arange(s, device=mask.device).view(-1, 1)
+    j = torch.arange(sk, device=mask.device).view(1, -1)
+    return bool(torch.equal(mask.bool(), (j > i + (sk - s)).expand_as(mask)))
+
+
+def _attention_rule(m):
+    """(how to swap it, detail) for an attention module, or (None, why not) for one we know."""
+    name = type(m).__name__
+    if name == "MptAttention" and all(hasattr(m, a) for a in ("Wqkv", "out_proj", "n_heads", "head_dim")):
+        import transformers
+
+        if not transformers.__version__.startswith(SUPPORTED_TRANSFORMERS):
+            return None, (f"transformers {transformers.__version__} is not one of the versions the swap supports "
+                          f"{SUPPORTED_TRANSFORMERS}")
+        return "mpt", "fused causal + ALiBi attention"
+    if name in ("LlamaAttention", "MistralAttention", "Qwen2Attention", "GPTNeoXAttention"):
+        return None, ("rotary/GQA attention of this family is not swapped yet; its SDPA calls are routed "
+                      "when the model uses attn_implementation='sdpa'")
+    return None, None
+
+
+def _route_sdpa(model):
+    """Wrap this instance's forward so that F.scaled_dot_product_attention inside it is ours."""
+    from .ops.attention import scaled_dot_product_attention
+
+    if getattr(model, "_mptk_sdpa_routed", False):
+        return
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        saved = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = scaled_dot_product_attention
+        try:
+            return original(*args, **kwargs)
+        finally:
+            F.scaled_dot_product_attention = saved
+
+    model.forward = forward
+    model._mptk_sdpa_routed = True
+
+
+def _outputs(model, sample, names):
+    """Run model(sample) under no_grad; return (its first output, {name: module output})."""
+    got, hooks = {}, []
+    modules = dict(model.named_modules())
+    for n in names:
+        def hook(mod, args, out, n=n):
+            got[n] = (out[0] if isinstance(out, tuple) else out).detach().float().clone()
+        hooks.append(modules[n].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = getattr(out, "logits", out)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.detach().float(), got
+
+
+def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = True, sdpa=None, int8=False,
+          calibration=None, verify=False) -> PatchReport:
+    """Swap mptkernels into ``model`` itself (this instance; no class is changed globally).
 
     layer_norm: swap torch.nn.LayerNorm / RMSNorm (and llm-foundry's LPLayerNorm, HF's
     Llama/Mistral/Qwen2/Gemma RMSNorm, with the cast mode that reproduces each) for
     mptkernels.nn.LayerNorm / RMSNorm sharing the same parameters (state_dict unchanged).
+    attention: route transformers' MPT attention modules through the fused causal + ALiBi
+    kernel (their forward, bound per instance; padding masks keep the original path).
+    sdpa: route ``F.scaled_dot_product_attention`` calls made inside ``model.forward`` to
+    ``ops.scaled_dot_product_attention`` (which hands what it does not cover back to PyTorch);
+    default (None): when ``attention`` and the model is an HF model running
+    ``attn_implementation="sdpa"``.
     int8: False, or a mode of ``mptkernels.quantize_`` ("w8a8", "weight_only", "auto"; True
     means "w8a8") applied to the model's nn.Linear layers; "auto" needs ``calibration``.
+    verify: False, True (a random token batch of the model's ``config.vocab_size``), or a sample
+    input: the model runs on it before and after, and the report gives the largest error of
+    every swapped module's output and of the model's output — a swap that silently did
+    nothing or changed the maths shows at once.
     """
     report = PatchReport()
+    plan = []  # (name, module, kind, detail)
+    for name, module in model.named_modules():
+        if layer_norm and _swap_rule(module) is not None:
+            plan.append((name, module, "norm", None))
+        if attention:
+            kind, detail = _attention_rule(module)
+            if kind is not None:
+                plan.append((name, module, kind, detail))
+            elif detail is not None:
+                report.not_swapped.append((name, type(module).__name__, detail))
+    if any(name == "" for name, _, kind, _ in plan if kind == "norm"):
+        raise ValueError("patch: the model itself is a norm module; wrap it or use mptkernels.nn directly")
+    sample = None
+    if verify is not False:
+        sample = verify if isinstance(verify, torch.Tensor) else _sample_input(model)
+        linears = [n for n, m in model.named_modules() if int8 and type(m) is torch.nn.Linear and n]
+        names = [n for n, *_ in plan if n] + linears
+        before_out, before = _outputs(model, sample, names)
+    for name, module, kind, detail in plan:
+        if kind == "norm":
+            make, cast = _swap_rule(module)
+            new = make()
+            new.train(module.training)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
+            report.swapped.append((name, type(module).__name__, type(new).__name__, cast))
+        else:
+            module._mptk_original_forward = module.forward
+            module.forward = types.MethodType(_mpt_attention_forward, module)
+            report.swapped.append((name, type(module).__name__, "fused forward", detail))
+    if sdpa is None:
+        sdpa = attention and getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
+    if sdpa:
+        _route_sdpa(model)
+        report.sdpa_routed = True
     if int8:
         from .quantize import quantize_
 
         report.int8 = quantize_(model, "w8a8" if int8 is True else int8, calibration=calibration)
-    if not layer_norm:
-        return report
-    for name, module in list(model.named_modules()):
-        rule = _swap_rule(module)
-        if rule is None:
-            continue
-        make, cast = rule
-        new = make()
-        new.train(module.training)
-        if name == "":
-            raise ValueError("patch: the model itself is a norm module; wrap it or use mptkernels.nn directly")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-        report.swapped.append((name, type(module).__name__, type(new).__name__, cast))
+    if sample is not None:
+        after_out, after = _outputs(model, sample, names)
+        report.errors = {n: (after[n] - before[n]).abs().max().item() for n in names if n in after and n in before}
+        report.output_error = (after_out - before_out).abs().max().item()
     return report
+
+
+def _sample_input(model):
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is None:
+        raise ValueError("patch(verify=True) needs a model with config.vocab_size; pass a sample input as verify=...")
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (2, 32), generator=g).to(p.device)

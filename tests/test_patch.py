@@ -124,3 +124,84 @@ def test_patch_shares_parameters_and_leaves_subclasses():
     assert model[0].weight is ln.weight and type(model[1]) is MyNorm
     assert str(mptkernels.patch(torch.nn.Linear(2, 2))) == "mptkernels.patch: nothing swapped"
     assert len(mptkernels.patch(torch.nn.Sequential(torch.nn.LayerNorm(4)), layer_norm=False)) == 0
+
+
+# ---------------------------------------------------------------- attention swaps (transformers)
+def _hf_mpt():
+    transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
+    torch.manual_seed(0)
+    cfg = transformers.MptConfig(d_model=96, n_heads=6, n_layers=2, max_seq_len=256, vocab_size=512,
+                                 attn_config={"alibi": True}, initializer_range=0.2)
+    return transformers.MptForCausalLM(cfg).eval()
+
+
+def test_patch_hf_mpt_attention_keeps_logits_and_generation():
+    hf = _hf_mpt()
+    ids = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        want = hf(ids).logits
+    gen_want = hf.generate(ids[:, :6], max_new_tokens=10, do_sample=False, pad_token_id=0)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :9] = 0  # left padding: the original attention path
+    with torch.no_grad():
+        padded_want = hf(ids, attention_mask=mask).logits
+    report = mptkernels.patch(hf, verify=True)
+    attn = [s for s in report.swapped if s[1] == "MptAttention"]
+    assert len(attn) == 2 and all(report.errors[name] < 1e-4 for name, *_ in attn)
+    assert report.output_error < 1e-4 and "max error" in str(report)
+    assert type(hf.transformer.blocks[0].attn).__name__ == "MptAttention"  # the instance, not the class
+    with torch.no_grad():
+        assert (hf(ids).logits - want).abs().max() < 1e-4
+        assert (hf(ids, attention_mask=mask).logits - padded_want).abs().max() < 1e-4
+    assert torch.equal(hf.generate(ids[:, :6], max_new_tokens=10, do_sample=False, pad_token_id=0), gen_want)
+    other = _hf_mpt()  # another instance of the class is untouched
+    assert "_mptk_original_forward" not in other.transformer.blocks[0].attn.__dict__
+
+
+def test_patch_verify_catches_a_changed_model_and_reports_refusals(monkeypatch):
+    import transformers
+
+    hf = _hf_mpt()
+    monkeypatch.setattr(transformers, "__version__", "9.0.0")
+    report = mptkernels.patch(hf, layer_norm=False)
+    assert not report.swapped and "is not one of the versions" in report.not_swapped[0][2]
+    monkeypatch.undo()
+    hf = _hf_mpt()
+    sample = torch.randint(0, 512, (1, 12))
+    report = mptkernels.patch(hf, verify=sample, int8="w8a8")
+    # W8A8 changes the maths a little: verify measures it per linear and for the output
+    assert all(n in report.errors for n in ("transformer.blocks.0.attn.Wqkv", "transformer.blocks.1.ffn.up_proj"))
+    assert 1e-6 < report.output_error < 1.0
+
+
+def test_patch_routes_sdpa_of_hf_llama():
+    transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                   num_hidden_layers=2, vocab_size=300, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        want = model(ids).logits
+    import sys
+
+    attn_mod = sys.modules["mptkernels.ops.attention"]  # (ops.attention is the function)
+    calls = []
+    real = attn_mod._TORCH_SDPA
+    report = mptkernels.patch(model, verify=True)
+    assert report.sdpa_routed and any(c == "LlamaAttention" for _, c, _ in report.not_swapped)
+
+    original_attention = attn_mod.attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return original_attention(*a, **k)
+
+    attn_mod.attention = counting
+    try:
+        with torch.no_grad():
+            got = model(ids).logits
+    finally:
+        attn_mod.attention = original_attention
+    assert calls, "the fused kernel must serve the model's SDPA calls"
+    assert (got - want).abs().max() < 1e-4 and torch.nn.functional.scaled_dot_product_attention is real

@@ -116,12 +116,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             attn_mask = _alibi_mask(alibi_slopes, query, key, attn_mask, is_causal)
             is_causal = False
         kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
-        return torch.nn.functional.scaled_dot_product_attention(
+        return _TORCH_SDPA(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
                     alibi_slopes=alibi_slopes, softmax_scale=scale)
     return out.transpose(1, 2)
 
+
+# PyTorch's own function, kept at import: mptkernels.patch may route F.scaled_dot_product_attention
+# to ours while a model runs, and the fallback must not call itself
+_TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
 
 # what scaled_dot_product_attention hands to PyTorch (mptkernels.info() prints it)
 SDPA_FALLBACKS = "attn_mask, dropout_p > 0, is_causal with seqlen_q != seqlen_k (top-left), head_dim % 8 or > 256"
