@@ -182,3 +182,18 @@ def test_generate_cli_streams_text_and_reports_speed(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mptkernels.generate", "--model", str(tmp_path), "--prompt", "héllo",
                         "--max-new-tokens", "12", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.stdout.rstrip("\n") == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_generation_cuda_graph_matches_eager(dtype):
+    model = _ours(alibi=True, kv_n_heads=2).to("cuda", dtype)
+    prompt = torch.randint(0, 257, (3, 9), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[2, :4] = 0
+    eager = model.generate(prompt, 20, attention_mask=mask, cuda_graph=False)
+    graphed = model.generate(prompt, 20, attention_mask=mask, cuda_graph=True)
+    assert torch.equal(eager, graphed)
+    cpu = model.float().cpu().generate(prompt.cpu(), 20, attention_mask=mask.cpu())
+    if dtype == torch.float32:
+        assert torch.equal(eager.cpu(), cpu)

@@ -155,6 +155,7 @@ class MPTForCausalLM(torch.nn.Module):
                                                 cast=cfg.norm_cast, **kw)
         self.lm_head = torch.nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as MPT
+        self._tables = {}  # ALiBi slopes / rotary tables per device (not parameters)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02):
@@ -168,15 +169,24 @@ class MPTForCausalLM(torch.nn.Module):
 
     # ---- the forward pass (training, prefill and decode share it)
     def _alibi(self, device):
+        """The ALiBi slopes on device, made once (a host-to-device copy cannot be captured in a
+        CUDA graph, so a decode step must not make them)."""
         if not self.config.attn_config["alibi"]:
             return None
-        return reference.alibi_slopes(self.config.n_heads, self.config.attn_config["alibi_bias_max"]).to(device)
+        key = ("alibi", str(device))
+        if key not in self._tables:
+            cfg = self.config
+            self._tables[key] = reference.alibi_slopes(cfg.n_heads, cfg.attn_config["alibi_bias_max"]).to(device)
+        return self._tables[key]
 
     def _rope(self, device, offsets):
         if not self.config.attn_config["rope"]:
             return None
-        cos, sin = ops.rotary_cos_sin(self.config.max_seq_len, self.config.head_dim,
-                                      base=self.config.attn_config["rope_theta"], device=device)
+        key = ("rope", str(device))
+        if key not in self._tables:
+            self._tables[key] = ops.rotary_cos_sin(self.config.max_seq_len, self.config.head_dim,
+                                                   base=self.config.attn_config["rope_theta"], device=device)
+        cos, sin = self._tables[key]
         return cos, sin, offsets
 
     def forward(self, input_ids, labels=None, *, cache=None, cache_seqlens=None):
@@ -217,7 +227,7 @@ class MPTForCausalLM(torch.nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, *, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
-                 eos_token_id=None, streamer=None, generator=None, pad_token_id=None):
+                 eos_token_id=None, streamer=None, generator=None, pad_token_id=None, cuda_graph=True):
         """Prompt + new tokens, (batch, prompt_len + max_new_tokens) like HF ``generate``.
 
         Prompts of different lengths: left padding with ``attention_mask`` (1 = token); each
@@ -226,7 +236,9 @@ class MPTForCausalLM(torch.nn.Module):
         temperature 0: greedy; else sampling (``top_k``, ``top_p``), reproducible with a
         ``generator``. A sequence that emitted ``eos_token_id`` continues with
         ``pad_token_id`` (default: eos). ``streamer.put(tokens (batch,))`` gets every step,
-        ``streamer.end()`` the end (HF's streamer protocol).
+        ``streamer.end()`` the end (HF's streamer protocol). On CUDA (``cuda_graph``) the decode
+        step (the whole forward over the cache) is captured once as a CUDA graph and replayed,
+        so a step costs one graph launch instead of a Python pass over every layer.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"generate: input_ids must be (batch, seqlen), got {tuple(input_ids.shape)}")
@@ -254,6 +266,7 @@ class MPTForCausalLM(torch.nn.Module):
         pad = eos_token_id if pad_token_id is None else pad_token_id
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         out = []
+        step_fn = _DecodeStep(self, cache, seqlens, use_graph=cuda_graph and dev.type == "cuda")
         for step in range(max_new_tokens):
             nxt = _sample(logits.float(), temperature, top_k, top_p, generator)
             if eos_token_id is not None:
@@ -264,8 +277,7 @@ class MPTForCausalLM(torch.nn.Module):
                 streamer.put(nxt.cpu())
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            logits = self(nxt.unsqueeze(1), cache=cache, cache_seqlens=seqlens)[:, -1]
-            seqlens += 1
+            logits = step_fn(nxt)  # appends nxt at seqlens, then advances seqlens
         if streamer is not None:
             streamer.end()
         self.train(was_training)
@@ -319,6 +331,42 @@ class MPTForCausalLM(torch.nn.Module):
             json.dump(hf, f, indent=2)
         state = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}
         safetensors_io.save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+class _DecodeStep:
+    """One decode step over the static cache: logits of the next token for each sequence.
+
+    With ``use_graph`` the first step runs eagerly (it compiles every kernel and measures any
+    per-shape choice), the second is captured as a CUDA graph over static input buffers, and
+    every later step copies its tokens into the buffer and replays the graph. The cache and
+    ``seqlens`` are the same tensors throughout, so the captured kernels read the current
+    lengths from memory (the decode kernels compute their key ranges on the device).
+    """
+
+    def __init__(self, model, cache, seqlens, use_graph):
+        self.model, self.cache, self.seqlens, self.use_graph = model, cache, seqlens, use_graph
+        self.calls, self.graph = 0, None
+
+    def _eager(self, ids):
+        return self.model(ids, cache=self.cache, cache_seqlens=self.seqlens)[:, -1]
+
+    def __call__(self, nxt):
+        ids = nxt.unsqueeze(1)
+        if not self.use_graph or self.calls == 0:
+            logits = self._eager(ids)
+        else:
+            if self.graph is None:
+                self.static_ids = ids.clone()
+                self.graph = torch.cuda.CUDAGraph()
+                torch.cuda.synchronize()
+                with torch.cuda.graph(self.graph):
+                    self.static_logits = self._eager(self.static_ids)
+            self.static_ids.copy_(ids)
+            self.graph.replay()
+            logits = self.static_logits.clone()
+        self.calls += 1
+        self.seqlens += 1
+        return logits
 
 
 def _config_from_hf(hf: dict) -> MPTConfig:
