@@ -67,14 +67,103 @@ def check_ops(device):
     print(" ", str(mptkernels.patch(model, int8="weight_only")).replace("\n", "\n  "))
 
 
+def _corpus(max_bytes=2_000_000):
+    """Text found on this machine: the package's docs, then Python's own library sources."""
+    import glob
+    import sysconfig
+
+    files = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))) + [os.path.join(ROOT, "README.md")]
+    files += sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    chunks, total = [], 0
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).long()
+
+
+def _bar(i, n, text, width=30):
+    """A progress bar redrawn in place on a terminal; in a log, one line per tenth."""
+    done = int(width * (i + 1) / n)
+    line = f"  [{'#' * done}{'.' * (width - done)}] {i + 1}/{n} {text}"
+    if sys.stdout.isatty():
+        print("\r" + line, end="\n" if i + 1 == n else "", flush=True)
+    elif (i + 1) * 10 // n != i * 10 // n or i + 1 == n:
+        print(line, flush=True)
+
+
+def train_and_generate(device, out_dir, seconds):
+    """Train a small byte-level MPT on local text for about `seconds`, save it in HF format,
+    load it back and generate from it with the KV cache."""
+    import time
+
+    from mptkernels.models import MPTConfig, MPTForCausalLM
+    from mptkernels.generate import ByteTokenizer
+
+    torch.manual_seed(0)
+    data = _corpus()
+    gpu = device == "cuda"
+    cfg = MPTConfig(d_model=256 if gpu else 128, n_heads=4, n_layers=4 if gpu else 3, max_seq_len=256,
+                    vocab_size=256, attn_config=dict(alibi=True))
+    model = MPTForCausalLM(cfg, device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    batch, seq = (32, 256) if gpu else (8, 128)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    print(f"\ntraining a {n_params / 1e6:.2f}M-parameter byte-level MPT on {len(data) / 1e6:.1f} MB of local text "
+          f"({device}, about {seconds} s):")
+    g = torch.Generator().manual_seed(0)
+    t0, losses, step = time.perf_counter(), [], 0
+    est_steps = None
+    while True:
+        idx = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        x = torch.stack([data[i:i + seq] for i in idx]).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
+            _, loss = model(x, labels=x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        elapsed = time.perf_counter() - t0
+        if est_steps is None and elapsed > 2:
+            est_steps = max(step + 1, int(step * seconds / elapsed))
+        if est_steps:
+            _bar(min(step, est_steps) - 1, est_steps, f"loss {losses[-1]:.3f}  {step * batch * seq / elapsed:,.0f} tok/s")
+            if step >= est_steps:
+                break
+    print(f"  loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f} (nats per byte) in {step} steps")
+    path = os.path.join(out_dir, "demo-mpt")
+    model.save_pretrained(path)
+    model = MPTForCausalLM.from_hf(path, device=device).eval()
+    prompt = "def "
+    ids = torch.tensor([ByteTokenizer().encode(prompt)], device=device)
+    t = time.perf_counter()
+    out = model.generate(ids, 200, temperature=0.8, top_k=20, generator=torch.Generator(device=device).manual_seed(0))
+    dt = time.perf_counter() - t
+    text = ByteTokenizer().decode(out[0].tolist())
+    print(f"  saved to {path} (HF MPT format); generated with the KV cache, {200 / dt:.0f} tokens/s:")
+    print("  | " + text.replace("\n", "\n  | "))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=os.path.join(ROOT, "bench-out"), help="benchmark JSON and plot folder")
     p.add_argument("--no-bench", action="store_true", help="skip the benchmarks")
+    p.add_argument("--train-seconds", type=int, default=60, help="how long the demo model trains (0: skip)")
     args = p.parse_args()
     mptkernels.info()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_ops(device)
+    if args.train_seconds > 0:
+        os.makedirs(args.out, exist_ok=True)
+        train_and_generate(device, args.out, args.train_seconds)
     if not args.no_bench:
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
         import run as bench_run

@@ -159,6 +159,12 @@ def test_config_errors():
         MPTConfig(attn_config={"alibi": True, "rope": True})
     with pytest.raises(ValueError, match="at least one token"):
         _ours().generate(torch.zeros(1, 3, dtype=torch.long), 2, attention_mask=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        _ours().generate(torch.zeros(2, 3, dtype=torch.long), 2, attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="max_seq_len is 128"):
+        _ours().generate(torch.zeros(1, 129, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="input_ids must be"):
+        _ours().generate(torch.zeros(3, dtype=torch.long), 2)
 
 
 def test_generate_cli_streams_text_and_reports_speed(tmp_path):

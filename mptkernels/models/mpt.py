@@ -244,6 +244,13 @@ class MPTForCausalLM(torch.nn.Module):
             raise ValueError(f"generate: input_ids must be (batch, seqlen), got {tuple(input_ids.shape)}")
         b, p = input_ids.shape
         dev = input_ids.device
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, p):
+            raise ValueError(f"generate: attention_mask must have input_ids' shape {(b, p)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        if p > self.config.max_seq_len:
+            raise ValueError(f"generate: the prompt has {p} tokens but max_seq_len is {self.config.max_seq_len}")
+        if max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lengths = mask.sum(1)
         if (lengths == 0).any():

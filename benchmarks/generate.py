@@ -1,0 +1,102 @@
+"""Greedy decoding speed of the MPT model on mptkernels against transformers' MptForCausalLM
+on the same weights (random; speed does not depend on them).
+
+    python benchmarks/generate.py [--device cpu|cuda] [--quick]
+
+CPU: a 51M-parameter MPT (d_model 512, 8 layers, 8 heads, vocab 50432) in fp32, batch 1.
+GPU: MPT-1.3B's shape (d_model 2048, 24 layers, 16 heads, vocab 50432) in bf16, batch 1 and 8,
+and weight-only int8. Prompt 128 tokens; tokens/s counts new tokens over the whole generate
+call after a warm-up call. The roofline is the weight bytes read per decoded token at the
+measured copy bandwidth (GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _timed(fn, device, reps):
+    fn()  # warm-up: kernel compilation, CUDA graph capture, allocator
+    best = float("inf")
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run(device: str, quick: bool):
+    import mptkernels
+    from mptkernels.models import MPTForCausalLM
+
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    gpu = device == "cuda"
+    d, layers, heads = (2048, 24, 16) if gpu else (512, 8, 8)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    new_tokens = 256 if gpu else (16 if quick else 64)
+    cfg = transformers.MptConfig(d_model=d, n_heads=heads, n_layers=layers, max_seq_len=2048, vocab_size=50432,
+                                 attn_config={"alibi": True}) if transformers else None
+    rows = []
+    torch.manual_seed(0)
+    if transformers:
+        hf = transformers.MptForCausalLM(cfg).to(device, dtype).eval()
+        ours = MPTForCausalLM.from_hf(hf).eval()
+    else:
+        from mptkernels.models import MPTConfig
+
+        hf = None
+        ours = MPTForCausalLM(MPTConfig(d_model=d, n_heads=heads, n_layers=layers, vocab_size=50432),
+                              device=device, dtype=dtype).eval()
+    n_params = sum(p.numel() for p in ours.parameters())
+    for batch in ((1, 8) if gpu else (1,)):
+        prompt = torch.randint(0, 50432, (batch, 128), device=device)
+        reps = 1 if quick else 3
+        t_ours = _timed(lambda: ours.generate(prompt, new_tokens), device, reps)
+        rows.append((f"B{batch} mptkernels", batch * new_tokens / t_ours))
+        if hf is not None:
+            t_hf = _timed(lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                              do_sample=False, pad_token_id=0), device, reps)
+            rows.append((f"B{batch} transformers", batch * new_tokens / t_hf))
+        if batch == 1:
+            q = MPTForCausalLM.from_hf(hf).eval() if hf is not None else None
+            if q is not None:
+                mptkernels.quantize_(q, "weight_only")
+                t_q = _timed(lambda: q.generate(prompt, new_tokens), device, reps)
+                rows.append((f"B{batch} mptkernels int8 weights", batch * new_tokens / t_q))
+    print(f"greedy decode, {n_params / 1e6:.0f}M-parameter MPT (d{d} L{layers} H{heads}), "
+          f"{str(dtype).replace('torch.', '')}, prompt 128, {new_tokens} new tokens, {device}, "
+          f"torch {torch.__version__}, transformers {getattr(transformers, '__version__', 'not installed')}")
+    for name, tps in rows:
+        print(f"  {name:32s} {tps:9.1f} tokens/s")
+    by = dict(rows)
+    if "B1 transformers" in by:
+        print(f"  mptkernels / transformers at batch 1: {by['B1 mptkernels'] / by['B1 transformers']:.2f}x")
+    if gpu:
+        from harness import copy_ceiling_gbps
+
+        weight_bytes = n_params * 2
+        roof = copy_ceiling_gbps(device, quick) * 1e9 / weight_bytes
+        print(f"  weight-bandwidth roofline at batch 1: {roof:.0f} tokens/s "
+              f"({by['B1 mptkernels'] / roof:.0%} reached)")
+    return rows
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    run(a.device, a.quick)
