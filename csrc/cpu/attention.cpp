@@ -229,7 +229,11 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
                            const Geometry& g, T* op, float* lp) {
   const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
   const int64_t qrow = g.Hq * D, krow = g.Hk * D;
-  at::parallel_for(0, nseq * g.Hk, 1, [&](int64_t t0, int64_t t1) {
+  // a decode step is often a few microseconds of work: hand a thread at least ~64k
+  // multiply-adds, since waking one costs more than that (and far more on a busy machine)
+  const int64_t per_task = std::max<int64_t>(1, g.max_Sq * g.group * (g.max_Skp) * Dp * 2);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_task);
+  at::parallel_for(0, nseq * g.Hk, grain, [&](int64_t t0, int64_t t1) {
     const int64_t R = g.max_Sq * g.group;  // rows: (token t, head in group) -> r = t * group + gi
     std::vector<float> qt(R * Dp), acc(R * Dp), S(R * kBlockK), m(R), l(R), slope(R), kv(kBlockK * Dp);
     for (int64_t t = t0; t < t1; ++t) {
