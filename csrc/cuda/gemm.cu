@@ -31,31 +31,10 @@
 #include <cstdint>
 #include <tuple>
 
+#include "common/cuda_pack.cuh"
+
 namespace mptk::cuda {
 namespace {
-
-// V elements moved as one access, aligned to its size (at most 16 bytes)
-template <typename U, int V>
-struct alignas(sizeof(U) * V > 16 ? 16 : sizeof(U) * V) Pack {
-  U v[V];
-};
-
-template <typename U, int V>
-__device__ __forceinline__ Pack<U, V> ld(const U* p) {
-  return *reinterpret_cast<const Pack<U, V>*>(p);
-}
-
-// Hides a cached pack's value from the optimiser, so the fp32 widening of a cached 16-bit
-// row done for the absmax is not kept alive (doubling the cache's registers) until the
-// quantisation: each walk widens again (see layer_norm.cu).
-template <typename U, int V>
-__device__ __forceinline__ void opaque(Pack<U, V>& p) {
-  if constexpr (sizeof(U) == 2 && V % 2 == 0) {
-    uint32_t* w = reinterpret_cast<uint32_t*>(&p);
-#pragma unroll
-    for (int i = 0; i < V / 2; ++i) asm volatile("" : "+r"(w[i]));
-  }
-}
 
 // |v| as fp32 bits: unsigned order is the order of magnitudes, with NaN above inf, so an
 // unsigned max is an absmax that propagates NaN like torch's amax

@@ -36,37 +36,10 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/cuda_pack.cuh"
+
 namespace mptk::cuda {
 namespace {
-
-// VEC elements moved as one load/store; capped at 16-byte alignment, so a 32-byte pack
-// (8 fp32 weights beside 8 half activations) becomes two 16-byte accesses.
-template <typename U, int V>
-struct alignas(sizeof(U) * V > 16 ? 16 : sizeof(U) * V) Pack {
-  U v[V];
-};
-
-template <typename U, int V>
-__device__ __forceinline__ Pack<U, V> ld(const U* p) {
-  return *reinterpret_cast<const Pack<U, V>*>(p);
-}
-
-template <typename U, int V>
-__device__ __forceinline__ void st(U* p, const Pack<U, V>& v) {
-  *reinterpret_cast<Pack<U, V>*>(p) = v;
-}
-
-// Hides a cached pack's value from the optimiser. Without it the compiler keeps the fp32
-// widening of a cached bf16 row alive from one walk to the next (a shift is cheap to
-// common up) and the doubled register footprint spills; with it each walk re-widens.
-template <typename U, int V>
-__device__ __forceinline__ void opaque(Pack<U, V>& p) {
-  if constexpr (sizeof(U) == 2 && V % 2 == 0) {
-    uint32_t* q = reinterpret_cast<uint32_t*>(&p);
-#pragma unroll
-    for (int i = 0; i < V / 2; ++i) asm volatile("" : "+r"(q[i]));
-  }
-}
 
 template <typename U>
 __device__ __forceinline__ float f32(U v) {

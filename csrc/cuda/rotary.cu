@@ -26,15 +26,10 @@
 #include <optional>
 #include <type_traits>
 
+#include "common/cuda_pack.cuh"
+
 namespace mptk::cuda {
 namespace {
-
-// V elements moved as one access, aligned to its size (at most 16 bytes: 8 fp32 cos
-// values beside 8 bf16 features are two 16-byte loads)
-template <typename U, int V>
-struct alignas(sizeof(U) * V > 16 ? 16 : sizeof(U) * V) Pack {
-  U v[V];
-};
 
 // V elements as float; ALIGNED: one packed access, else V scalar ones
 template <int V, bool ALIGNED, typename U>
