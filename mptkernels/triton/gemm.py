@@ -224,6 +224,32 @@ def _activation_grad(g, s, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _k_loop(acc, a_ptrs, b_ptrs, K, offs_k, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, B_TO_A: tl.constexpr,
+            INT_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += A tile rows . B tile rows over K (both K-contiguous; the pointers start at k = 0).
+    Only the ragged K edge is masked. B_TO_A: convert B's tile to A's dtype first (int8
+    weights against 16-bit activations: exact, |w| <= 127 needs 7 significand bits).
+    INT_DOT: int8 x int8 with int32 accumulation."""
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0)
+        if B_TO_A:
+            b = b.to(a.dtype)
+        if INT_DOT:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _linear_kernel(
     X,  # [M, K] fp16/bf16/fp32
     W,  # [N, K] x's dtype (nn.Linear layout)
@@ -250,17 +276,7 @@ def _linear_kernel(
     w_ptrs = W + cols[:, None] * stride_wn + offs_k[None, :]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = _k_loop(acc, x_ptrs, w_ptrs, K, offs_k, BLOCK_K, EVEN_K, False, False, DOT_PRECISION)
 
     # epilogue: bias, pre-activation store, activation, store; all in fp32 until the stores
     n_ok = offs_n < N
@@ -313,17 +329,7 @@ def _int8_gemm_kernel(
 
     # exact: |acc| <= 127 * 127 * K fits int32 for K < 133,000
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
-            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    acc = _k_loop(acc, a_ptrs, b_ptrs, K, offs_k, BLOCK_K, EVEN_K, False, True, None)
 
     m_ok = offs_m < M
     n_ok = offs_n < N
@@ -412,21 +418,9 @@ def _wo_int8_kernel(
     cols = (offs_n % N).to(tl.int64)
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = W + cols[:, None] * stride_wn + offs_k[None, :]
-    dtype = X.dtype.element_ty
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
-        # int8 -> x's dtype is exact (|w| <= 127 needs 7 significand bits; bf16 has 8)
-        acc = tl.dot(a, tl.trans(b.to(dtype)), acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = _k_loop(acc, x_ptrs, w_ptrs, K, offs_k, BLOCK_K, EVEN_K, True, False, DOT_PRECISION)
 
     n_ok = offs_n < N
     acc = acc * tl.load(WS + offs_n, mask=n_ok, other=0.0)[None, :]
