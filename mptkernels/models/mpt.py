@@ -100,7 +100,7 @@ class MPTBlock(torch.nn.Module):
             return reference.activation(out, activation) if activation else out
         return ops.linear(x, layer.weight, layer.bias, activation)
 
-    def attention(self, h, slopes, rope, cache):
+    def attention(self, h, slopes, rope, cache, varlen=None):
         cfg, (b, s, _) = self.cfg, h.shape
         nh, kv, hd = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         qkv = self._linear(self.attn.Wqkv, h)
@@ -112,7 +112,12 @@ class MPTBlock(torch.nn.Module):
             cos, sin, offsets = rope
             q, k = ops.apply_rotary(q, cos, sin, seqlen_offsets=offsets), ops.apply_rotary(k, cos, sin, seqlen_offsets=offsets)
         scale = cfg.attn_config["softmax_scale"]
-        if cache is None:
+        if varlen is not None:  # packed documents: no token attends across a boundary
+            cu, longest = varlen
+            out = ops.attention_varlen(q.reshape(b * s, nh, hd), k.reshape(b * s, kv, hd), v.reshape(b * s, kv, hd),
+                                       cu, cu, longest, longest, causal=True, alibi_slopes=slopes,
+                                       softmax_scale=scale)
+        elif cache is None:
             out = ops.attention(q, k, v, causal=True, alibi_slopes=slopes, softmax_scale=scale)
         else:
             k_cache, v_cache, seqlens = cache
@@ -120,13 +125,13 @@ class MPTBlock(torch.nn.Module):
                                              causal=True, alibi_slopes=slopes, softmax_scale=scale)
         return self._linear(self.attn.out_proj, out.reshape(b, s, nh * hd))
 
-    def forward(self, pending, resid, slopes, rope=None, cache=None):
+    def forward(self, pending, resid, slopes, rope=None, cache=None, varlen=None):
         """pending: the last sublayer's output not yet added to the residual stream resid."""
         if pending is None:
             h, resid = self.norm_1(resid), resid
         else:
             h, resid = self.norm_1(pending, resid)
-        a = self.attention(h, slopes, rope, cache)
+        a = self.attention(h, slopes, rope, cache, varlen)
         if self.training and self.cfg.resid_pdrop:
             a = F.dropout(a, self.cfg.resid_pdrop)
         h, resid = self.norm_2(a, resid)
@@ -189,10 +194,14 @@ class MPTForCausalLM(torch.nn.Module):
         cos, sin = self._tables[key]
         return cos, sin, offsets
 
-    def forward(self, input_ids, labels=None, *, cache=None, cache_seqlens=None):
+    def forward(self, input_ids, labels=None, *, doc_ids=None, cache=None, cache_seqlens=None):
         """input_ids (batch, seqlen). With ``cache`` (from ``new_cache``) and ``cache_seqlens``
         (batch,) int32, the tokens are appended to the cache at those positions (not advanced
-        here) and attend to it. Returns logits (batch, seqlen, vocab) (and the loss)."""
+        here) and attend to it. ``doc_ids`` (batch, seqlen) marks packed documents (a new
+        document starts where the id changes, and at each row): attention then stays inside
+        each document (``ops.attention_varlen``), ALiBi distances included; positions of learned
+        or rotary embeddings stay the row's. Returns logits (batch, seqlen, vocab) (and the mean
+        next-token cross-entropy with ``labels``; a target in another document is not counted)."""
         cfg = self.config
         b, s = input_ids.shape
         dev = input_ids.device
@@ -204,17 +213,28 @@ class MPTForCausalLM(torch.nn.Module):
         if self.training and cfg.emb_pdrop:
             x = F.dropout(x, cfg.emb_pdrop)
         slopes, rope = self._alibi(dev), self._rope(dev, offsets)
+        varlen = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("forward: doc_ids (packed documents) is for training, not with a cache")
+            if tuple(doc_ids.shape) != (b, s):
+                raise ValueError(f"forward: doc_ids must have input_ids' shape {(b, s)}, got {tuple(doc_ids.shape)}")
+            varlen = _doc_cu_seqlens(doc_ids)
         pending, resid = None, x
         for i, block in enumerate(self.transformer.blocks):
             layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache_seqlens)
-            pending, resid = block(pending, resid, slopes, rope, layer_cache)
+            pending, resid = block(pending, resid, slopes, rope, layer_cache, varlen)
         h, _ = self.transformer.norm_f(pending, resid)
         logits = MPTBlock._linear(self.lm_head, h)  # an Int8Linear after quantize_, else tied to wte
         if cfg.logit_scale is not None:
             logits = logits * (1.0 / math.sqrt(cfg.d_model) if cfg.logit_scale == "inv_sqrt_d_model" else cfg.logit_scale)
         if labels is None:
             return logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        targets = labels[:, 1:]
+        if doc_ids is not None:  # the first token of a document is not predicted from the last one
+            targets = targets.masked_fill(doc_ids[:, 1:] != doc_ids[:, :-1], -100)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=-100)
         return logits, loss
 
     # ---- generation
@@ -338,6 +358,18 @@ class MPTForCausalLM(torch.nn.Module):
             json.dump(hf, f, indent=2)
         state = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}
         safetensors_io.save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _doc_cu_seqlens(doc_ids):
+    """(cu_seqlens int32, longest document) of the documents in doc_ids (batch, seqlen): a
+    document starts at each row and wherever the id changes. One host sync (the longest)."""
+    b, s = doc_ids.shape
+    flat = doc_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::s] = True
+    cu = torch.cat([starts.nonzero().squeeze(1), torch.tensor([b * s], device=flat.device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 class _DecodeStep:
