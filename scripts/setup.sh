@@ -16,7 +16,7 @@ if [ "$(uname -s)" = Linux ] && ! "$PY" -c "import triton" 2>/dev/null; then
   pip_install "triton==3.6.0"
 fi
 missing=()
-for mod_pkg in numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark matplotlib:matplotlib; do
+for mod_pkg in numpy:numpy yaml:pyyaml pytest:pytest pytest_benchmark:pytest-benchmark matplotlib:matplotlib; do
   "$PY" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg##*:}")
 done
 command -v ninja >/dev/null || missing+=(ninja)

@@ -194,14 +194,15 @@ class MPTForCausalLM(torch.nn.Module):
         cos, sin = self._tables[key]
         return cos, sin, offsets
 
-    def forward(self, input_ids, labels=None, *, doc_ids=None, cache=None, cache_seqlens=None):
+    def forward(self, input_ids, labels=None, *, doc_ids=None, cache=None, cache_seqlens=None, loss_reduction="mean"):
         """input_ids (batch, seqlen). With ``cache`` (from ``new_cache``) and ``cache_seqlens``
         (batch,) int32, the tokens are appended to the cache at those positions (not advanced
         here) and attend to it. ``doc_ids`` (batch, seqlen) marks packed documents (a new
         document starts where the id changes, and at each row): attention then stays inside
         each document (``ops.attention_varlen``), ALiBi distances included; positions of learned
         or rotary embeddings stay the row's. Returns logits (batch, seqlen, vocab) (and the mean
-        next-token cross-entropy with ``labels``; a target in another document is not counted)."""
+        next-token cross-entropy with ``labels``, or its sum with ``loss_reduction="sum"``; a
+        target in another document is not counted)."""
         cfg = self.config
         b, s = input_ids.shape
         dev = input_ids.device
@@ -234,7 +235,7 @@ class MPTForCausalLM(torch.nn.Module):
         if doc_ids is not None:  # the first token of a document is not predicted from the last one
             targets = targets.masked_fill(doc_ids[:, 1:] != doc_ids[:, :-1], -100)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                               ignore_index=-100)
+                               ignore_index=-100, reduction=loss_reduction)
         return logits, loss
 
     # ---- generation
