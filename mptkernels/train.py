@@ -264,7 +264,11 @@ def train(cfg) -> list:
 
     device, rank, world = _init_distributed()
     try:
-        return _train(cfg, device, rank, world, TokenDataset(cfg["data"]["path"]))
+        records = _train(cfg, device, rank, world, TokenDataset(cfg["data"]["path"]))
+        # every process done before the group goes away: a gloo process group torn down while
+        # a peer is still in its last collective aborts that peer
+        dist.barrier()
+        return records
     finally:
         dist.destroy_process_group()
 
@@ -407,6 +411,7 @@ def export_hf(cfg, out_dir):
             raise FileNotFoundError(f"export: no complete checkpoint in {cfg['checkpoint']['dir']}")
         load_checkpoint(ckpts[0], model, opt, sched)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dist.barrier()
         if rank == 0:
             from .models import MPTConfig, MPTForCausalLM
 

@@ -32,8 +32,9 @@ def _run(run_dir, data_dir, *overrides, nproc=1, expect_ok=True):
     if nproc == 1:
         cmd = [sys.executable, "-m", "mptkernels.train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29400 + os.getpid() % 500), "-m", "mptkernels.train", *args]
+        # --standalone: a rendezvous on a free local port (no clash between runs or test processes)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "mptkernels.train", *args]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TRITON_INTERPRET")}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     if expect_ok:
