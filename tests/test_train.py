@@ -119,3 +119,12 @@ def test_incomplete_checkpoint_is_ignored_and_bad_keys_are_named(tmp_path, data_
 
     model = MPTForCausalLM.from_hf(out)
     assert model.generate(torch.tensor([[65, 66]]), 4).shape == (1, 6)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir):
+    plain, ckpt = str(tmp_path / "plain"), str(tmp_path / "ac")
+    _run(plain, data_dir, "train.steps=4", "checkpoint.every=0")
+    _run(ckpt, data_dir, "train.steps=4", "checkpoint.every=0", "train.activation_checkpointing=true")
+    lp, la = _losses(plain), _losses(ckpt)
+    for s in lp:
+        assert abs(lp[s] - la[s]) <= 1e-6 * abs(lp[s]), (s, lp[s], la[s])
