@@ -61,7 +61,7 @@ DEFAULTS = {
     },
     "checkpoint": {"dir": "runs/default", "every": 50, "keep": 2},
     "spike": {"factor": 3.0, "window": 20, "max_consecutive": 3},
-    "log": {"every": 1},
+    "log": {"every": 1, "tensorboard": False, "wandb_project": None},
     "test_hooks": {"oom_at_step": None, "nan_at_step": None, "crash_at_step": None},
 }
 
@@ -296,6 +296,7 @@ def _train(cfg, device, rank, world, data):
     log_path = os.path.join(run_dir, "log.jsonl")
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
+    sinks = _log_sinks(cfg, run_dir) if rank == 0 else []
     records = []
     while state["step"] < t["steps"]:
         step, dstep = state["step"], state["data_step"]
@@ -365,6 +366,8 @@ def _train(cfg, device, rank, world, data):
         if rank == 0:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+            for sink in sinks:
+                sink(rec)
             if (step + 1) % cfg["log"]["every"] == 0:
                 bar = int(30 * (step + 1) / t["steps"])
                 print(f"[{'#' * bar}{'.' * (30 - bar)}] step {step + 1}/{t['steps']} loss {loss_v:.4f} "
@@ -373,6 +376,27 @@ def _train(cfg, device, rank, world, data):
         if ck["every"] and state["step"] % ck["every"] == 0:
             save_checkpoint(run_dir, state["step"], model, opt, sched, state, ck["keep"])
     return records
+
+
+def _log_sinks(cfg, run_dir):
+    """TensorBoard and W&B, when the config asks for them (each needs its package)."""
+    sinks = []
+    if cfg["log"]["tensorboard"]:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise RuntimeError("log.tensorboard: true needs the tensorboard package (pip install tensorboard)") from e
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        sinks.append(lambda rec: [writer.add_scalar(k, v, rec["step"]) for k, v in rec.items()
+                                  if isinstance(v, (int, float)) and k != "step"] and writer.flush())
+    if cfg["log"]["wandb_project"]:
+        try:
+            import wandb
+        except ImportError as e:
+            raise RuntimeError("log.wandb_project needs the wandb package (pip install wandb)") from e
+        run = wandb.init(project=cfg["log"]["wandb_project"], config=cfg, dir=run_dir, resume="allow")
+        sinks.append(lambda rec: run.log({k: v for k, v in rec.items() if v is not None}, step=rec["step"]))
+    return sinks
 
 
 def _step_grads(model, tokens, doc_ids, micro_batch, world, inject_oom=False):

@@ -128,3 +128,15 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir):
     lp, la = _losses(plain), _losses(ckpt)
     for s in lp:
         assert abs(lp[s] - la[s]) <= 1e-6 * abs(lp[s]), (s, lp[s], la[s])
+
+
+def test_tensorboard_logging_or_a_clear_error(tmp_path, data_dir):
+    import importlib.util
+
+    run = str(tmp_path / "tb")
+    has_tb = importlib.util.find_spec("tensorboard") is not None
+    r = _run(run, data_dir, "train.steps=2", "checkpoint.every=0", "log.tensorboard=true", expect_ok=has_tb)
+    if has_tb:
+        assert os.listdir(os.path.join(run, "tensorboard"))
+    else:
+        assert r.returncode != 0 and "needs the tensorboard package" in r.stderr
