@@ -169,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = x.scalar_type() == at::kFloat ? h : at::empty({M, N}, x.options());
   at::Tensor preact = keep_preact ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+  if (x.scalar_type() == at::kFloat && !bias && act == Act::kNone) return {out, preact};  // sgemm's output is it
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_linear_fwd", [&] {
     linear_epilogue<scalar_t>(h.mutable_data_ptr<float>(), bias ? bias32.const_data_ptr<float>() : nullptr, act,
                               out.mutable_data_ptr<scalar_t>(),
@@ -188,8 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
               "), got ", dout.sizes());
   const Act act = parse_activation(std::string_view(activation.data(), activation.size()), op);
   const bool is_double = x.scalar_type() == at::kDouble;
-  at::Tensor dpre = is_double ? dout.contiguous().clone() : dout.to(at::kFloat).contiguous().clone();
+  // the activation's gradient is applied in place, on a copy; without one dout is used as is
+  at::Tensor dpre = is_double ? dout.contiguous() : dout.to(at::kFloat).contiguous();
   if (act != Act::kNone) {
+    if (dpre.is_same(dout) || dpre.data_ptr() == dout.data_ptr()) dpre = dpre.clone();
     TORCH_CHECK(saved.dim() == 2 && saved.size(0) == M && saved.size(1) == N, op, ": saved must be (", M, ", ", N,
                 ") for activation ", activation, ", got ", saved.sizes());
     at::Tensor s = is_double ? saved.contiguous() : saved.to(at::kFloat).contiguous();

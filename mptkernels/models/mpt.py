@@ -231,10 +231,13 @@ class MPTForCausalLM(torch.nn.Module):
             logits = logits * (1.0 / math.sqrt(cfg.d_model) if cfg.logit_scale == "inv_sqrt_d_model" else cfg.logit_scale)
         if labels is None:
             return logits
-        targets = labels[:, 1:]
+        # shift the labels, not the logits: position t predicts token t + 1, the last predicts
+        # nothing (-100); the logits stay one contiguous (tokens, vocab) view, never copied
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         if doc_ids is not None:  # the first token of a document is not predicted from the last one
-            targets = targets.masked_fill(doc_ids[:, 1:] != doc_ids[:, :-1], -100)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+            targets[:, :-1] = targets[:, :-1].masked_fill(doc_ids[:, 1:] != doc_ids[:, :-1], -100)
+        flat = logits.reshape(-1, logits.shape[-1])
+        loss = F.cross_entropy(flat if flat.dtype == torch.float32 else flat.float(), targets.reshape(-1),
                                ignore_index=-100, reduction=loss_reduction)
         return logits, loss
 
