@@ -122,6 +122,37 @@ def _is_plain_causal(mask, s):
     return bool(torch.equal(mask.bool(), (j > i + (sk - s)).expand_as(mask)))
 
 
+def _llama_attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+                             cache_position=None, **kwargs):
+    """transformers' Llama / Mistral / Qwen2 attention forward on the fused kernel (bound to one
+    instance by patch): their projections, their rotary (``apply_rotary_pos_emb`` of the
+    module's own file) and cache, then causal GQA attention in one kernel. A mask other than
+    plain causal (padding) or attention dropout in training runs the original forward."""
+    import sys as _sys
+
+    from .ops import attention
+
+    b, s, _ = hidden_states.shape
+    if attention_mask is not None:
+        masked = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0  # additive: 0 = keep
+        plain = masked.dim() == 4 and _is_plain_causal(masked, s)
+    else:
+        plain = True
+    if not plain or (self.training and self.attention_dropout > 0):
+        return self._mptk_original_forward(hidden_states, position_embeddings, attention_mask,
+                                           past_key_values=past_key_values, cache_position=cache_position, **kwargs)
+    shape = (b, s, -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = _sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
+    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=self.scaling)
+    return self.o_proj(out.reshape(b, s, -1)), None
+
+
 def _attention_rule(m):
     """(how to swap it, detail) for an attention module, or (None, why not) for one we know."""
     name = type(m).__name__
@@ -132,8 +163,18 @@ def _attention_rule(m):
             return None, (f"transformers {transformers.__version__} is not one of the versions the swap supports "
                           f"{SUPPORTED_TRANSFORMERS}")
         return "mpt", "fused causal + ALiBi attention"
-    if name in ("LlamaAttention", "MistralAttention", "Qwen2Attention", "GPTNeoXAttention"):
-        return None, ("rotary/GQA attention of this family is not swapped yet; its SDPA calls are routed "
+    if name in ("LlamaAttention", "MistralAttention", "Qwen2Attention") and all(
+            hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")):
+        import transformers
+
+        if not transformers.__version__.startswith(SUPPORTED_TRANSFORMERS):
+            return None, (f"transformers {transformers.__version__} is not one of the versions the swap supports "
+                          f"{SUPPORTED_TRANSFORMERS}")
+        if getattr(m.config, "sliding_window", None) and getattr(m.config, "use_sliding_window", True):
+            return None, "sliding-window attention is not fused; its SDPA calls are routed with attn_implementation='sdpa'"
+        return "llama", "fused causal GQA attention (the model's rotary)"
+    if name == "GPTNeoXAttention":
+        return None, ("GPT-NeoX attention (fused QKV, partial rotary) is not swapped yet; its SDPA calls are routed "
                       "when the model uses attn_implementation='sdpa'")
     return None, None
 
@@ -226,7 +267,8 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = 
             report.swapped.append((name, type(module).__name__, type(new).__name__, cast))
         else:
             module._mptk_original_forward = module.forward
-            module.forward = types.MethodType(_mpt_attention_forward, module)
+            fused = _mpt_attention_forward if kind == "mpt" else _llama_attention_forward
+            module.forward = types.MethodType(fused, module)
             report.swapped.append((name, type(module).__name__, "fused forward", detail))
     if sdpa is None:
         sdpa = attention and getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"

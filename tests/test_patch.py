@@ -188,8 +188,9 @@ def test_patch_routes_sdpa_of_hf_llama():
     attn_mod = sys.modules["mptkernels.ops.attention"]  # (ops.attention is the function)
     calls = []
     real = attn_mod._TORCH_SDPA
-    report = mptkernels.patch(model, verify=True)
-    assert report.sdpa_routed and any(c == "LlamaAttention" for _, c, _ in report.not_swapped)
+    # the SDPA routing alone (attention=False: the attention modules keep their forward)
+    report = mptkernels.patch(model, attention=False, sdpa=True, verify=True)
+    assert report.sdpa_routed and not any(old == "LlamaAttention" for _, old, _, _ in report.swapped)
 
     original_attention = attn_mod.attention
 
@@ -205,3 +206,41 @@ def test_patch_routes_sdpa_of_hf_llama():
         attn_mod.attention = original_attention
     assert calls, "the fused kernel must serve the model's SDPA calls"
     assert (got - want).abs().max() < 1e-4 and torch.nn.functional.scaled_dot_product_attention is real
+
+
+def test_patch_hf_llama_attention_gqa_rotary_with_cache_and_padding():
+    transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
+    import sys
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                   num_hidden_layers=2, vocab_size=300, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0  # left padding: the original path
+    with torch.no_grad():
+        want, padded_want = model(ids).logits, model(ids, attention_mask=mask).logits
+    gen_want = model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    report = mptkernels.patch(model, verify=True)
+    assert [d for _, old, _, d in report.swapped if old == "LlamaAttention"] == ["fused causal GQA attention (the model's rotary)"] * 2
+    attn_mod = sys.modules["mptkernels.ops.attention"]
+    calls, original = [], attn_mod.attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    import mptkernels.patch as patch_mod  # the fused forward imports ops.attention at call time
+    ops_pkg = sys.modules["mptkernels.ops"]
+    ops_pkg.attention = counting
+    try:
+        with torch.no_grad():
+            got = model(ids).logits
+    finally:
+        ops_pkg.attention = original
+    assert len(calls) == 2 and patch_mod is not None
+    with torch.no_grad():
+        assert (got - want).abs().max() < 1e-4
+        assert (model(ids, attention_mask=mask).logits - padded_want).abs().max() < 1e-4
+    assert torch.equal(model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0), gen_want)
