@@ -62,7 +62,7 @@ def test_hf_checkpoints_in_and_out(tmp_path):
 
 
 @pytest.mark.parametrize("attn", [dict(alibi=True, kv_n_heads=2), dict(alibi=False, rope=True),
-                                  dict(alibi=True, clip_qkv=0.5)], ids=str)
+                                  dict(alibi=True, clip_qkv=0.5), dict(alibi=True, qk_ln=True, kv_n_heads=4)], ids=str)
 def test_cached_decoding_equals_full_recompute(attn):
     model = _ours(**attn)
     prompt = torch.randint(0, 257, (2, 9))

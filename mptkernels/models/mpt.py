@@ -59,8 +59,6 @@ class MPTConfig:
             raise ValueError(f"MPTConfig: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.kv_n_heads:
             raise ValueError(f"MPTConfig: n_heads ({self.n_heads}) must be a multiple of kv_n_heads ({self.kv_n_heads})")
-        if self.attn_config["qk_ln"]:
-            raise ValueError("MPTConfig: attn_config.qk_ln is not supported by mptkernels' MPT yet")
         if self.attn_config["alibi"] and self.attn_config["rope"]:
             raise ValueError("MPTConfig: attn_config.alibi and attn_config.rope are exclusive")
 
@@ -88,6 +86,10 @@ class MPTBlock(torch.nn.Module):
         self.attn = torch.nn.Module()
         self.attn.Wqkv = torch.nn.Linear(d, (cfg.n_heads + 2 * cfg.kv_n_heads) * cfg.head_dim, bias=bias, **kw)
         self.attn.out_proj = torch.nn.Linear(d, d, bias=bias, **kw)
+        if cfg.attn_config["qk_ln"]:  # llm-foundry's qk_ln: LayerNorm over all of q and all of k
+            self.attn.q_ln = mnn.LayerNorm(d, eps=cfg.layer_norm_epsilon, bias=bias, cast=cfg.norm_cast, **kw)
+            self.attn.k_ln = mnn.LayerNorm(cfg.kv_n_heads * cfg.head_dim, eps=cfg.layer_norm_epsilon, bias=bias,
+                                           cast=cfg.norm_cast, **kw)
         self.norm_2 = mnn.LayerNorm(d, eps=cfg.layer_norm_epsilon, bias=bias, cast=cfg.norm_cast, **kw)
         self.ffn = torch.nn.Module()
         self.ffn.up_proj = torch.nn.Linear(d, cfg.expansion_ratio * d, bias=bias, **kw)
@@ -107,7 +109,9 @@ class MPTBlock(torch.nn.Module):
         if cfg.attn_config["clip_qkv"]:
             qkv = qkv.clamp(-cfg.attn_config["clip_qkv"], cfg.attn_config["clip_qkv"])
         q, k, v = qkv.split([nh * hd, kv * hd, kv * hd], dim=-1)
-        q, k, v = q.view(b, s, nh, hd), k.view(b, s, kv, hd), v.view(b, s, kv, hd)
+        if cfg.attn_config["qk_ln"]:
+            q, k = self.attn.q_ln(q), self.attn.k_ln(k)
+        q, k, v = q.reshape(b, s, nh, hd), k.reshape(b, s, kv, hd), v.reshape(b, s, kv, hd)
         if rope is not None:
             cos, sin, offsets = rope
             q, k = ops.apply_rotary(q, cos, sin, seqlen_offsets=offsets), ops.apply_rotary(k, cos, sin, seqlen_offsets=offsets)
@@ -347,9 +351,10 @@ class MPTForCausalLM(torch.nn.Module):
         ``MptForCausalLM.from_pretrained`` loads it)."""
         cfg = self.config
         if cfg.kv_n_heads != cfg.n_heads or cfg.attn_config["rope"] or cfg.learned_pos_emb or not cfg.no_bias \
-                or cfg.expansion_ratio != 4 or not cfg.attn_config["alibi"] or cfg.logit_scale is not None:
+                or cfg.expansion_ratio != 4 or not cfg.attn_config["alibi"] or cfg.logit_scale is not None \
+                or cfg.attn_config["qk_ln"]:
             raise ValueError("save_pretrained: transformers' MPT covers ALiBi, no biases, expansion_ratio 4, no GQA, "
-                             "no rope, no learned positions and no logit_scale; this config differs")
+                             "no rope, no qk_ln, no learned positions and no logit_scale; this config differs")
         os.makedirs(path, exist_ok=True)
         hf = dict(model_type="mpt", architectures=["MptForCausalLM"], d_model=cfg.d_model, n_heads=cfg.n_heads,
                   n_layers=cfg.n_layers, expansion_ratio=cfg.expansion_ratio, max_seq_len=cfg.max_seq_len,
