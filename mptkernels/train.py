@@ -58,6 +58,7 @@ DEFAULTS = {
         "steps": 100, "global_batch": 8, "micro_batch": 4, "lr": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 10,
         "weight_decay": 0.0, "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 0, "precision": "fp32",
         "activation_checkpointing": False, "compile": False, "peak_tflops": None,
+        "device": "auto",  # auto: CUDA (one GPU per process) when available, else the CPU (gloo)
     },
     "checkpoint": {"dir": "runs/default", "every": 50, "keep": 2},
     "spike": {"factor": 3.0, "window": 20, "max_consecutive": 3},
@@ -117,8 +118,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _init_distributed():
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+def _init_distributed(want="auto"):
+    if want not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"config: train.device must be auto, cpu or cuda, got {want!r}")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -262,7 +266,7 @@ def train(cfg) -> list:
     """Runs (or resumes) training as configured; returns the logged records of this process."""
     from .data import TokenDataset
 
-    device, rank, world = _init_distributed()
+    device, rank, world = _init_distributed(cfg["train"]["device"])
     try:
         records = _train(cfg, device, rank, world, TokenDataset(cfg["data"]["path"]))
         # every process done before the group goes away: a gloo process group torn down while
@@ -426,7 +430,7 @@ def export_hf(cfg, out_dir):
     """The latest checkpoint's model as a Hugging Face MPT directory."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
 
-    device, rank, world = _init_distributed()
+    device, rank, world = _init_distributed(cfg["train"]["device"])
     try:
         model = build_model(cfg, device)
         opt, sched = build_optimizer(model, cfg, device)

@@ -26,8 +26,9 @@ def data_dir(tmp_path_factory):
 
 
 def _run(run_dir, data_dir, *overrides, nproc=1, expect_ok=True):
+    # the CPU (gloo) on any machine: two processes on one GPU would not work with NCCL
     args = [TINY, f"data.path={data_dir}", f"checkpoint.dir={run_dir}", "log.every=100", "train.warmup_steps=4",
-            "train.lr=0.01",
+            "train.lr=0.01", "train.device=cpu",
             *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "mptkernels.train", *args]
@@ -113,7 +114,8 @@ def test_incomplete_checkpoint_is_ignored_and_bad_keys_are_named(tmp_path, data_
     assert r.returncode == 2 and "unknown key 'train.stepz'" in r.stderr
     out = str(tmp_path / "hf")
     r = subprocess.run([sys.executable, "-m", "mptkernels.train", TINY, f"data.path={data_dir}",
-                        f"checkpoint.dir={run}", "--export", out], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                        f"checkpoint.dir={run}", "train.device=cpu", "--export", out], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     from mptkernels.models import MPTForCausalLM
 
