@@ -76,11 +76,28 @@ def run(device: str, quick: bool):
                 mptkernels.quantize_(q, "weight_only")
                 t_q = _timed(lambda: q.generate(prompt, new_tokens), device, reps)
                 rows.append((f"B{batch} mptkernels int8 weights", batch * new_tokens / t_q))
+    # prefill: one forward over a long prompt into the cache, against the time its FLOPs take at
+    # 700 TFLOP/s on the GPU (the yardstick) or at the measured matmul ceiling here
+    plen = 2048 if gpu else 512
+    prompt = torch.randint(0, 50432, (1, plen), device=device)
+    flops = 2 * n_params * plen + 2 * layers * plen * plen * d  # matmuls + causal attention
+    with torch.no_grad():
+        cache = ours.new_cache(1, plen)
+        lens = torch.zeros(1, dtype=torch.int32, device=device)
+        t_pre = _timed(lambda: ours(prompt, cache=cache, cache_seqlens=lens), device, 1 if quick else 3)
+    if gpu:
+        ideal = flops / 700e12
+    else:
+        from harness import matmul_ceiling_tflops
+
+        ideal = flops / (matmul_ceiling_tflops("cpu", True) * 1e12)
+    rows.append((f"prefill {plen} tokens (ms)", t_pre * 1e3))
     print(f"greedy decode, {n_params / 1e6:.0f}M-parameter MPT (d{d} L{layers} H{heads}), "
           f"{str(dtype).replace('torch.', '')}, prompt 128, {new_tokens} new tokens, {device}, "
           f"torch {torch.__version__}, transformers {getattr(transformers, '__version__', 'not installed')}")
     for name, tps in rows:
-        print(f"  {name:32s} {tps:9.1f} tokens/s")
+        print(f"  {name:32s} {tps:9.1f} " + ("ms" if name.startswith("prefill") else "tokens/s"))
+    print(f"  prefill time / ideal ({'700 TFLOP/s' if gpu else 'the matmul ceiling'}): {t_pre / ideal:.2f}x")
     by = dict(rows)
     if "B1 transformers" in by:
         print(f"  mptkernels / transformers at batch 1: {by['B1 mptkernels'] / by['B1 transformers']:.2f}x")
