@@ -142,3 +142,12 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path, data_dir):
         assert os.listdir(os.path.join(run, "tensorboard"))
     else:
         assert r.returncode != 0 and "needs the tensorboard package" in r.stderr
+
+
+def test_compiled_blocks_give_the_same_losses(tmp_path, data_dir):
+    plain, comp = str(tmp_path / "plain"), str(tmp_path / "compiled")
+    _run(plain, data_dir, "train.steps=3", "checkpoint.every=0")
+    _run(comp, data_dir, "train.steps=3", "checkpoint.every=0", "train.compile=true")
+    lp, lc = _losses(plain), _losses(comp)
+    for s in lp:
+        assert abs(lp[s] - lc[s]) <= 1e-5 * abs(lp[s]), (s, lp[s], lc[s])
