@@ -153,6 +153,35 @@ def _llama_attention_forward(self, hidden_states, position_embeddings, attention
     return self.o_proj(out.reshape(b, s, -1)), None
 
 
+def _neox_attention_forward(self, hidden_states, attention_mask=None, head_mask=None, layer_past=None,
+                            output_attentions=False, cache_position=None, position_embeddings=None, **kwargs):
+    """transformers' GPT-NeoX attention forward on the fused kernel (bound to one instance by
+    patch): its fused QKV projection, its partial rotary and cache, then causal attention in
+    one kernel. Padding masks, head masks, returned attention weights and attention dropout in
+    training run the original forward."""
+    import sys as _sys
+
+    from .ops import attention
+
+    b, s, _ = hidden_states.shape
+    plain = attention_mask is None or _is_plain_causal(
+        ~attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0, s)
+    if (not plain or head_mask is not None or output_attentions or position_embeddings is None
+            or (self.training and self.attention_dropout > 0)):
+        return self._mptk_original_forward(hidden_states, attention_mask, head_mask=head_mask, layer_past=layer_past,
+                                           output_attentions=output_attentions, cache_position=cache_position,
+                                           position_embeddings=position_embeddings, **kwargs)
+    qkv = self.query_key_value(hidden_states).view(b, s, -1, 3 * self.head_size).transpose(1, 2)
+    q, k, v = qkv.chunk(3, dim=-1)
+    cos, sin = position_embeddings
+    q, k = _sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+    if layer_past is not None:
+        k, v = layer_past.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position,
+                                                        "partial_rotation_size": self.rotary_ndims})
+    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=self.scaling)
+    return self.dense(out.reshape(b, s, -1)), None
+
+
 def _attention_rule(m):
     """(how to swap it, detail) for an attention module, or (None, why not) for one we know."""
     name = type(m).__name__
@@ -173,9 +202,16 @@ def _attention_rule(m):
         if getattr(m.config, "sliding_window", None) and getattr(m.config, "use_sliding_window", True):
             return None, "sliding-window attention is not fused; its SDPA calls are routed with attn_implementation='sdpa'"
         return "llama", "fused causal GQA attention (the model's rotary)"
-    if name == "GPTNeoXAttention":
-        return None, ("GPT-NeoX attention (fused QKV, partial rotary) is not swapped yet; its SDPA calls are routed "
-                      "when the model uses attn_implementation='sdpa'")
+    if name == "GPTNeoXAttention" and all(hasattr(m, a) for a in ("query_key_value", "dense", "head_size",
+                                                                    "rotary_ndims", "scaling", "layer_idx")):
+        import transformers
+
+        if not transformers.__version__.startswith(SUPPORTED_TRANSFORMERS):
+            return None, (f"transformers {transformers.__version__} is not one of the versions the swap supports "
+                          f"{SUPPORTED_TRANSFORMERS}")
+        if m.head_size % 8 or m.head_size > 256:
+            return None, f"head size {m.head_size} is not a multiple of 8 up to 256 (the fused kernel's)"
+        return "neox", "fused causal attention (the model's partial rotary)"
     return None, None
 
 
@@ -267,7 +303,8 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = 
             report.swapped.append((name, type(module).__name__, type(new).__name__, cast))
         else:
             module._mptk_original_forward = module.forward
-            fused = _mpt_attention_forward if kind == "mpt" else _llama_attention_forward
+            fused = {"mpt": _mpt_attention_forward, "llama": _llama_attention_forward,
+                     "neox": _neox_attention_forward}[kind]
             module.forward = types.MethodType(fused, module)
             report.swapped.append((name, type(module).__name__, "fused forward", detail))
     if sdpa is None:

@@ -244,3 +244,24 @@ def test_patch_hf_llama_attention_gqa_rotary_with_cache_and_padding():
         assert (got - want).abs().max() < 1e-4
         assert (model(ids, attention_mask=mask).logits - padded_want).abs().max() < 1e-4
     assert torch.equal(model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0), gen_want)
+
+
+def test_patch_hf_gpt_neox_attention_partial_rotary():
+    transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                                     vocab_size=300, rotary_pct=0.5, attn_implementation="eager")
+    model = transformers.GPTNeoXForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        want, padded_want = model(ids).logits, model(ids, attention_mask=mask).logits
+    gen_want = model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    report = mptkernels.patch(model, verify=True)
+    assert sum(old == "GPTNeoXAttention" for _, old, _, _ in report.swapped) == 2
+    assert all(report.errors[n] < 1e-4 for n, old, _, _ in report.swapped if old == "GPTNeoXAttention")
+    with torch.no_grad():
+        assert (model(ids).logits - want).abs().max() < 1e-4
+        assert (model(ids, attention_mask=mask).logits - padded_want).abs().max() < 1e-4
+    assert torch.equal(model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0), gen_want)
