@@ -304,6 +304,17 @@ constexpr int64_t kKStep = 8;
 constexpr int kMR = 1, kNR = 1;
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// the sums of four accumulators' lanes at once: [sum(a), sum(b), sum(c), sum(d)]
+inline __m128i vsum4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+#endif
+
 #ifdef MPTK_INT8_VNNI
 constexpr int32_t kAShift = 128;
 #else
@@ -353,9 +364,19 @@ inline void int8_tile(const Elem* A, const Elem* B, const int32_t* corr, int64_t
       y = vload(b3 + k);
       c03 = vdot(c03, x0, y), c13 = vdot(c13, x1, y), c23 = vdot(c23, x2, y), c33 = vdot(c33, x3, y);
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    // the 16 lane sums four accumulators at a time (one shuffle tree, not four)
+    const VI c[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
+    alignas(16) int32_t sums[4];
+    for (int r = 0; r < 4; ++r) {
+      _mm_store_si128(reinterpret_cast<__m128i*>(sums), vsum4(c[r][0], c[r][1], c[r][2], c[r][3]));
+      for (int cc = 0; cc < 4; ++cc) epi(m0 + r, n0 + cc, sums[cc] - corr[n0 + cc]);
+    }
+#else
     const VI c[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
     for (int r = 0; r < 4; ++r)
       for (int cc = 0; cc < 4; ++cc) epi(m0 + r, n0 + cc, vsum(c[r][cc]) - corr[n0 + cc]);
+#endif
     return;
   }
   if constexpr (MR == 2 && NR == 4) {  // AVX2's full tile, spelled out for the same reason
