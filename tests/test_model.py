@@ -8,10 +8,10 @@ from mptkernels.models import MPTConfig, MPTForCausalLM
 transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
 
 
-def _hf_model(n_heads=6, d_model=96, n_layers=2, vocab=512, seed=0):
+def _hf_model(n_heads=6, d_model=96, n_layers=2, vocab=512, seed=0, **attn):
     torch.manual_seed(seed)
     cfg = transformers.MptConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers, max_seq_len=256,
-                                 vocab_size=vocab, attn_config={"alibi": True}, initializer_range=0.2)
+                                 vocab_size=vocab, attn_config={"alibi": True, **attn}, initializer_range=0.2)
     return transformers.MptForCausalLM(cfg).eval()
 
 
@@ -23,9 +23,10 @@ def _ours(**attn):
     return m
 
 
-@pytest.mark.parametrize("n_heads", [4, 6])  # 6: ALiBi slopes of a non-power-of-two head count
-def test_logits_and_greedy_generation_match_transformers(n_heads):
-    hf = _hf_model(n_heads=n_heads)
+@pytest.mark.parametrize("n_heads, attn", [(4, {}), (6, {}), (4, {"clip_qkv": 0.3}), (4, {"softmax_scale": 0.2})],
+                         ids=str)  # 6: ALiBi slopes of a non-power-of-two head count
+def test_logits_and_greedy_generation_match_transformers(n_heads, attn):
+    hf = _hf_model(n_heads=n_heads, **attn)
     ours = MPTForCausalLM.from_hf(hf).eval()
     ids = torch.randint(0, 512, (3, 41))
     with torch.no_grad():
