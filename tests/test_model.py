@@ -2,10 +2,9 @@
 out, KV-cache generation against full recomputation, batching, sampling, training."""
 import pytest
 import torch
+import transformers  # a test dependency: scripts/test.sh installs 4.57.1
 
 from mptkernels.models import MPTConfig, MPTForCausalLM
-
-transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
 
 
 def _hf_model(n_heads=6, d_model=96, n_layers=2, vocab=512, seed=0, **attn):

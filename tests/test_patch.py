@@ -128,7 +128,7 @@ def test_patch_shares_parameters_and_leaves_subclasses():
 
 # ---------------------------------------------------------------- attention swaps (transformers)
 def _hf_mpt():
-    transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
+    import transformers  # a test dependency: scripts/test.sh installs 4.57.1
     torch.manual_seed(0)
     cfg = transformers.MptConfig(d_model=96, n_heads=6, n_layers=2, max_seq_len=256, vocab_size=512,
                                  attn_config={"alibi": True}, initializer_range=0.2)
@@ -175,7 +175,7 @@ def test_patch_verify_catches_a_changed_model_and_reports_refusals(monkeypatch):
 
 
 def test_patch_routes_sdpa_of_hf_llama():
-    transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
+    import transformers  # a test dependency: scripts/test.sh installs 4.57.1
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                                    num_hidden_layers=2, vocab_size=300, attn_implementation="sdpa")
@@ -209,7 +209,7 @@ def test_patch_routes_sdpa_of_hf_llama():
 
 
 def test_patch_hf_llama_attention_gqa_rotary_with_cache_and_padding():
-    transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
+    import transformers  # a test dependency: scripts/test.sh installs 4.57.1
     import sys
 
     torch.manual_seed(0)
@@ -247,7 +247,7 @@ def test_patch_hf_llama_attention_gqa_rotary_with_cache_and_padding():
 
 
 def test_patch_hf_gpt_neox_attention_partial_rotary():
-    transformers = pytest.importorskip("transformers", reason="scripts/test.sh installs transformers 4.57.1")
+    import transformers  # a test dependency: scripts/test.sh installs 4.57.1
     torch.manual_seed(0)
     cfg = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
                                      vocab_size=300, rotary_pct=0.5, attn_implementation="eager")

@@ -32,7 +32,6 @@ def _text(x) -> str:
 
 
 def test_triton_kernels_compile_for_sm90():
-    pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     try:
         r = subprocess.run([sys.executable, SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -41,8 +40,9 @@ def test_triton_kernels_compile_for_sm90():
         pytest.fail(f"{SCRIPT} did not finish in {TIMEOUT_S} s; its output so far:\n"
                     f"{_text(e.stdout)}\n{_text(e.stderr)}", pytrace=False)
     out = r.stdout + ("\n--- stderr ---\n" + r.stderr if r.stderr.strip() else "")
-    if r.returncode == 0 and r.stdout.lstrip().startswith("SKIP"):
-        pytest.skip(r.stdout.strip().splitlines()[0])
+    # triton (installed by scripts/setup.sh) ships the NVIDIA backend and ptxas: their absence
+    # is a broken install here, not a reason to skip
+    assert not r.stdout.lstrip().startswith("SKIP"), f"{SCRIPT} could not compile anything:\n{out}"
     print(out)  # shown by pytest when the test fails
     assert r.returncode == 0, f"{SCRIPT} exited with {r.returncode}:\n{out}"
     assert r.stdout.rstrip().endswith("PASS"), f"{SCRIPT} did not report PASS:\n{out}"
