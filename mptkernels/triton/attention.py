@@ -224,6 +224,32 @@ def _fwd_inner(
 
 
 @triton.jit
+def _slope2(SLOPES, b, stride_slope_b, h, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slope of (batch b, head h) in log2 units (scores are kept in log2), or 0."""
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_slope_b + h) * LOG2E
+    else:
+        slope2 = 0.0
+    return slope2
+
+
+@triton.jit
+def _key_range(start_m, diag, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_end, hi) for the query tile at start_m: keys [0, full_end) are seen in full by
+    every row of the tile (no mask at all); [full_end, hi) holds the diagonal blocks and the
+    ragged block at Sk (masked). diag = Sk - Sq."""
+    if CAUSAL:
+        # the tile's last row sees keys < start_m + BLOCK_M + diag; its first row sees all
+        # keys <= start_m + diag (none when that is negative: rows with Sq > Sk)
+        hi = tl.minimum(start_m + BLOCK_M + diag, Sk)
+        full_end = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = Sk
+        full_end = Sk // BLOCK_N * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
 def _sequence(CU_Q, CU_K, SEQLENS_K, b, Sq, Sk, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr):
     """(first q row, first k row, Sq, Sk) of sequence b: from cu_seqlens for packed
     sequences, from seqlens_k for a KV cache, else the batch-wide sizes at row 0."""
@@ -292,21 +318,9 @@ def _attn_fwd_kernel(
 
     diag = Sk - Sq
     q_pos = offs_m + diag
-    if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_slope_b + h) * LOG2E
-    else:
-        slope2 = 0.0
+    slope2 = _slope2(SLOPES, b, stride_slope_b, h, HAS_ALIBI)
 
-    # Key range: [0, full_end) is seen in full by every row of the tile (no mask at all);
-    # [full_end, hi) holds the diagonal blocks and the ragged block at Sk (masked).
-    if CAUSAL:
-        # the tile's last row sees keys < start_m + BLOCK_M + diag; its first row sees all
-        # keys <= start_m + diag (none when that is negative: rows with Sq > Sk)
-        hi = tl.minimum(start_m + BLOCK_M + diag, Sk)
-        full_end = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = Sk
-        full_end = Sk // BLOCK_N * BLOCK_N
+    full_end, hi = _key_range(start_m, diag, Sk, CAUSAL, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -468,10 +482,7 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b * stride_qb + q_start * stride_qs + h * HEAD_DIM
         lse_base = LSE + b * stride_lse_b + h * stride_lse_h + q_start
         delta_base = DELTA + b * stride_lse_b + h * stride_lse_h + q_start
-        if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + b * stride_slope_b + h) * LOG2E
-        else:
-            slope2 = 0.0
+        slope2 = _slope2(SLOPES, b, stride_slope_b, h, HAS_ALIBI)
         if ragged:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, k_pos, col_ok,
@@ -578,17 +589,8 @@ def _attn_bwd_dq_kernel(
 
     diag = Sk - Sq
     q_pos = offs_m + diag
-    if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_slope_b + h) * LOG2E
-    else:
-        slope2 = 0.0
-    # the same key ranges as the forward
-    if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M + diag, Sk)
-        full_end = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = Sk
-        full_end = Sk // BLOCK_N * BLOCK_N
+    slope2 = _slope2(SLOPES, b, stride_slope_b, h, HAS_ALIBI)
+    full_end, hi = _key_range(start_m, diag, Sk, CAUSAL, BLOCK_M, BLOCK_N)  # as the forward
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(
