@@ -54,6 +54,11 @@ def _losses(run_dir):
     return out
 
 
+def _assert_same_losses(want, got, rtol, steps=None):
+    for s in steps or want:
+        assert abs(want[s] - got[s]) <= rtol * abs(want[s]), (s, want[s], got[s])
+
+
 def test_two_processes_learn_and_resume_exactly_after_sigkill(tmp_path, data_dir):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = ("train.steps=16", "checkpoint.every=4")
@@ -73,8 +78,7 @@ def test_two_processes_learn_and_resume_exactly_after_sigkill(tmp_path, data_dir
     _run(c, data_dir, "train.steps=20", "checkpoint.every=4")
     _run(a, data_dir, "train.steps=20", "checkpoint.every=4", nproc=2)
     lc, la2 = _losses(c), _losses(a)
-    for step in range(17, 21):
-        assert abs(lc[step] - la2[step]) <= 1e-5 * abs(la2[step]), (step, lc[step], la2[step])
+    _assert_same_losses(la2, lc, 1e-5, steps=range(17, 21))
 
 
 def test_injected_oom_halves_the_micro_batch_and_keeps_the_maths(tmp_path, data_dir):
@@ -84,8 +88,7 @@ def test_injected_oom_halves_the_micro_batch_and_keeps_the_maths(tmp_path, data_
     assert "micro_batch -> 2" in r.stdout
     lb, lo = _losses(base), _losses(oom)
     assert sorted(lo) == list(range(1, 9))
-    for s in lb:
-        assert abs(lb[s] - lo[s]) <= 1e-5 * abs(lb[s]), (s, lb[s], lo[s])
+    _assert_same_losses(lb, lo, 1e-5)
     with open(os.path.join(oom, "log.jsonl")) as fh:
         last = [json.loads(x) for x in fh][-1]
     assert last["micro_batch"] == 2  # the chosen micro-batch is kept
@@ -128,8 +131,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir):
     _run(plain, data_dir, "train.steps=4", "checkpoint.every=0")
     _run(ckpt, data_dir, "train.steps=4", "checkpoint.every=0", "train.activation_checkpointing=true")
     lp, la = _losses(plain), _losses(ckpt)
-    for s in lp:
-        assert abs(lp[s] - la[s]) <= 1e-6 * abs(lp[s]), (s, lp[s], la[s])
+    _assert_same_losses(lp, la, 1e-6)
 
 
 def test_tensorboard_logging_or_a_clear_error(tmp_path, data_dir):
@@ -149,5 +151,4 @@ def test_compiled_blocks_give_the_same_losses(tmp_path, data_dir):
     _run(plain, data_dir, "train.steps=3", "checkpoint.every=0")
     _run(comp, data_dir, "train.steps=3", "checkpoint.every=0", "train.compile=true")
     lp, lc = _losses(plain), _losses(comp)
-    for s in lp:
-        assert abs(lp[s] - lc[s]) <= 1e-5 * abs(lp[s]), (s, lp[s], lc[s])
+    _assert_same_losses(lp, lc, 1e-5)
