@@ -1,4 +1,5 @@
 """Fused attention (causal, ALiBi, GQA): every backend against mptkernels.reference (fp64)."""
+import contextlib
 import importlib
 
 import pytest
@@ -416,6 +417,41 @@ def test_varlen_and_kvcache_bad_input(call, match):
     dq, kc, vc, lens, kn, vn = _kvcache_case(2, 16, 4, 2, 16, 1, 3, torch.float32, lens=[0, 1])
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(dict(q=q, k=k, v=v, cu=cu, dq=dq, kc=kc, vc=vc, lens=lens, kn=kn, vn=vn))
+
+
+def test_length_checks_read_each_tensor_version_once(monkeypatch):
+    """On the GPU the varlen / kvcache length checks copy the lengths to the host (a sync);
+    a model passes one tensor to every layer, so a tensor is read once per version, and an
+    in-place change to it (or a new tensor) is checked again."""
+    attn = importlib.import_module("mptkernels.ops.attention")
+    monkeypatch.setattr(attn, "_checked", attn._CheckedTensors())
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or tolist(t))
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    for _ in range(4):
+        attn._check_lengths(cu, 7, 4, "cu_seqlens_q", "max_seqlen_q")
+    assert len(reads) == 1
+    with pytest.raises(ValueError, match="exceeds max_seqlen_q = 3"):
+        attn._check_lengths(cu, 7, 3, "cu_seqlens_q", "max_seqlen_q")  # other arguments: read again
+    cu[2] = 9  # in place: the version moves
+    with pytest.raises(ValueError, match="at most 7 tokens"):
+        attn._check_lengths(cu, 7, 9, "cu_seqlens_q", "max_seqlen_q")
+    attn._check_lengths(torch.tensor([0, 3, 7], dtype=torch.int32), 7, 4, "cu_seqlens_q", "max_seqlen_q")
+    assert len(reads) == 4
+
+    k_cache = torch.randn(2, 16, 2, 8)
+    lens, new = torch.tensor([3, 5], dtype=torch.int32), torch.randn(2, 1, 2, 8)
+    for _ in range(3):
+        attn._check_cache_room(k_cache, lens, new)
+    assert len(reads) == 5
+    lens += 11  # the decode loop advances the lengths in place: 16 + 1 rows do not fit
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 16 plus 1 new tokens does not fit"):
+        attn._check_cache_room(k_cache, lens, new)
+    for view in (lens[:1], lens[1:]):  # views of one storage at different offsets are told apart
+        with pytest.raises(ValueError, match="does not fit") if view[0] == 16 else contextlib.nullcontext():
+            attn._check_cache_room(k_cache, view, new)
 
 
 # ---------------------------------------------------------------- Triton varlen / decode (interpreter)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import weakref
 
 import torch
 
@@ -48,8 +49,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     int32 (batch + 1,) cumulative lengths from 0: sequence b is rows
     [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and the same of k, v by cu_seqlens_k; no token
     attends across a sequence boundary. max_seqlen_q/_k: the longest sequence (the GPU grid
-    is sized by it; a longer one is an error, checked on the host except while a CUDA graph
-    is being captured). alibi_slopes: (heads_q,) or (batch, heads_q) float32. causal and the
+    is sized by it; a longer one is an error, checked on the host once per cu_seqlens tensor
+    and version, so layers sharing one tensor pay one sync, and not while a CUDA graph is
+    being captured). alibi_slopes: (heads_q,) or (batch, heads_q) float32. causal and the
     ALiBi bias are per sequence (bottom-right aligned when its q and k lengths differ). Rows
     after cu_seqlens_q[-1] belong to no sequence and return zeros. Differentiable in q, k, v;
     the backward is deterministic (see ``attention``).
@@ -78,7 +80,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
     would (causal bottom-right aligned: query i of seqlen_q sees the cache and the new keys up
     to its own position; ALiBi by the same formula). Returns out like q. Not differentiable.
 
-    Caches too short for the new tokens raise; the check reads cache_seqlens on the host, which
+    Caches too short for the new tokens raise; the check reads cache_seqlens on the host once
+    per tensor and version (the layers of one decode step share it: one sync per step), and
     is skipped while a CUDA graph is captured (there, rows that do not fit are not written).
     On the GPU one query token over a long cache splits the keys across programs and combines
     the partial results (flash-decoding), so a batch of one still fills the GPU.
@@ -205,7 +208,30 @@ def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale
         _check_slopes(alibi_slopes, batch, q.shape[1], q.device)
 
 
+class _CheckedTensors:
+    """Remembers the last few (tensor, arguments) pairs a host-side check passed, so a model
+    that hands the same cu_seqlens / cache_seqlens tensor to each of its layers pays the
+    device-to-host copy (a sync on the GPU) once per step, not once per layer. A tensor is
+    the same while it is alive, at the same address and its version counter (bumped by every
+    in-place write) has not moved; anything else is checked again."""
+
+    def __init__(self, size=8):
+        self.size, self.entries = size, []
+
+    def seen(self, t, *args):
+        key = (t._version, t.data_ptr(), args)
+        return any(ref() is t and k == key for ref, k in self.entries)
+
+    def add(self, t, *args):
+        self.entries = [(weakref.ref(t), (t._version, t.data_ptr(), args))] + self.entries[:self.size - 1]
+
+
+_checked = _CheckedTensors()
+
+
 def _check_lengths(cu, total, max_len, name, max_name):
+    if _checked.seen(cu, "varlen", total, max_len):
+        return
     c = cu.tolist()
     lens = [b - a for a, b in zip(c, c[1:])]
     if c[0] != 0 or any(n < 0 for n in lens) or c[-1] > total:
@@ -213,6 +239,7 @@ def _check_lengths(cu, total, max_len, name, max_name):
     if lens and max(lens) > max_len:
         raise ValueError(f"attention_varlen: a sequence of {max(lens)} tokens in {name} exceeds "
                          f"{max_name} = {max_len}")
+    _checked.add(cu, "varlen", total, max_len)
 
 
 def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale):
@@ -249,11 +276,14 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softm
 
 def _check_cache_room(k_cache, cache_seqlens, k):
     new = 0 if k is None else k.shape[1]
+    if _checked.seen(cache_seqlens, "kvcache", new, k_cache.shape[1]):
+        return
     lens = cache_seqlens.tolist()
     for i, n in enumerate(lens):
         if n < 0 or n + new > k_cache.shape[1]:
             raise ValueError(f"attention_with_kvcache: cache_seqlens[{i}] = {n} plus {new} new tokens does not fit "
                              f"the cache of {k_cache.shape[1]} rows")
+    _checked.add(cache_seqlens, "kvcache", new, k_cache.shape[1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,7 +388,8 @@ torch.library.register_autograd("mptkernels::attention_varlen_bwd", _no_double_b
 
 def _host_checks() -> bool:
     """Checks that read a device tensor on the host (a sync) run in the CUDA kernels of the
-    ops, eagerly; not while a CUDA graph is captured (they would break the capture)."""
+    ops, eagerly, once per tensor and version (_CheckedTensors); not while a CUDA graph is
+    captured (they would break the capture)."""
     return not torch.cuda.is_current_stream_capturing()
 
 
