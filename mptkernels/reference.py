@@ -196,7 +196,8 @@ def quantize_rowwise(x):
     """(x_int8, scale): scale = absmax of each row (last dim) / 127 in float32 (1 for an all-zero
     row); x_int8 = round-half-to-even(x / scale) clamped to [-127, 127]."""
     xf = x.float()
-    absmax = xf.abs().amax(dim=-1)
+    # an empty row (K = 0) has absmax 0, so scale 1 (amax refuses an empty dim)
+    absmax = xf.abs().amax(dim=-1) if x.shape[-1] else xf.new_zeros(x.shape[:-1])
     # a tensor divisor: CUDA divides by a Python number through its reciprocal (not IEEE division)
     scale = torch.where(absmax > 0, absmax / torch.full_like(absmax, 127.0), torch.ones_like(absmax))
     q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
@@ -212,7 +213,7 @@ def int8_mm(a, b):
 def int8_linear(x, w_int8, w_scale, bias=None, activation_name=None):
     """W8A8: x quantised per row, the int8 product, then act(acc * x_scale * w_scale + bias)."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    x2 = x.reshape(math.prod(shape[:-1]), shape[-1])  # not reshape(-1, K): ambiguous for K = 0
     xq, xs = quantize_rowwise(x2)
     acc = int8_mm(xq, w_int8).float() * xs.unsqueeze(1) * w_scale.float().unsqueeze(0)
     if bias is not None:

@@ -75,12 +75,20 @@ def test_quantize_rowwise_exact(dtype, outliers):
     assert q.abs().max() <= 127
 
 
-@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (3, 5, 17), (17, 33, 72), (128, 40, 1000), (16, 129, 64)])
-def test_int8_mm_is_exact(m, n, k):
+# below 16 rows the CPU kernel uses dot-product tiles; from 16 (VNNI builds) panels of 64 B
+# rows: the cases cover partial panels (N % 64), row tails (M % 6), several row chunks (192),
+# two K blocks (2048) and K % 4 != 0 / K % 64 != 0
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (3, 5, 17), (17, 33, 72), (128, 40, 1000), (16, 129, 64),
+                                     (1000, 70, 2100), (23, 1, 4099), (385, 191, 129)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_int8_mm_is_exact(m, n, k, layout):
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     a[0, :] = 127  # extremes: the largest products
     b[0, :] = -127
+    if layout == "strided":  # views with a column stride of 2 and transposed storage
+        a = torch.stack([a, a], dim=-1)[..., 0]
+        b = b.t().contiguous().t()
     assert torch.equal(torch.ops.mptkernels.int8_mm(a, b), reference.int8_mm(a, b))
 
 
@@ -118,6 +126,21 @@ def test_cpu_weight_only_int8_linear(dtype, m):
         assert rel_err(got.reshape(m, n), want) <= TOL[dtype]
     # weight-only error vs the fp32 weight: only the weight's rounding (~0.5/127 relative)
     assert rel_err(ops.weight_only_int8_linear(x.float(), wq, ws), torch.nn.functional.linear(x.float(), w)) <= 0.01
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gemm_family_with_empty_k(device):
+    """K = 0 (no products): every op returns act(bias) or zeros, with the leading dims kept."""
+    x = torch.randn(2, 5, 0, device=device)
+    w, wq, ws, b = (torch.randn(7, 0, device=device), torch.zeros(7, 0, dtype=torch.int8, device=device),
+                    torch.rand(7, device=device), torch.randn(7, device=device))
+    for act in ACTS:
+        want = reference.activation(b.expand(2, 5, 7), act)
+        assert torch.allclose(ops.linear(x, w, b, act), want)
+        assert torch.allclose(ops.int8_linear(x, wq, ws, b, act), want)
+    assert torch.allclose(ops.weight_only_int8_linear(x, wq, ws, b), b.expand(2, 5, 7))
+    q, s = ops.quantize_rowwise(x)
+    assert q.shape == (2, 5, 0) and torch.equal(s, torch.ones(2, 5, device=device))
 
 
 def test_gemm_opcheck():

@@ -4,11 +4,32 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <optional>
 
 namespace mptk {
+
+// Calls f(T{}) with T float, at::Half or at::BFloat16 as t says (the dtypes the CUDA kernels
+// take); any other dtype is an error naming op.
+template <typename F>
+void dispatch_float_half_bf16(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", t, " (expected float32, float16 or bfloat16)");
+  }
+}
 
 inline bool is_norm_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;

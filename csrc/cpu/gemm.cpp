@@ -7,10 +7,12 @@
 // backward needs, the rounding) is one vectorised pass over the output.
 //
 // int8: torch._int_mm runs 12-40x slower than sgemm on AVX2 machines, so the int8 product has
-// its own kernel: operands packed once (padded to a whole vector along K), a register-blocked
-// microkernel multiplying MR rows of A by NR rows of B (vpdpbusd with AVX512-VNNI, vpmaddwd
-// otherwise; see below), exact in int32 (the lanes overflow only past K ~ 130k, which is
-// checked). The lanes of each accumulator are summed once per output at the end of K.
+// its own kernel, exact in int32 (the lanes overflow only past K ~ 130k, which is checked).
+// Two designs (see below): with AVX512-VNNI and 16 or more rows, outer products on 64-row
+// panels of B packed per task (vpdpbusd, no horizontal sums); otherwise register-blocked dot
+// products of MR rows of A with NR rows of B (vpdpbusd or vpmaddwd), whose lanes are summed
+// once per output at the end of K. Results reach the epilogue (int32 store, or scale + bias
+// + activation + rounding for int8_linear) a row-run at a time, while still in cache.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +26,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -110,38 +113,43 @@ at::Tensor wide(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------- linear
-// h (M, N) fp32, in place: h += bias; preact (x's dtype) = h if wanted; out = act(h) rounded.
+// One row of N outputs: h (fp32, in place) += bias; preact (x's dtype) = h if wanted;
+// out = act(h) rounded to T.
+template <typename T>
+inline void epilogue_row(float* h, const float* bias, Act act, T* out, T* preact, int64_t N) {
+  int64_t n = 0;
+  for (; n + kWf <= N; n += kWf) {
+    Vf v = Vf::loadu(h + n);
+    if (bias) v = v + Vf::loadu(bias + n);
+    if constexpr (std::is_same_v<T, float>) {
+      if (preact) v.store(preact + n);
+      act_fwd(v, act).store(out + n);
+    } else {
+      alignas(64) float tmp[kWf];
+      if (preact) {
+        v.store(tmp);
+        for (int64_t i = 0; i < kWf; ++i) preact[n + i] = static_cast<T>(tmp[i]);
+      }
+      act_fwd(v, act).store(tmp);
+      for (int64_t i = 0; i < kWf; ++i) out[n + i] = static_cast<T>(tmp[i]);
+    }
+  }
+  if (n < N) {  // tail through a padded vector
+    alignas(64) float tmp[kWf] = {};
+    for (int64_t i = 0; n + i < N; ++i) tmp[i] = h[n + i] + (bias ? bias[n + i] : 0.f);
+    if (preact)
+      for (int64_t i = 0; n + i < N; ++i) preact[n + i] = static_cast<T>(tmp[i]);
+    act_fwd(Vf::loadu(tmp), act).store(tmp);
+    for (int64_t i = 0; n + i < N; ++i) out[n + i] = static_cast<T>(tmp[i]);
+  }
+}
+
+// h (M, N) fp32: epilogue_row over every row, in parallel
 template <typename T>
 void linear_epilogue(float* h, const float* bias, Act act, T* out, T* preact, int64_t M, int64_t N) {
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      float* row = h + m * N;
-      int64_t n = 0;
-      for (; n + kWf <= N; n += kWf) {
-        Vf v = Vf::loadu(row + n);
-        if (bias) v = v + Vf::loadu(bias + n);
-        if constexpr (std::is_same_v<T, float>) {
-          if (preact) v.store(preact + m * N + n);
-          act_fwd(v, act).store(out + m * N + n);
-        } else {
-          alignas(64) float tmp[kWf];
-          if (preact) {
-            v.store(tmp);
-            for (int64_t i = 0; i < kWf; ++i) preact[m * N + n + i] = static_cast<T>(tmp[i]);
-          }
-          act_fwd(v, act).store(tmp);
-          for (int64_t i = 0; i < kWf; ++i) out[m * N + n + i] = static_cast<T>(tmp[i]);
-        }
-      }
-      if (n < N) {  // tail through a padded vector
-        alignas(64) float tmp[kWf] = {};
-        for (int64_t i = 0; n + i < N; ++i) tmp[i] = row[n + i] + (bias ? bias[n + i] : 0.f);
-        if (preact)
-          for (int64_t i = 0; n + i < N; ++i) preact[m * N + n + i] = static_cast<T>(tmp[i]);
-        act_fwd(Vf::loadu(tmp), act).store(tmp);
-        for (int64_t i = 0; n + i < N; ++i) out[m * N + n + i] = static_cast<T>(tmp[i]);
-      }
-    }
+    for (int64_t m = m0; m < m1; ++m)
+      epilogue_row(h + m * N, bias, act, out + m * N, preact ? preact + m * N : nullptr, N);
   });
 }
 
@@ -211,27 +219,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
 }
 
 // ---------------------------------------------------------------- quantize_rowwise
+// a row of x as fp32: itself when it already is, else widened into buf
+template <typename T>
+const float* xr_as_float(const T* xr, float* buf, int64_t K) {
+  if constexpr (std::is_same_v<T, float>) {
+    return xr;
+  } else {
+    for (int64_t k = 0; k < K; ++k) buf[k] = static_cast<float>(xr[k]);
+    return buf;
+  }
+}
+
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-    std::vector<float> row(K + kWf);
+    std::vector<float> wide_row(std::is_same_v<T, float> ? 0 : K);
     for (int64_t m = m0; m < m1; ++m) {
       const T* xr = x + m * K;
+      const float* row = xr_as_float(xr, wide_row.data(), K);
       Vf vmax(0.f);
       int64_t k = 0;
-      for (; k < K; ++k) row[k] = static_cast<float>(xr[k]);
-      for (k = 0; k + kWf <= K; k += kWf) vmax = at::vec::maximum(vmax, Vf::loadu(row.data() + k).abs());
+      for (; k + kWf <= K; k += kWf) vmax = at::vec::maximum(vmax, Vf::loadu(row + k).abs());
       float absmax = at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return at::vec::maximum(a, b); }, vmax);
       for (; k < K; ++k) absmax = std::max(absmax, std::fabs(row[k]));
       const float s = absmax > 0.f ? absmax / 127.f : 1.f;
       scale[m] = s;
       // x / s (IEEE division, as the reference), rounded half to even, clamped
       const Vf vs(s), lo(-127.f), hi(127.f);
-      alignas(64) float tmp[kWf];
       int8_t* qr = q + m * K;
       for (k = 0; k + kWf <= K; k += kWf) {
-        at::vec::clamp(Vf::loadu(row.data() + k) / vs, lo, hi).round().store(tmp);
+        const Vf r = at::vec::clamp(Vf::loadu(row + k) / vs, lo, hi).round();
+#if defined(CPU_CAPABILITY_AVX512)
+        // exact small integers: convert and narrow to 16 bytes in two instructions
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+#else
+        alignas(64) float tmp[kWf];
+        r.store(tmp);
         for (int64_t i = 0; i < kWf; ++i) qr[k + i] = static_cast<int8_t>(tmp[i]);
+#endif
       }
       for (; k < K; ++k) qr[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] / s), -127.f, 127.f));
     }
@@ -321,6 +346,20 @@ constexpr int32_t kAShift = 128;
 constexpr int32_t kAShift = 0;
 #endif
 
+// one row of pack_int8 (a function of its own with restrict pointers: inside the
+// parallel_for lambda GCC reloaded the captured sizes after every byte store, which may alias
+// them, and never vectorised)
+inline void pack_int8_row(const int8_t* __restrict s, Elem* __restrict d, int64_t K, int64_t Kp, int32_t shift) {
+  if constexpr (std::is_same_v<Elem, int8_t>) {
+    // shift is 0 or 128, and adding 128 to an int8 flips its top bit
+    const int8_t flip = shift ? static_cast<int8_t>(0x80) : int8_t(0);
+    for (int64_t k = 0; k < K; ++k) d[k] = static_cast<int8_t>(s[k] ^ flip);
+  } else {
+    for (int64_t k = 0; k < K; ++k) d[k] = static_cast<Elem>(s[k] + shift);
+  }
+  for (int64_t k = K; k < Kp; ++k) d[k] = 0;
+}
+
 // int8 (rows, K) -> the microkernel's operand layout (rows, Kp), zero-padded along K:
 // Elem-typed copies, A shifted by `shift` (padding stays 0 in the shifted domain too, so it
 // adds nothing: the shift correction below only counts real columns of B)
@@ -331,16 +370,21 @@ at::Tensor pack_int8(const at::Tensor& t, int64_t Kp, int32_t shift) {
   const int8_t* src = tc.const_data_ptr<int8_t>();
   Elem* dst = static_cast<Elem*>(out.data_ptr());
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t k = 0; k < K; ++k) dst[r * Kp + k] = static_cast<Elem>(src[r * K + k] + shift);
-      for (int64_t k = K; k < Kp; ++k) dst[r * Kp + k] = 0;
-    }
+    for (int64_t r = r0; r < r1; ++r) pack_int8_row(src + r * K, dst + r * Kp, K, Kp, shift);
   });
   return out;
 }
 
+// An int8 GEMM hands its exact int32 results to an epilogue epi(m, n0, values, count):
+// outputs (m, n0), ..., (m, n0 + count - 1) of C, count <= kPanelMaxRun. emit hands over one.
+constexpr int64_t kPanelMaxRun = 64;
+template <typename Epi>
+inline void emit(Epi& epi, int64_t m, int64_t n, int32_t v) {
+  epi(m, n, &v, 1);
+}
+
 // C tile [MR x NR] = A rows [m0, m0 + MR) . B rows [n0, n0 + NR) over Kp (exact int32),
-// handed to epi(m, n, value) one output at a time. corr[n] undoes A's shift.
+// handed to epi. corr[n] undoes A's shift.
 template <int MR, int NR, typename Epi>
 inline void int8_tile(const Elem* A, const Elem* B, const int32_t* corr, int64_t Kp, int64_t m0, int64_t n0,
                       Epi& epi) {
@@ -370,12 +414,13 @@ inline void int8_tile(const Elem* A, const Elem* B, const int32_t* corr, int64_t
     alignas(16) int32_t sums[4];
     for (int r = 0; r < 4; ++r) {
       _mm_store_si128(reinterpret_cast<__m128i*>(sums), vsum4(c[r][0], c[r][1], c[r][2], c[r][3]));
-      for (int cc = 0; cc < 4; ++cc) epi(m0 + r, n0 + cc, sums[cc] - corr[n0 + cc]);
+      for (int cc = 0; cc < 4; ++cc) sums[cc] -= corr[n0 + cc];
+      epi(m0 + r, n0, sums, 4);
     }
 #else
     const VI c[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
     for (int r = 0; r < 4; ++r)
-      for (int cc = 0; cc < 4; ++cc) epi(m0 + r, n0 + cc, vsum(c[r][cc]) - corr[n0 + cc]);
+      for (int cc = 0; cc < 4; ++cc) emit(epi, m0 + r, n0 + cc, vsum(c[r][cc]) - corr[n0 + cc]);
 #endif
     return;
   }
@@ -397,7 +442,7 @@ inline void int8_tile(const Elem* A, const Elem* B, const int32_t* corr, int64_t
     }
     const VI c[2][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}};
     for (int r = 0; r < 2; ++r)
-      for (int cc = 0; cc < 4; ++cc) epi(m0 + r, n0 + cc, vsum(c[r][cc]) - corr[n0 + cc]);
+      for (int cc = 0; cc < 4; ++cc) emit(epi, m0 + r, n0 + cc, vsum(c[r][cc]) - corr[n0 + cc]);
     return;
   }
   VI acc[MR][NR];
@@ -414,16 +459,151 @@ inline void int8_tile(const Elem* A, const Elem* B, const int32_t* corr, int64_t
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) epi(m0 + r, n0 + c, vsum(acc[r][c]) - corr[n0 + c]);
+    for (int c = 0; c < NR; ++c) emit(epi, m0 + r, n0 + c, vsum(acc[r][c]) - corr[n0 + c]);
 #else
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) {
       int32_t s = 0;
       for (int64_t k = 0; k < Kp; ++k) s += int32_t(A[(m0 + r) * Kp + k]) * int32_t(B[(n0 + c) * Kp + k]);
-      epi(m0 + r, n0 + c, s - corr[n0 + c]);
+      emit(epi, m0 + r, n0 + c, s - corr[n0 + c]);
     }
 #endif
 }
+
+#ifdef MPTK_INT8_VNNI
+// ---- many rows of A, VNNI: outer products on panels of B
+// The dot-product tiles above sum each accumulator's lanes at the end and read 4 B rows from
+// L2 per 16 multiply-adds (67% of vpdpbusd's peak at 512x2048x2048). Here each task packs 64
+// rows of B (a panel) into [Kp/4][64][4] (4 consecutive k of 64 rows per 256 bytes, via
+// 16x16 transposes of 4-byte words), and a 6 x 64 tile of C stays in 24 registers: per 4
+// k-steps, 4 vector loads of the panel and 6 broadcasts of 4 bytes of A feed 24 vpdpbusd,
+// and the lanes are the 64 outputs (no horizontal sums). K goes in blocks of kPanelKc so the
+// panel's block stays in L1 while the rows of A pass; partial sums between blocks wait in a
+// per-task buffer. Measured 94% of vpdpbusd's peak on one core (the bench in docs/benchmarks.md).
+constexpr int64_t kPanel = kPanelMaxRun;  // B rows per panel: four vectors of 16 int32 outputs
+constexpr int kPanelMR = 6;            // A rows per tile: 6 x 4 = 24 accumulators of 32 registers
+constexpr int64_t kPanelKc = 2048;     // k per block: 128 KB of panel (L2; 1024 or 512 measured no faster)
+constexpr int64_t kPanelMChunk = 192;  // A rows per task (several tasks per panel when N is small)
+constexpr int64_t kPanelMinRows = 16;  // fewer rows: the dot-product tiles (no panel packing)
+
+// rows [n0, n0 + 64) of B (N, K) -> P[Kp/4][64][4] (zeros past N and K), and
+// corr[j] = 128 * sum_k B[n0 + j][k] (what A's +128 shift adds)
+void pack_panel(const int8_t* B, int64_t N, int64_t K, int64_t n0, int64_t Kp, int8_t* P, int32_t* corr) {
+  const int64_t rows = std::min<int64_t>(kPanel, N - n0), K64 = K / 64 * 64;
+  for (int g = 0; g < 4; ++g) {
+    for (int64_t k = 0; k < K64; k += 64) {
+      // 16 rows x 16 words (4 k each) -> 16 vectors, one per word: a 16x16 transpose
+      __m512i r[16], t[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = g * 16 + i < rows ? _mm512_loadu_si512(B + (n0 + g * 16 + i) * K + k) : _mm512_setzero_si512();
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+      }
+      for (int i = 0; i < 8; ++i) {  // 128-bit lanes: first pairs of 4 rows, then of 8
+        const int j = (i / 4) * 8 + i % 4;
+        t[j] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0x88);
+        t[j + 4] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0xdd);
+      }
+      for (int i = 0; i < 4; ++i) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+      }
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(P + ((k / 4 + i) * kPanel + g * 16) * 4, r[i]);
+    }
+  }
+  for (int64_t k4 = K64 / 4; k4 < Kp / 4; ++k4)  // the last k (and the padding) one byte at a time
+    for (int64_t j = 0; j < kPanel; ++j)
+      for (int64_t c = 0; c < 4; ++c) {
+        const int64_t k = k4 * 4 + c;
+        P[(k4 * kPanel + j) * 4 + c] = (j < rows && k < K) ? B[(n0 + j) * K + k] : int8_t(0);
+      }
+  const __m512i shift = _mm512_set1_epi8(static_cast<char>(kAShift));
+  for (int g = 0; g < 4; ++g) {
+    __m512i c = _mm512_setzero_si512();
+    for (int64_t k4 = 0; k4 < Kp / 4; ++k4)
+      c = _mm512_dpbusd_epi32(c, shift, _mm512_loadu_si512(P + (k4 * kPanel + g * 16) * 4));
+    _mm512_storeu_si512(corr + g * 16, c);
+  }
+}
+
+// C rows [m, m + MR) x the panel's 64 columns, over k4 in [k4a, k4b): accumulators start from
+// -corr (first block) or the partial sums in part and go back to part; after the last block
+// also to epi. A is shifted (uint8 in int8 storage), row stride lda.
+template <int MR, typename Epi>
+inline void panel_tile(const Elem* A, int64_t lda, const int8_t* P, int64_t k4a, int64_t k4b, int32_t* part,
+                       const int32_t* corr, bool first, bool last, int64_t m, int64_t n0, int64_t cols, Epi& epi) {
+  __m512i acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c)
+      acc[r][c] = first ? _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(corr + c * 16))
+                        : _mm512_loadu_si512(part + r * kPanel + c * 16);
+  const int8_t* p = P + k4a * kPanel * 4;
+  for (int64_t k4 = k4a; k4 < k4b; ++k4, p += kPanel * 4) {
+    const __m512i b0 = _mm512_loadu_si512(p), b1 = _mm512_loadu_si512(p + 64), b2 = _mm512_loadu_si512(p + 128),
+                  b3 = _mm512_loadu_si512(p + 192);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t word;
+      std::memcpy(&word, A + r * lda + k4 * 4, 4);
+      const __m512i a = _mm512_set1_epi32(word);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], a, b1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], a, b2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], a, b3);
+    }
+  }
+  // through part in every case: an accumulator read after a call (epi) or on one branch only
+  // makes GCC keep the whole array in memory
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_si512(part + r * kPanel + c * 16, acc[r][c]);
+  if (last)
+    for (int r = 0; r < MR; ++r) epi(m + r, n0, part + r * kPanel, cols);
+}
+
+template <typename Epi>
+void int8_gemm_panels(const at::Tensor& a, const at::Tensor& b, Epi& epi) {
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  const int64_t Kp = (K + 3) / 4 * 4;
+  const at::Tensor A = pack_int8(a, Kp, kAShift);
+  const at::Tensor bc = b.contiguous();
+  const Elem* Ap = static_cast<const Elem*>(A.const_data_ptr());
+  const int8_t* Bp = bc.const_data_ptr<int8_t>();
+  const int64_t n_panels = (N + kPanel - 1) / kPanel, n_chunks = (M + kPanelMChunk - 1) / kPanelMChunk;
+  // tasks run panel-major, so the chunks of one panel go to one thread and it packs the
+  // panel once (a thread repacks only where its range starts inside a panel)
+  at::parallel_for(0, n_panels * n_chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int8_t> P(Kp * kPanel);
+    std::vector<int32_t> part(kPanelMChunk * kPanel);
+    alignas(64) int32_t corr[kPanel];
+    int64_t packed = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t panel = t / n_chunks, n0 = panel * kPanel, cols = std::min(kPanel, N - n0);
+      if (panel != packed) pack_panel(Bp, N, K, n0, Kp, P.data(), corr), packed = panel;
+      const int64_t mb = t % n_chunks * kPanelMChunk, me = std::min(M, mb + kPanelMChunk);
+      for (int64_t k4a = 0; k4a < Kp / 4; k4a += kPanelKc / 4) {
+        const int64_t k4b = std::min(Kp / 4, k4a + kPanelKc / 4);
+        const bool first = k4a == 0, last = k4b == Kp / 4;
+        int64_t m = mb;
+        for (; m + kPanelMR <= me; m += kPanelMR)
+          panel_tile<kPanelMR>(Ap + m * Kp, Kp, P.data(), k4a, k4b, part.data() + (m - mb) * kPanel, corr, first,
+                               last, m, n0, cols, epi);
+        for (; m < me; ++m)  // the last rows one at a time
+          panel_tile<1>(Ap + m * Kp, Kp, P.data(), k4a, k4b, part.data() + (m - mb) * kPanel, corr, first, last, m,
+                        n0, cols, epi);
+      }
+    }
+  });
+}
+#endif
 
 // Runs the whole (M, N) product in tiles. Parallel over groups of B rows; inside a group,
 // each MR-row strip of A (in L1) meets every NR-row panel of the group (the group's B, 64
@@ -432,6 +612,9 @@ template <typename Epi>
 void int8_gemm(const at::Tensor& a, const at::Tensor& b, Epi epi) {
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   TORCH_CHECK(K <= 130000, "int8 GEMM: K = ", K, " could overflow the int32 accumulators (K <= 130000)");
+#ifdef MPTK_INT8_VNNI
+  if (M >= kPanelMinRows) return int8_gemm_panels(a, b, epi);
+#endif
   const int64_t Kp = (K + kKStep - 1) / kKStep * kKStep;
   const at::Tensor A = pack_int8(a, Kp, kAShift);
   // an int8 B whose rows are already whole vectors is the operand as is (a weight usually is)
@@ -486,7 +669,9 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   if (a.size(1) == 0) return c.zero_();
   int32_t* cp = c.mutable_data_ptr<int32_t>();
   const int64_t N = b.size(0);
-  int8_gemm(a, b, [cp, N](int64_t m, int64_t n, int32_t v) { cp[m * N + n] = v; });
+  int8_gemm(a, b, [cp, N](int64_t m, int64_t n0, const int32_t* v, int64_t count) {
+    std::memcpy(cp + m * N + n0, v, count * sizeof(int32_t));
+  });
   return c;
 }
 
@@ -503,24 +688,26 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_int8, const 
   at::Tensor out = at::empty({M, N}, x.options());
   if (out.numel() == 0) return out;
   auto [xq, xs] = quantize_rowwise_cpu(x);
-  // the int32 products land in an fp32 buffer (acc * x_scale * w_scale + bias), then the
-  // shared epilogue applies the activation and rounds: one pass over the output
-  at::Tensor h = at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* hp = h.mutable_data_ptr<float>();
   const float* xsp = xs.const_data_ptr<float>();
   const at::Tensor ws = w_scale.contiguous();
   const float* wsp = ws.const_data_ptr<float>();
-  if (x.size(1) == 0) {
-    h.zero_();
-  } else {
-    int8_gemm(xq, w_int8, [=](int64_t m, int64_t n, int32_t v) {
-      hp[m * N + n] = static_cast<float>(v) * xsp[m] * wsp[n];
-    });
-  }
   at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bias ? bias32.const_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_int8_linear", [&] {
-    linear_epilogue<scalar_t>(hp, bias ? bias32.const_data_ptr<float>() : nullptr, act,
-                              out.mutable_data_ptr<scalar_t>(), nullptr, M, N);
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    if (x.size(1) == 0) {  // no products: the epilogue of zeros
+      std::vector<float> zeros(N, 0.f);
+      for (int64_t m = 0; m < M; ++m) epilogue_row<scalar_t>(zeros.data(), bp, act, op_ + m * N, nullptr, N);
+      return;
+    }
+    // each run of int32 products is scaled (acc * x_scale * w_scale) and goes through the
+    // shared epilogue (bias, activation, rounding) while it is still in cache
+    int8_gemm(xq, w_int8, [=](int64_t m, int64_t n0, const int32_t* v, int64_t count) {
+      float h[kPanelMaxRun];
+      const float xs_m = xsp[m];
+      for (int64_t j = 0; j < count; ++j) h[j] = static_cast<float>(v[j]) * xs_m * wsp[n0 + j];
+      epilogue_row<scalar_t>(h, bp ? bp + n0 : nullptr, act, op_ + m * N + n0, nullptr, count);
+    });
   });
   return out;
 }

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "common/checks.h"
 #include "common/cuda_pack.cuh"
 
 namespace mptk::cuda {
@@ -211,17 +212,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rowwise_cuda(const at::Tensor& x) {
     launch_quantize_rowwise<T>(x.const_data_ptr<T>(), q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(), M,
                                static_cast<int>(K), ldx, stream);
   };
-  switch (dt) {
-    case at::kFloat:
-      run(float{});
-      break;
-    case at::kHalf:
-      run(at::Half{});
-      break;
-    default:
-      run(at::BFloat16{});
-      break;
-  }
+  dispatch_float_half_bf16(dt, op, run);
   return {q, scale};
 }
 

@@ -196,19 +196,7 @@ at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Ten
       else args(launch_rotary<T, 1, true, false>);
     }
   };
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      run(float{});
-      break;
-    case at::kHalf:
-      run(at::Half{});
-      break;
-    case at::kBFloat16:
-      run(at::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "rotary: unsupported dtype ", x.scalar_type());
-  }
+  dispatch_float_half_bf16(x.scalar_type(), "rotary", run);
   return out;
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import math
 
 import torch
 
@@ -20,6 +21,11 @@ from .._loader import build_info
 _ops = torch.ops.mptkernels
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = reference.ACTIVATIONS
+
+
+def _rows(x):
+    """x (..., K) as a (rows, K) matrix; also for K = 0, where reshape(-1, 0) is ambiguous."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def linear(x, weight, bias=None, activation=None):
@@ -35,7 +41,7 @@ def linear(x, weight, bias=None, activation=None):
     _check_linear(x, weight, bias, activation)
     act = activation or "none"
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     if x.dtype not in _FLOAT or _backend.use_reference(x.device, has_kernel=_has_triton()):
         return reference.linear(x, weight, bias, activation)
     out, _ = _ops.linear_fwd(x2, weight, bias, act)
@@ -56,7 +62,7 @@ def quantize_rowwise(x):
     has_kernel = build_info.with_cuda or _has_triton()
     if _backend.use_reference(x.device, has_kernel=has_kernel):
         return reference.quantize_rowwise(x)
-    q, scale = _ops.quantize_rowwise(x.reshape(-1, x.shape[-1]))
+    q, scale = _ops.quantize_rowwise(_rows(x))
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
@@ -69,7 +75,7 @@ def int8_linear(x, w_int8, w_scale, bias=None, activation=None):
     _check_activation(activation)
     if _backend.use_reference(x.device, has_kernel=_has_triton()):
         return reference.int8_linear(x, w_int8, w_scale, bias, activation)
-    out = _ops.int8_linear(x.reshape(-1, x.shape[-1]), w_int8, w_scale, bias, activation or "none")
+    out = _ops.int8_linear(_rows(x), w_int8, w_scale, bias, activation or "none")
     return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
 
@@ -80,7 +86,7 @@ def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
     _check_int8(x, w_int8, w_scale, bias, "weight_only_int8_linear")
     if _backend.use_reference(x.device, has_kernel=_has_triton()):
         return reference.weight_only_int8_linear(x, w_int8, w_scale, bias)
-    out = _ops.weight_only_int8_linear(x.reshape(-1, x.shape[-1]), w_int8, w_scale, bias)
+    out = _ops.weight_only_int8_linear(_rows(x), w_int8, w_scale, bias)
     return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
 
