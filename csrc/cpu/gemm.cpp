@@ -713,32 +713,79 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_int8, const 
 }
 
 // ---------------------------------------------------------------- weight-only int8
-// Few rows (decoding, M <= 8): each weight row is read once, converted in registers, and
-// dotted with every row of x. More rows: the weight converted to fp32 in chunks of ~1 MB
-// (they stay in L2), each multiplied by sgemm right away, so no fp32 copy of the weight goes
-// to memory (converting it whole first measured 2x slower than F.linear at M = 65). The
-// per-row scale is applied after the GEMM (x @ (w * s)^T = (x @ w^T) * s; int8 values are
-// exact in fp32).
-constexpr int64_t kGemvMaxRows = 8;
+// Each task converts NR weight rows at a time to fp32 (a block that stays in L1), then
+// multiplies them with MR rows of x at a time: MR x NR dot products in registers, one load of
+// each operand per MR x NR FMAs. Rows of x go in chunks of kWoMChunk (their fp32 copy stays
+// in L2 while the task's weight blocks pass); with M <= kWoMChunk (decoding, small batches)
+// each weight byte is read from memory and converted once. The per-row scale is applied to
+// the sums (x @ (w * s)^T = (x @ w^T) * s; int8 values are exact in fp32). Measured 1.1-7.8x
+// F.linear with the fp32 weight at M = 1..2048 (docs/benchmarks.md); the earlier design
+// (dequantised chunks of the weight through sgemm above 8 rows) was 0.65-1.06x.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kWoMR = 4, kWoNR = 4;  // 16 accumulators + 4 x + 1 w of 32 registers
+#else
+constexpr int kWoMR = 2, kWoNR = 4;  // 8 + 2 + 1 of 16
+#endif
+constexpr int64_t kWoMChunk = 64;
+
+// out[m][n0 + c] for m in [m0, m0 + MR), c < NR: dots of xf rows with the fp32 block wb
+// ([NR][Kp]); K is rounded up to whole vectors, x rows and wb padded with zeros
+template <int MR, int NR, typename T>
+inline void wo_tile(const float* xf, const float* wb, int64_t Kp, int64_t m0, int64_t n0, const float* scale,
+                    const float* bias, T* out, int64_t N) {
+  Vf acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = Vf(0.f);
+  for (int64_t k = 0; k < Kp; k += kWf) {
+    Vf xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = Vf::loadu(xf + (m0 + r) * Kp + k);
+    for (int c = 0; c < NR; ++c) {
+      const Vf wv = Vf::loadu(wb + c * Kp + k);
+      for (int r = 0; r < MR; ++r) acc[r][c] = at::vec::fmadd(xv[r], wv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
+      const float sum = at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return a + b; }, acc[r][c]);
+      out[(m0 + r) * N + n0 + c] = static_cast<T>(sum * scale[n0 + c] + (bias ? bias[n0 + c] : 0.f));
+    }
+}
+
+// rows [m0, m1) of x against NR converted weight rows from n0
+template <int NR, typename T>
+inline void wo_rows(const float* xf, const float* wb, int64_t Kp, int64_t m0, int64_t m1, int64_t n0,
+                    const float* scale, const float* bias, T* out, int64_t N) {
+  int64_t m = m0;
+  for (; m + kWoMR <= m1; m += kWoMR) wo_tile<kWoMR, NR>(xf, wb, Kp, m, n0, scale, bias, out, N);
+  for (; m < m1; ++m) wo_tile<1, NR>(xf, wb, Kp, m, n0, scale, bias, out, N);
+}
 
 template <typename T>
-void weight_only_gemv(const T* x, const int8_t* w, const float* scale, const float* bias, int64_t M, int64_t N,
+void weight_only_gemm(const T* x, const int8_t* w, const float* scale, const float* bias, int64_t M, int64_t N,
                       int64_t K, T* out) {
-  std::vector<float> xf(M * K);
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> wrow(K + kWf, 0.f);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* wr = w + n * K;
-      for (int64_t k = 0; k < K; ++k) wrow[k] = wr[k];
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xf.data() + m * K;
-        Vf acc(0.f);
-        int64_t k = 0;
-        for (; k + kWf <= K; k += kWf) acc = at::vec::fmadd(Vf::loadu(xr + k), Vf::loadu(wrow.data() + k), acc);
-        float s = at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return a + b; }, acc);
-        for (; k < K; ++k) s += xr[k] * wrow[k];
-        out[m * N + n] = static_cast<T>(s * scale[n] + (bias ? bias[n] : 0.f));
+  const int64_t Kp = (K + kWf - 1) / kWf * kWf;
+  at::Tensor xf_t = at::empty({M, Kp}, at::TensorOptions().dtype(at::kFloat));
+  float* xf = xf_t.mutable_data_ptr<float>();  // x in fp32, rows padded with zeros
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t k = 0; k < K; ++k) xf[m * Kp + k] = static_cast<float>(x[m * K + k]);
+      for (int64_t k = K; k < Kp; ++k) xf[m * Kp + k] = 0.f;
+    }
+  });
+  at::parallel_for(0, (N + kWoNR - 1) / kWoNR, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wb(kWoNR * Kp, 0.f);  // the padding stays zero
+    for (int64_t mc = 0; mc < M; mc += kWoMChunk) {
+      const int64_t mc_end = std::min(M, mc + kWoMChunk);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * kWoNR, rows = std::min<int64_t>(kWoNR, N - n0);
+        for (int64_t c = 0; c < rows; ++c)
+          for (int64_t k = 0; k < K; ++k) wb[c * Kp + k] = static_cast<float>(w[(n0 + c) * K + k]);
+        if (rows == kWoNR) {
+          wo_rows<kWoNR>(xf, wb.data(), Kp, mc, mc_end, n0, scale, bias, out, N);
+        } else {
+          for (int64_t c = 0; c < rows; ++c)
+            wo_rows<1>(xf, wb.data() + c * Kp, Kp, mc, mc_end, n0 + c, scale, bias, out, N);
+        }
       }
     }
   });
@@ -758,30 +805,10 @@ at::Tensor weight_only_int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_
   const at::Tensor ws = w_scale.contiguous();
   at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias ? bias32.const_data_ptr<float>() : nullptr;
-  if (M <= kGemvMaxRows) {
-    const at::Tensor xc = x.contiguous(), wc = w_int8.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_wo_int8_gemv", [&] {
-      weight_only_gemv<scalar_t>(xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<int8_t>(),
-                                 ws.const_data_ptr<float>(), bp, M, N, K, out.mutable_data_ptr<scalar_t>());
-    });
-    return out;
-  }
-  const at::Tensor x32 = wide(x);
-  at::Tensor h = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const int64_t chunk = std::max<int64_t>(16, (1 << 18) / std::max<int64_t>(K, 1));  // ~1 MB of fp32 rows
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t n1 = std::min(N, n0 + chunk);
-    at::Tensor dst = h.narrow(1, n0, n1 - n0);
-    at::mm_out(dst, x32, w_int8.narrow(0, n0, n1 - n0).to(at::kFloat).t());
-  }
-  float* hp = h.mutable_data_ptr<float>();
-  const float* sp = ws.const_data_ptr<float>();
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t n = 0; n < N; ++n) hp[m * N + n] *= sp[n];
-  });
+  const at::Tensor xc = x.contiguous(), wc = w_int8.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_wo_int8_linear", [&] {
-    linear_epilogue<scalar_t>(hp, bp, Act::kNone, out.mutable_data_ptr<scalar_t>(), nullptr, M, N);
+    weight_only_gemm<scalar_t>(xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<int8_t>(), ws.const_data_ptr<float>(),
+                               bp, M, N, K, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
