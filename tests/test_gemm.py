@@ -37,12 +37,15 @@ def test_cpu_linear_matches_reference(dtype, m, act):
         assert rel_err(got, want) <= TOL[dtype], (act, rel_err(got, want))
 
 
+# (m, k, n): from 16 rows the CPU GEMMs (forward, dx, dw) run our AVX-512 kernel; the second
+# shape has several row chunks (192), K blocks (128) and column panels (64), all with tails
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ACTS)
-def test_cpu_linear_gradients(dtype, act):
-    x = _x(17, 72, dtype).reshape(1, 17, 72).requires_grad_()  # leading dims
-    w = _weight(33, 72, dtype).requires_grad_()
-    b = torch.randn(33, dtype=dtype).requires_grad_()
+@pytest.mark.parametrize("m, k, n", [(17, 72, 33), (300, 200, 130)])
+def test_cpu_linear_gradients(dtype, act, m, k, n):
+    x = _x(m, k, dtype).reshape(1, m, k).requires_grad_()  # leading dims
+    w = _weight(n, k, dtype).requires_grad_()
+    b = torch.randn(n, dtype=dtype).requires_grad_()
     out = ops.linear(x, w, b, act)
     dout = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, w, b), dout)

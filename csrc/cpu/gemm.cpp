@@ -19,12 +19,14 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -64,6 +66,22 @@ inline Vf act_fwd(const Vf& h, Act a) {
       return h * Vf(0.5f) * (Vf(1.f) + u.tanh());
     }
     default: return h;
+  }
+}
+
+// d act / d h at h, a vector at a time (relu: s is the output)
+inline Vf act_grad(const Vf& s, Act a) {
+  switch (a) {
+    case Act::kRelu: return Vf::blendv(Vf(0.f), Vf(1.f), s > Vf(0.f));
+    case Act::kGelu:
+      return Vf(0.5f) * (Vf(1.f) + (s * Vf(kInvSqrt2)).erf()) +
+             s * Vf(kInvSqrt2Pi) * (Vf(-0.5f) * s * s).exp();
+    case Act::kGeluTanh: {
+      const Vf t = (Vf(kSqrt2OverPi) * (s + Vf(kTanhCoef) * s * s * s)).tanh();
+      return Vf(0.5f) * (Vf(1.f) + t) +
+             Vf(0.5f) * s * (Vf(1.f) - t * t) * Vf(kSqrt2OverPi) * (Vf(1.f) + Vf(3.f * kTanhCoef) * s * s);
+    }
+    default: return Vf(1.f);
   }
 }
 
@@ -153,6 +171,140 @@ void linear_epilogue(float* h, const float* bias, Act act, T* out, T* preact, in
   });
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// r[i] (row i of a 16x16 matrix of 32-bit words) -> r[i] = column i
+inline void transpose_16x16_words(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 8; ++i) {  // 128-bit lanes: first pairs of 4 rows, then of 8
+    const int j = (i / 4) * 8 + i % 4;
+    t[j] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0x88);
+    t[j + 4] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// ---------------------------------------------------------------- fp32 GEMM (AVX-512)
+// MKL's sgemm, which at::mm calls, runs its AVX2 code on AMD CPUs (0.2 TFLOP/s on the 2-core
+// EPYC here); this kernel reaches about twice that. The design of the int8 panels below:
+// each task packs 64 columns of B (a panel) as P[k][64], and a 6 x 64 tile of C stays in 24
+// registers: per k, 4 vector loads of the panel and 6 broadcasts of A feed 24 FMAs. K goes in
+// blocks of kSgemmKc (the panel's block stays in L1); C itself holds the partial sums between
+// blocks. Rows of A go in chunks (several tasks per panel when N is small).
+constexpr int64_t kSgemmPanel = 64;
+constexpr int kSgemmMR = 6;
+constexpr int64_t kSgemmKc = 128;        // 32 KB of panel per block (256 and 512 measured no faster)
+constexpr int64_t kSgemmMChunk = 192;
+constexpr int64_t kSgemmMinRows = 16;    // fewer rows: at::mm (packing B would cost more than it saves)
+
+// P[k][0..64) = columns [n0, n0 + 64) of op(B) at row k, zeros past N; op(B) is (K, N):
+// B itself when !b_nk, or B^T of a (N, K) B (a weight), transposed 16x16 at a time
+void sgemm_pack(const float* B, bool b_nk, int64_t N, int64_t K, int64_t n0, float* P) {
+  const int64_t cols = std::min(kSgemmPanel, N - n0);
+  if (!b_nk) {
+    for (int64_t k = 0; k < K; ++k) {
+      std::memcpy(P + k * kSgemmPanel, B + k * N + n0, cols * sizeof(float));
+      std::fill(P + k * kSgemmPanel + cols, P + (k + 1) * kSgemmPanel, 0.f);
+    }
+    return;
+  }
+  const int64_t K16 = K / 16 * 16;
+  for (int g = 0; g < 4; ++g) {
+    for (int64_t k = 0; k < K16; k += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = g * 16 + i < cols ? _mm512_loadu_si512(B + (n0 + g * 16 + i) * K + k) : _mm512_setzero_si512();
+      transpose_16x16_words(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(P + (k + i) * kSgemmPanel + g * 16, r[i]);
+    }
+  }
+  for (int64_t k = K16; k < K; ++k)
+    for (int64_t j = 0; j < kSgemmPanel; ++j) P[k * kSgemmPanel + j] = j < cols ? B[(n0 + j) * K + k] : 0.f;
+}
+
+// C rows [0, MR) x 64 columns (only those `mask` keeps are stored) += A rows . P over
+// k in [k0, k1); the first block starts from zero instead of C
+template <int MR>
+inline void sgemm_tile(const float* A, int64_t lda, const float* P, int64_t k0, int64_t k1, float* C, int64_t ldc,
+                       const __mmask16 mask[4], bool first) {
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c)
+      acc[r][c] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[c], C + r * ldc + c * 16);
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* p = P + k * kSgemmPanel;
+    const __m512 b0 = _mm512_loadu_ps(p), b1 = _mm512_loadu_ps(p + 16), b2 = _mm512_loadu_ps(p + 32),
+                 b3 = _mm512_loadu_ps(p + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(C + r * ldc + c * 16, mask[c], acc[r][c]);
+}
+
+// C (M, N) = A (M, K) @ op(B), all fp32 and contiguous; op(B) = B^T for a (N, K) B (b_nk),
+// else B (K, N)
+void sgemm(const float* A, const float* B, bool b_nk, float* C, int64_t M, int64_t N, int64_t K) {
+  const int64_t n_panels = (N + kSgemmPanel - 1) / kSgemmPanel, n_chunks = (M + kSgemmMChunk - 1) / kSgemmMChunk;
+  // panel-major tasks: a thread packs a panel once for all the chunks of it that it runs
+  at::parallel_for(0, n_panels * n_chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> P(K * kSgemmPanel);
+    int64_t packed = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t panel = t / n_chunks, n0 = panel * kSgemmPanel, cols = std::min(kSgemmPanel, N - n0);
+      if (panel != packed) sgemm_pack(B, b_nk, N, K, n0, P.data()), packed = panel;
+      __mmask16 mask[4];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t valid = std::clamp<int64_t>(cols - c * 16, 0, 16);
+        mask[c] = static_cast<__mmask16>((1u << valid) - 1u);
+      }
+      const int64_t mb = t % n_chunks * kSgemmMChunk, me = std::min(M, mb + kSgemmMChunk);
+      for (int64_t k0 = 0; k0 < K; k0 += kSgemmKc) {
+        const int64_t k1 = std::min(K, k0 + kSgemmKc);
+        int64_t m = mb;
+        for (; m + kSgemmMR <= me; m += kSgemmMR)
+          sgemm_tile<kSgemmMR>(A + m * K, K, P.data(), k0, k1, C + m * N + n0, N, mask, k0 == 0);
+        for (; m < me; ++m) sgemm_tile<1>(A + m * K, K, P.data(), k0, k1, C + m * N + n0, N, mask, k0 == 0);
+      }
+    }
+  });
+}
+#endif
+
+// fp32 A (M, K) @ op(B): B^T of a (N, K) B when b_nk, else a (K, N) B; fp32 (M, N)
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool b_nk) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t M = a.size(0), K = a.size(1), N = b_nk ? b.size(0) : b.size(1);
+  if (M >= kSgemmMinRows && K > 0 && N > 0) {
+    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+    at::Tensor c = at::empty({M, N}, a.options());
+    sgemm(ac.const_data_ptr<float>(), bc.const_data_ptr<float>(), b_nk, c.mutable_data_ptr<float>(), M, N, K);
+    return c;
+  }
+#endif
+  return at::mm(a, b_nk ? b.t() : b);
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias, c10::string_view activation) {
   const char* op = "linear";
@@ -173,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                      : act == Act::kGeluTanh ? at::gelu(h, "tanh") : h.clone();
     return {out, keep_preact ? h : at::empty({0}, x.options())};
   }
-  at::Tensor h = at::mm(wide(x), wide(weight).t());  // fp32 (M, N)
+  at::Tensor h = mm_f32(wide(x), wide(weight), /*b_nk=*/true);  // fp32 (M, N)
   at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = x.scalar_type() == at::kFloat ? h : at::empty({M, N}, x.options());
   at::Tensor preact = keep_preact ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
@@ -197,23 +349,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
               "), got ", dout.sizes());
   const Act act = parse_activation(std::string_view(activation.data(), activation.size()), op);
   const bool is_double = x.scalar_type() == at::kDouble;
-  // the activation's gradient is applied in place, on a copy; without one dout is used as is
+  // dpre = dout * act'(h) in one pass into a new tensor; without an activation dout as is
   at::Tensor dpre = is_double ? dout.contiguous() : dout.to(at::kFloat).contiguous();
   if (act != Act::kNone) {
-    if (dpre.is_same(dout) || dpre.data_ptr() == dout.data_ptr()) dpre = dpre.clone();
     TORCH_CHECK(saved.dim() == 2 && saved.size(0) == M && saved.size(1) == N, op, ": saved must be (", M, ", ", N,
                 ") for activation ", activation, ", got ", saved.sizes());
-    at::Tensor s = is_double ? saved.contiguous() : saved.to(at::kFloat).contiguous();
+    const at::Tensor s = is_double ? saved.contiguous() : saved.to(at::kFloat).contiguous();
+    const at::Tensor d_in = dpre;
+    dpre = at::empty_like(d_in);
     AT_DISPATCH_FLOATING_TYPES(dpre.scalar_type(), "mptkernels_linear_bwd", [&] {
-      scalar_t* d = dpre.mutable_data_ptr<scalar_t>();
+      const scalar_t* d = d_in.const_data_ptr<scalar_t>();
       const scalar_t* sp = s.const_data_ptr<scalar_t>();
+      scalar_t* o = dpre.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, M * N, 16384, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) d[i] *= static_cast<scalar_t>(act_grad(static_cast<float>(sp[i]), act));
+        int64_t i = i0;
+        if constexpr (std::is_same_v<scalar_t, float>)
+          for (; i + kWf <= i1; i += kWf) (Vf::loadu(d + i) * act_grad(Vf::loadu(sp + i), act)).store(o + i);
+        for (; i < i1; ++i) o[i] = d[i] * static_cast<scalar_t>(act_grad(static_cast<float>(sp[i]), act));
       });
     });
   }
-  at::Tensor dx = at::mm(dpre, wide(weight)).to(x.scalar_type());
-  at::Tensor dw = at::mm(dpre.t(), wide(x)).to(weight.scalar_type());
+  at::Tensor dx, dw;
+  if (is_double) {
+    dx = at::mm(dpre, weight);
+    dw = at::mm(dpre.t(), x);
+  } else {
+    dx = mm_f32(dpre, wide(weight), /*b_nk=*/false).to(x.scalar_type());      // (M, N) @ (N, K)
+    dw = mm_f32(dpre.t().contiguous(), wide(x), /*b_nk=*/false).to(weight.scalar_type());  // (N, M) @ (M, K)
+  }
   at::Tensor db = has_bias ? dpre.sum(0) : at::empty({0}, dpre.options());
   return {dx, dw, db};
 }
@@ -492,31 +655,11 @@ void pack_panel(const int8_t* B, int64_t N, int64_t K, int64_t n0, int64_t Kp, i
   const int64_t rows = std::min<int64_t>(kPanel, N - n0), K64 = K / 64 * 64;
   for (int g = 0; g < 4; ++g) {
     for (int64_t k = 0; k < K64; k += 64) {
-      // 16 rows x 16 words (4 k each) -> 16 vectors, one per word: a 16x16 transpose
-      __m512i r[16], t[16];
+      // 16 rows x 16 words (4 k each) -> 16 vectors, one per word
+      __m512i r[16];
       for (int i = 0; i < 16; ++i)
         r[i] = g * 16 + i < rows ? _mm512_loadu_si512(B + (n0 + g * 16 + i) * K + k) : _mm512_setzero_si512();
-      for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-      }
-      for (int i = 0; i < 8; ++i) {  // 128-bit lanes: first pairs of 4 rows, then of 8
-        const int j = (i / 4) * 8 + i % 4;
-        t[j] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0x88);
-        t[j + 4] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0xdd);
-      }
-      for (int i = 0; i < 4; ++i) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-      }
+      transpose_16x16_words(r);
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(P + ((k / 4 + i) * kPanel + g * 16) * 4, r[i]);
     }
   }
