@@ -38,6 +38,9 @@ def _timed(fn, device, reps):
 def run(device: str, quick: bool):
     import mptkernels
     from mptkernels.models import MPTForCausalLM
+    from harness import setup
+
+    setup(device)  # on the CPU: glibc keeps freed memory, as in run.py (see harness.keep_freed_memory)
 
     try:
         import transformers

@@ -57,6 +57,9 @@ def run(device, model_name, batch, seq, steps):
     import transformers
 
     from mptkernels.models import MPTForCausalLM
+    from harness import setup
+
+    setup(device)  # on the CPU: glibc keeps freed memory, as in run.py (see harness.keep_freed_memory)
 
     d, layers, heads = SHAPES[model_name]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

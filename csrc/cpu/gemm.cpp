@@ -171,6 +171,76 @@ void linear_epilogue(float* h, const float* bias, Act act, T* out, T* preact, in
   });
 }
 
+// ---------------------------------------------------------------- dot-product tiles
+// out[m][n] = scale[n] * dot(x row m, w row n) + bias[n] for few rows of x: MR rows of x and
+// NR rows of w at a time, MR x NR vector accumulators summed once at the end, so each operand
+// vector loaded feeds MR or NR FMAs. Used for fp32 linears with few rows (decoding: the
+// weight is streamed once) and by the weight-only int8 linear on converted weight blocks.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kDotMR = 4, kDotNR = 4;  // 16 accumulators + 4 x + 1 w of 32 registers
+#else
+constexpr int kDotMR = 2, kDotNR = 4;  // 8 + 2 + 1 of 16
+#endif
+constexpr int64_t kDotMaxRows = 40;  // fp32 linears with fewer rows use the dot tiles (measured)
+
+// rows [m0, m0 + MR) of x (stride ldx) against rows [0, NR) of w (stride ldw) over K; scale
+// and bias may be null; the results go to out[m][n0 + c] (row stride ldo)
+template <int MR, int NR, typename T>
+inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, int64_t m0, int64_t n0,
+                     const float* scale, const float* bias, T* out, int64_t ldo) {
+  Vf acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = Vf(0.f);
+  const float* xr = x + m0 * ldx;
+  int64_t k = 0;
+  for (; k + kWf <= K; k += kWf) {
+    Vf xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = Vf::loadu(xr + r * ldx + k);
+    for (int c = 0; c < NR; ++c) {
+      const Vf wv = Vf::loadu(w + c * ldw + k);
+      for (int r = 0; r < MR; ++r) acc[r][c] = at::vec::fmadd(xv[r], wv, acc[r][c]);
+    }
+  }
+  if (k < K) {  // the last partial vector, zero-filled
+    const int rem = static_cast<int>(K - k);
+    Vf xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = Vf::loadu(xr + r * ldx + k, rem);
+    for (int c = 0; c < NR; ++c) {
+      const Vf wv = Vf::loadu(w + c * ldw + k, rem);
+      for (int r = 0; r < MR; ++r) acc[r][c] = at::vec::fmadd(xv[r], wv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
+      const float sum = at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return a + b; }, acc[r][c]);
+      const int64_t n = n0 + c;
+      out[(m0 + r) * ldo + n] = static_cast<T>(sum * (scale ? scale[n] : 1.f) + (bias ? bias[n] : 0.f));
+    }
+}
+
+// rows [m0, m1) of x against NR rows of w (output columns n0 ..)
+template <int NR, typename T>
+inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, int64_t m0, int64_t m1,
+                     int64_t n0, const float* scale, const float* bias, T* out, int64_t ldo) {
+  int64_t m = m0;
+  for (; m + kDotMR <= m1; m += kDotMR) dot_tile<kDotMR, NR>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+  for (; m < m1; ++m) dot_tile<1, NR>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+}
+
+// out (M, N) = x (M, K) @ w (N, K)^T in fp32 for few rows, parallel over blocks of w rows
+void dot_gemm_f32(const float* x, const float* w, float* out, int64_t M, int64_t N, int64_t K) {
+  at::parallel_for(0, (N + kDotNR - 1) / kDotNR, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kDotNR, rows = std::min<int64_t>(kDotNR, N - n0);
+      if (rows == kDotNR) {
+        dot_rows<kDotNR>(x, K, w + n0 * K, K, K, 0, M, n0, nullptr, nullptr, out, N);
+      } else {
+        for (int64_t c = 0; c < rows; ++c) dot_rows<1>(x, K, w + (n0 + c) * K, K, K, 0, M, n0 + c, nullptr, nullptr, out, N);
+      }
+    }
+  });
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // r[i] (row i of a 16x16 matrix of 32-bit words) -> r[i] = column i
 inline void transpose_16x16_words(__m512i r[16]) {
@@ -209,7 +279,7 @@ constexpr int64_t kSgemmPanel = 64;
 constexpr int kSgemmMR = 6;
 constexpr int64_t kSgemmKc = 128;        // 32 KB of panel per block (256 and 512 measured no faster)
 constexpr int64_t kSgemmMChunk = 192;
-constexpr int64_t kSgemmMinRows = 16;    // fewer rows: at::mm (packing B would cost more than it saves)
+constexpr int64_t kSgemmMinRows = 16;    // fewer rows: dot tiles or at::mm (packing B costs more than it saves)
 
 // P[k][0..64) = columns [n0, n0 + 64) of op(B) at row k, zeros past N; op(B) is (K, N):
 // B itself when !b_nk, or B^T of a (N, K) B (a weight), transposed 16x16 at a time
@@ -293,8 +363,14 @@ void sgemm(const float* A, const float* B, bool b_nk, float* C, int64_t M, int64
 
 // fp32 A (M, K) @ op(B): B^T of a (N, K) B when b_nk, else a (K, N) B; fp32 (M, N)
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool b_nk) {
-#if defined(CPU_CAPABILITY_AVX512)
   const int64_t M = a.size(0), K = a.size(1), N = b_nk ? b.size(0) : b.size(1);
+  if (b_nk && M < kDotMaxRows && M > 0 && K > 0 && N > 0) {  // decoding: stream the weight once
+    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+    at::Tensor c = at::empty({M, N}, a.options());
+    dot_gemm_f32(ac.const_data_ptr<float>(), bc.const_data_ptr<float>(), c.mutable_data_ptr<float>(), M, N, K);
+    return c;
+  }
+#if defined(CPU_CAPABILITY_AVX512)
   if (M >= kSgemmMinRows && K > 0 && N > 0) {
     const at::Tensor ac = a.contiguous(), bc = b.contiguous();
     at::Tensor c = at::empty({M, N}, a.options());
@@ -856,52 +932,14 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_int8, const 
 }
 
 // ---------------------------------------------------------------- weight-only int8
-// Each task converts NR weight rows at a time to fp32 (a block that stays in L1), then
-// multiplies them with MR rows of x at a time: MR x NR dot products in registers, one load of
-// each operand per MR x NR FMAs. Rows of x go in chunks of kWoMChunk (their fp32 copy stays
+// Each task converts kDotNR weight rows at a time to fp32 (a block that stays in L1), then
+// runs the dot tiles above over them and the rows of x. Rows of x go in chunks of kWoMChunk (their fp32 copy stays
 // in L2 while the task's weight blocks pass); with M <= kWoMChunk (decoding, small batches)
 // each weight byte is read from memory and converted once. The per-row scale is applied to
-// the sums (x @ (w * s)^T = (x @ w^T) * s; int8 values are exact in fp32). Measured 1.1-7.8x
-// F.linear with the fp32 weight at M = 1..2048 (docs/benchmarks.md); the earlier design
-// (dequantised chunks of the weight through sgemm above 8 rows) was 0.65-1.06x.
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kWoMR = 4, kWoNR = 4;  // 16 accumulators + 4 x + 1 w of 32 registers
-#else
-constexpr int kWoMR = 2, kWoNR = 4;  // 8 + 2 + 1 of 16
-#endif
+// the sums (x @ (w * s)^T = (x @ w^T) * s; int8 values are exact in fp32). Measured 1.4-9.8x
+// MKL's F.linear with the fp32 weight at M = 1..2048 (docs/benchmarks.md); the earlier
+// design (dequantised chunks of the weight through sgemm above 8 rows) was 0.65-1.06x.
 constexpr int64_t kWoMChunk = 64;
-
-// out[m][n0 + c] for m in [m0, m0 + MR), c < NR: dots of xf rows with the fp32 block wb
-// ([NR][Kp]); K is rounded up to whole vectors, x rows and wb padded with zeros
-template <int MR, int NR, typename T>
-inline void wo_tile(const float* xf, const float* wb, int64_t Kp, int64_t m0, int64_t n0, const float* scale,
-                    const float* bias, T* out, int64_t N) {
-  Vf acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) acc[r][c] = Vf(0.f);
-  for (int64_t k = 0; k < Kp; k += kWf) {
-    Vf xv[MR];
-    for (int r = 0; r < MR; ++r) xv[r] = Vf::loadu(xf + (m0 + r) * Kp + k);
-    for (int c = 0; c < NR; ++c) {
-      const Vf wv = Vf::loadu(wb + c * Kp + k);
-      for (int r = 0; r < MR; ++r) acc[r][c] = at::vec::fmadd(xv[r], wv, acc[r][c]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) {
-      const float sum = at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return a + b; }, acc[r][c]);
-      out[(m0 + r) * N + n0 + c] = static_cast<T>(sum * scale[n0 + c] + (bias ? bias[n0 + c] : 0.f));
-    }
-}
-
-// rows [m0, m1) of x against NR converted weight rows from n0
-template <int NR, typename T>
-inline void wo_rows(const float* xf, const float* wb, int64_t Kp, int64_t m0, int64_t m1, int64_t n0,
-                    const float* scale, const float* bias, T* out, int64_t N) {
-  int64_t m = m0;
-  for (; m + kWoMR <= m1; m += kWoMR) wo_tile<kWoMR, NR>(xf, wb, Kp, m, n0, scale, bias, out, N);
-  for (; m < m1; ++m) wo_tile<1, NR>(xf, wb, Kp, m, n0, scale, bias, out, N);
-}
 
 template <typename T>
 void weight_only_gemm(const T* x, const int8_t* w, const float* scale, const float* bias, int64_t M, int64_t N,
@@ -915,19 +953,19 @@ void weight_only_gemm(const T* x, const int8_t* w, const float* scale, const flo
       for (int64_t k = K; k < Kp; ++k) xf[m * Kp + k] = 0.f;
     }
   });
-  at::parallel_for(0, (N + kWoNR - 1) / kWoNR, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<float> wb(kWoNR * Kp, 0.f);  // the padding stays zero
+  at::parallel_for(0, (N + kDotNR - 1) / kDotNR, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wb(kDotNR * Kp, 0.f);  // the padding stays zero
     for (int64_t mc = 0; mc < M; mc += kWoMChunk) {
       const int64_t mc_end = std::min(M, mc + kWoMChunk);
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n0 = b * kWoNR, rows = std::min<int64_t>(kWoNR, N - n0);
+        const int64_t n0 = b * kDotNR, rows = std::min<int64_t>(kDotNR, N - n0);
         for (int64_t c = 0; c < rows; ++c)
           for (int64_t k = 0; k < K; ++k) wb[c * Kp + k] = static_cast<float>(w[(n0 + c) * K + k]);
-        if (rows == kWoNR) {
-          wo_rows<kWoNR>(xf, wb.data(), Kp, mc, mc_end, n0, scale, bias, out, N);
+        if (rows == kDotNR) {
+          dot_rows<kDotNR>(xf, Kp, wb.data(), Kp, Kp, mc, mc_end, n0, scale, bias, out, N);
         } else {
           for (int64_t c = 0; c < rows; ++c)
-            wo_rows<1>(xf, wb.data() + c * Kp, Kp, mc, mc_end, n0 + c, scale, bias, out, N);
+            dot_rows<1>(xf, Kp, wb.data() + c * Kp, Kp, Kp, mc, mc_end, n0 + c, scale, bias, out, N);
         }
       }
     }
