@@ -1,9 +1,11 @@
 """The GEMM family against PyTorch's paths on the same device.
 
-Baselines: F.linear (cuBLAS / MKL), F.gelu(F.linear(...)) eager and compiled,
+Baselines: F.linear (cuBLAS / MKL), F.gelu(F.linear(...)) eager and compiled (forward, and
+forward + backward: 3x the FLOPs),
 torch._int_mm in its fast layout (second operand a transposed (N, K) weight), and for
 weight-only int8 a dequantise-then-F.linear path. FLOPs 2·M·N·K (int8 rows: "TFLOP/s" are
-TOP/s). Weight-only decoding rows report GB/s of int8 weight bytes (what bounds it).
+TOP/s). Decoding rows (M = 1 linear, weight-only int8) report GB/s of weight bytes (what
+bounds them).
 """
 from __future__ import annotations
 
@@ -30,15 +32,24 @@ def run(device: str, quick: bool):
     w = torch.randn(n, k, device=device, dtype=dt) * k ** -0.5
     flops = 2 * m * n * k
     tag = f"{m}x{k}x{n} {str(dt).replace('torch.', '')}"
-    if gpu:
-        rows += case_rows("gemm", f"linear {tag}", device, quick, None,
-                          {"mptkernels": lambda: ops.linear(x, w)}, {"F.linear": lambda: F.linear(x, w)},
-                          flops=flops)
+    rows += case_rows("gemm", f"linear {tag}", device, quick, None,
+                      {"mptkernels": lambda: ops.linear(x, w)}, {"F.linear": lambda: F.linear(x, w)},
+                      flops=flops)
     gelu_compiled = compiled(lambda x, w: F.gelu(F.linear(x, w)))
     rows += case_rows("gemm", f"linear+GELU {tag}", device, quick, None,
                       {"mptkernels": lambda: ops.linear(x, w, activation="gelu")},
                       {"F.gelu(F.linear) eager": lambda: F.gelu(F.linear(x, w)),
                        "torch.compile": lambda: gelu_compiled(x, w)}, flops=flops)
+    # training: forward and backward (dx, dw: two more GEMMs of the same size)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    dy = torch.randn(m, n, device=device, dtype=dt)
+
+    def fwd_bwd(fn):
+        return lambda: torch.autograd.grad(fn(xg, wg), (xg, wg), dy)
+
+    rows += case_rows("gemm", f"linear+GELU fwd+bwd {tag}", device, quick, None,
+                      {"mptkernels": fwd_bwd(lambda x, w: ops.linear(x, w, activation="gelu"))},
+                      {"F.gelu(F.linear) eager": fwd_bwd(lambda x, w: F.gelu(F.linear(x, w)))}, flops=3 * flops)
 
     # int8: the exact GEMM core and W8A8 end to end (activation quantisation included)
     mi, ki, ni = (8192, 8192, 8192) if gpu else (512, 2048, 2048)
@@ -65,6 +76,11 @@ def run(device: str, quick: bool):
     kd, nd = (4096, 12288) if gpu else (2048, 6144)
     wq, ws = ops.quantize_rowwise(torch.randn(nd, kd, device=device))
     wd = (wq.float() * ws[:, None]).to(dt)
+    wf = (torch.randn(nd, kd, device=device) * kd ** -0.5).to(dt)
+    x1 = torch.randn(1, kd, device=device, dtype=dt)
+    rows += case_rows("gemm", f"linear M=1 {kd}->{nd} {str(dt).replace('torch.', '')}", device, quick,
+                      nd * kd * wf.element_size(), {"mptkernels": lambda: ops.linear(x1, wf)},
+                      {"F.linear": lambda: F.linear(x1, wf)})
     for md in (1,) if quick else (1, 16):
         xd = torch.randn(md, kd, device=device, dtype=dt)
         rows += case_rows("gemm", f"weight-only int8 M={md} {kd}->{nd} {str(dt).replace('torch.', '')}", device,
