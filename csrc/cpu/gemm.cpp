@@ -268,6 +268,21 @@ inline void transpose_16x16_words(__m512i r[16]) {
   }
 }
 
+// A panel of 64 rows of a row-major matrix of 4-byte words (fp32 values, or 4 int8 k-steps)
+// -> P[w][64], word-major, for words [0, words) (a multiple of 16), 16x16 transposes at a
+// time. src: row 0, stride: bytes per row; rows past `rows` read as zeros.
+inline void pack_words_x64(const char* src, int64_t stride, int64_t rows, int64_t words, char* P) {
+  for (int g = 0; g < 4; ++g) {
+    for (int64_t w = 0; w < words; w += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = g * 16 + i < rows ? _mm512_loadu_si512(src + (g * 16 + i) * stride + w * 4) : _mm512_setzero_si512();
+      transpose_16x16_words(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(P + ((w + i) * 64 + g * 16) * 4, r[i]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- fp32 GEMM (AVX-512)
 // MKL's sgemm, which at::mm calls, runs its AVX2 code on AMD CPUs (0.2 TFLOP/s on the 2-core
 // EPYC here); this kernel reaches about twice that. The design of the int8 panels below:
@@ -275,7 +290,7 @@ inline void transpose_16x16_words(__m512i r[16]) {
 // registers: per k, 4 vector loads of the panel and 6 broadcasts of A feed 24 FMAs. K goes in
 // blocks of kSgemmKc (the panel's block stays in L1); C itself holds the partial sums between
 // blocks. Rows of A go in chunks (several tasks per panel when N is small).
-constexpr int64_t kSgemmPanel = 64;
+constexpr int64_t kSgemmPanel = 64;  // pack_words_x64's width
 constexpr int kSgemmMR = 6;
 constexpr int64_t kSgemmKc = 128;        // 32 KB of panel per block (256 and 512 measured no faster)
 constexpr int64_t kSgemmMChunk = 192;
@@ -293,15 +308,7 @@ void sgemm_pack(const float* B, bool b_nk, int64_t N, int64_t K, int64_t n0, flo
     return;
   }
   const int64_t K16 = K / 16 * 16;
-  for (int g = 0; g < 4; ++g) {
-    for (int64_t k = 0; k < K16; k += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = g * 16 + i < cols ? _mm512_loadu_si512(B + (n0 + g * 16 + i) * K + k) : _mm512_setzero_si512();
-      transpose_16x16_words(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(P + (k + i) * kSgemmPanel + g * 16, r[i]);
-    }
-  }
+  pack_words_x64(reinterpret_cast<const char*>(B + n0 * K), K * 4, cols, K16, reinterpret_cast<char*>(P));
   for (int64_t k = K16; k < K; ++k)
     for (int64_t j = 0; j < kSgemmPanel; ++j) P[k * kSgemmPanel + j] = j < cols ? B[(n0 + j) * K + k] : 0.f;
 }
@@ -720,6 +727,7 @@ inline void int8_tile(const Elem* A, const Elem* B, const int32_t* corr, int64_t
 // panel's block stays in L1 while the rows of A pass; partial sums between blocks wait in a
 // per-task buffer. Measured 94% of vpdpbusd's peak on one core (the bench in docs/benchmarks.md).
 constexpr int64_t kPanel = kPanelMaxRun;  // B rows per panel: four vectors of 16 int32 outputs
+static_assert(kPanel == 64, "pack_words_x64 packs 64 rows");
 constexpr int kPanelMR = 6;            // A rows per tile: 6 x 4 = 24 accumulators of 32 registers
 constexpr int64_t kPanelKc = 2048;     // k per block: 128 KB of panel (L2; 1024 or 512 measured no faster)
 constexpr int64_t kPanelMChunk = 192;  // A rows per task (several tasks per panel when N is small)
@@ -729,16 +737,8 @@ constexpr int64_t kPanelMinRows = 16;  // fewer rows: the dot-product tiles (no 
 // corr[j] = 128 * sum_k B[n0 + j][k] (what A's +128 shift adds)
 void pack_panel(const int8_t* B, int64_t N, int64_t K, int64_t n0, int64_t Kp, int8_t* P, int32_t* corr) {
   const int64_t rows = std::min<int64_t>(kPanel, N - n0), K64 = K / 64 * 64;
-  for (int g = 0; g < 4; ++g) {
-    for (int64_t k = 0; k < K64; k += 64) {
-      // 16 rows x 16 words (4 k each) -> 16 vectors, one per word
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = g * 16 + i < rows ? _mm512_loadu_si512(B + (n0 + g * 16 + i) * K + k) : _mm512_setzero_si512();
-      transpose_16x16_words(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(P + ((k / 4 + i) * kPanel + g * 16) * 4, r[i]);
-    }
-  }
+  // words of 4 int8 k-steps, 16 words (64 k) per transpose
+  pack_words_x64(reinterpret_cast<const char*>(B + n0 * K), K, rows, K64 / 4, reinterpret_cast<char*>(P));
   for (int64_t k4 = K64 / 4; k4 < Kp / 4; ++k4)  // the last k (and the padding) one byte at a time
     for (int64_t j = 0; j < kPanel; ++j)
       for (int64_t c = 0; c < 4; ++c) {
