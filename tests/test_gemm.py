@@ -37,6 +37,18 @@ def test_cpu_linear_matches_reference(dtype, m, act):
         assert rel_err(got, want) <= TOL[dtype], (act, rel_err(got, want))
 
 
+# 16-bit linears on the CPU: few rows read the 16-bit weight in place (dot tiles); with
+# AVX512-BF16, bf16 from 16 rows runs vdpbf16ps panels (even K only; odd K widens to fp32)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, k, n", [(1, 33, 17), (5, 130, 70), (20, 33, 70), (20, 130, 70), (200, 64, 130)])
+def test_cpu_linear_16bit_paths(dtype, m, k, n):
+    x, w, b = _x(m, k, dtype), _weight(n, k, dtype), torch.randn(n, dtype=dtype)
+    for act in (None, "gelu"):
+        got = ops.linear(x, w, b, act)
+        want = reference.linear(x.double(), w.double(), b.double(), act)
+        assert got.dtype == dtype and rel_err(got, want) <= TOL[dtype], (act, rel_err(got, want))
+
+
 # (m, k, n): from 16 rows the CPU GEMMs (forward, dx, dw) run our AVX-512 kernel; the second
 # shape has several row chunks (192), K blocks (128) and column panels (64), all with tails
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

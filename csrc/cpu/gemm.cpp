@@ -183,10 +183,44 @@ constexpr int kDotMR = 2, kDotNR = 4;  // 8 + 2 + 1 of 16
 #endif
 constexpr int64_t kDotMaxRows = 40;  // fp32 linears with fewer rows use the dot tiles (measured)
 
-// rows [m0, m0 + MR) of x (stride ldx) against rows [0, NR) of w (stride ldw) over K; scale
-// and bias may be null; the results go to out[m][n0 + c] (row stride ldo)
-template <int MR, int NR, typename T>
-inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, int64_t m0, int64_t n0,
+// One vector of weights as fp32: 16-bit weights are widened in registers, so decoding reads
+// 2 bytes per weight (widening the whole weight first would write and re-read 4)
+inline Vf load_w(const float* p) { return Vf::loadu(p); }
+inline Vf load_w(const c10::BFloat16* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+#else
+  float buf[kWf];
+  for (int64_t i = 0; i < kWf; ++i) buf[i] = static_cast<float>(p[i]);
+  return Vf::loadu(buf);
+#endif
+}
+inline Vf load_w(const c10::Half* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#else
+  float buf[kWf];
+  for (int64_t i = 0; i < kWf; ++i) buf[i] = static_cast<float>(p[i]);
+  return Vf::loadu(buf);
+#endif
+}
+// the last rem (< kWf) weights, zero-filled
+template <typename W>
+inline Vf load_w(const W* p, int rem) {
+  float buf[kWf] = {};
+  for (int i = 0; i < rem; ++i) buf[i] = static_cast<float>(p[i]);
+  return Vf::loadu(buf);
+}
+
+// rows [m0, m0 + MR) of x (fp32, stride ldx) against rows [0, NR) of w (fp32 or 16-bit,
+// stride ldw) over K; scale and bias may be null; the results go to out[m][n0 + c] (row
+// stride ldo)
+template <int MR, int NR, typename T, typename W = float>
+inline void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, int64_t m0, int64_t n0,
                      const float* scale, const float* bias, T* out, int64_t ldo) {
   Vf acc[MR][NR];
   for (int r = 0; r < MR; ++r)
@@ -197,7 +231,7 @@ inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, i
     Vf xv[MR];
     for (int r = 0; r < MR; ++r) xv[r] = Vf::loadu(xr + r * ldx + k);
     for (int c = 0; c < NR; ++c) {
-      const Vf wv = Vf::loadu(w + c * ldw + k);
+      const Vf wv = load_w(w + c * ldw + k);
       for (int r = 0; r < MR; ++r) acc[r][c] = at::vec::fmadd(xv[r], wv, acc[r][c]);
     }
   }
@@ -206,7 +240,7 @@ inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, i
     Vf xv[MR];
     for (int r = 0; r < MR; ++r) xv[r] = Vf::loadu(xr + r * ldx + k, rem);
     for (int c = 0; c < NR; ++c) {
-      const Vf wv = Vf::loadu(w + c * ldw + k, rem);
+      const Vf wv = load_w(w + c * ldw + k, rem);
       for (int r = 0; r < MR; ++r) acc[r][c] = at::vec::fmadd(xv[r], wv, acc[r][c]);
     }
   }
@@ -219,16 +253,17 @@ inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, i
 }
 
 // rows [m0, m1) of x against NR rows of w (output columns n0 ..)
-template <int NR, typename T>
-inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, int64_t m0, int64_t m1,
+template <int NR, typename T, typename W>
+inline void dot_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, int64_t m0, int64_t m1,
                      int64_t n0, const float* scale, const float* bias, T* out, int64_t ldo) {
   int64_t m = m0;
-  for (; m + kDotMR <= m1; m += kDotMR) dot_tile<kDotMR, NR>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
-  for (; m < m1; ++m) dot_tile<1, NR>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+  for (; m + kDotMR <= m1; m += kDotMR) dot_tile<kDotMR, NR, T, W>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+  for (; m < m1; ++m) dot_tile<1, NR, T, W>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
 }
 
-// out (M, N) = x (M, K) @ w (N, K)^T in fp32 for few rows, parallel over blocks of w rows
-void dot_gemm_f32(const float* x, const float* w, float* out, int64_t M, int64_t N, int64_t K) {
+// out (M, N) fp32 = x (M, K, fp32) @ w (N, K)^T for few rows, parallel over blocks of w rows
+template <typename W>
+void dot_gemm(const float* x, const W* w, float* out, int64_t M, int64_t N, int64_t K) {
   at::parallel_for(0, (N + kDotNR - 1) / kDotNR, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kDotNR, rows = std::min<int64_t>(kDotNR, N - n0);
@@ -240,6 +275,10 @@ void dot_gemm_f32(const float* x, const float* w, float* out, int64_t M, int64_t
     }
   });
 }
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#define MPTK_BF16_DOT 1  // the build host has AVX512-BF16 (CMakeLists.txt): vdpbf16ps
+#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 // r[i] (row i of a 16x16 matrix of 32-bit words) -> r[i] = column i
@@ -292,76 +331,114 @@ inline void pack_words_x64(const char* src, int64_t stride, int64_t rows, int64_
 // blocks. Rows of A go in chunks (several tasks per panel when N is small).
 constexpr int64_t kSgemmPanel = 64;  // pack_words_x64's width
 constexpr int kSgemmMR = 6;
-constexpr int64_t kSgemmKc = 128;        // 32 KB of panel per block (256 and 512 measured no faster)
+constexpr int64_t kSgemmKc = 128;        // words per block: 32 KB of panel (256 and 512 measured no faster)
 constexpr int64_t kSgemmMChunk = 192;
 constexpr int64_t kSgemmMinRows = 16;    // fewer rows: dot tiles or at::mm (packing B costs more than it saves)
 
-// P[k][0..64) = columns [n0, n0 + 64) of op(B) at row k, zeros past N; op(B) is (K, N):
-// B itself when !b_nk, or B^T of a (N, K) B (a weight), transposed 16x16 at a time
-void sgemm_pack(const float* B, bool b_nk, int64_t N, int64_t K, int64_t n0, float* P) {
-  const int64_t cols = std::min(kSgemmPanel, N - n0);
-  if (!b_nk) {
-    for (int64_t k = 0; k < K; ++k) {
-      std::memcpy(P + k * kSgemmPanel, B + k * N + n0, cols * sizeof(float));
-      std::fill(P + k * kSgemmPanel + cols, P + (k + 1) * kSgemmPanel, 0.f);
+// Word-major panels: P[w][0..64) holds word w (a k-step: one fp32 value, or a pair of bf16
+// values for vdpbf16ps) of the 64 output columns [n0, n0 + 64), zeros past N.
+// From a (N, W-word) row-major B (a weight: op(B) = B^T), transposed 16x16 at a time:
+void pack_panel_nk(const char* B, int64_t N, int64_t W, int64_t n0, float* P) {
+  const int64_t cols = std::min(kSgemmPanel, N - n0), W16 = W / 16 * 16;
+  pack_words_x64(B + n0 * W * 4, W * 4, cols, W16, reinterpret_cast<char*>(P));
+  for (int64_t w = W16; w < W; ++w)
+    for (int64_t j = 0; j < kSgemmPanel; ++j) {
+      float word = 0.f;
+      if (j < cols) std::memcpy(&word, B + ((n0 + j) * W + w) * 4, 4);
+      P[w * kSgemmPanel + j] = word;
     }
-    return;
-  }
-  const int64_t K16 = K / 16 * 16;
-  pack_words_x64(reinterpret_cast<const char*>(B + n0 * K), K * 4, cols, K16, reinterpret_cast<char*>(P));
-  for (int64_t k = K16; k < K; ++k)
-    for (int64_t j = 0; j < kSgemmPanel; ++j) P[k * kSgemmPanel + j] = j < cols ? B[(n0 + j) * K + k] : 0.f;
 }
 
-// C rows [0, MR) x 64 columns (only those `mask` keeps are stored) += A rows . P over
-// k in [k0, k1); the first block starts from zero instead of C
-template <int MR>
-inline void sgemm_tile(const float* A, int64_t lda, const float* P, int64_t k0, int64_t k1, float* C, int64_t ldc,
-                       const __mmask16 mask[4], bool first) {
+// from a (K, N) row-major fp32 B (op(B) = B): a copy of 64 columns per row
+void pack_panel_kn(const float* B, int64_t N, int64_t K, int64_t n0, float* P) {
+  const int64_t cols = std::min(kSgemmPanel, N - n0);
+  for (int64_t k = 0; k < K; ++k) {
+    std::memcpy(P + k * kSgemmPanel, B + k * N + n0, cols * sizeof(float));
+    std::fill(P + k * kSgemmPanel + cols, P + (k + 1) * kSgemmPanel, 0.f);
+  }
+}
+
+// The multiply-add of a panel GEMM, per element type: fp32 (one k per word, FMA) and, where
+// the build has AVX512-BF16, bf16 (two k per word, vdpbf16ps: products exact in fp32, fp32
+// accumulation, so a bf16 linear is one rounding at the end, like the fp32 path).
+struct F32Dot {
+  using E = float;
+  static constexpr int64_t kPerWord = 1;
+  static __m512 bcast(const float* a) { return _mm512_set1_ps(*a); }
+  static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+#ifdef MPTK_BF16_DOT
+struct Bf16Dot {
+  using E = c10::BFloat16;
+  static constexpr int64_t kPerWord = 2;
+  static __m512 bcast(const c10::BFloat16* a) {
+    int32_t word;
+    std::memcpy(&word, a, 4);
+    return _mm512_castsi512_ps(_mm512_set1_epi32(word));
+  }
+  static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+};
+#endif
+
+// C rows [0, MR) x 64 columns (only those `mask` keeps are stored) += A rows . P over words
+// [w0, w1) (A's row stride lda in elements); the first block starts from zero instead of C
+template <int MR, typename Dot>
+inline void sgemm_tile(const typename Dot::E* A, int64_t lda, const float* P, int64_t w0, int64_t w1, float* C,
+                       int64_t ldc, const __mmask16 mask[4], bool first) {
   __m512 acc[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < 4; ++c)
       acc[r][c] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[c], C + r * ldc + c * 16);
-  for (int64_t k = k0; k < k1; ++k) {
-    const float* p = P + k * kSgemmPanel;
+  for (int64_t w = w0; w < w1; ++w) {
+    const float* p = P + w * kSgemmPanel;
     const __m512 b0 = _mm512_loadu_ps(p), b1 = _mm512_loadu_ps(p + 16), b2 = _mm512_loadu_ps(p + 32),
                  b3 = _mm512_loadu_ps(p + 48);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
+      const __m512 a = Dot::bcast(A + r * lda + w * Dot::kPerWord);
+      acc[r][0] = Dot::madd(acc[r][0], a, b0);
+      acc[r][1] = Dot::madd(acc[r][1], a, b1);
+      acc[r][2] = Dot::madd(acc[r][2], a, b2);
+      acc[r][3] = Dot::madd(acc[r][3], a, b3);
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(C + r * ldc + c * 16, mask[c], acc[r][c]);
 }
 
-// C (M, N) = A (M, K) @ op(B), all fp32 and contiguous; op(B) = B^T for a (N, K) B (b_nk),
-// else B (K, N)
-void sgemm(const float* A, const float* B, bool b_nk, float* C, int64_t M, int64_t N, int64_t K) {
+// C (M, N) fp32 = A (M, K) @ op(B), A and B of Dot's element type and contiguous; op(B) =
+// B^T for a (N, K) B (b_nk), else (fp32 only) B (K, N). K a whole number of words.
+template <typename Dot>
+void sgemm(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float* C, int64_t M, int64_t N,
+           int64_t K) {
+  const int64_t W = K / Dot::kPerWord;
   const int64_t n_panels = (N + kSgemmPanel - 1) / kSgemmPanel, n_chunks = (M + kSgemmMChunk - 1) / kSgemmMChunk;
   // panel-major tasks: a thread packs a panel once for all the chunks of it that it runs
   at::parallel_for(0, n_panels * n_chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> P(K * kSgemmPanel);
+    std::vector<float> P(W * kSgemmPanel);
     int64_t packed = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t panel = t / n_chunks, n0 = panel * kSgemmPanel, cols = std::min(kSgemmPanel, N - n0);
-      if (panel != packed) sgemm_pack(B, b_nk, N, K, n0, P.data()), packed = panel;
+      if (panel != packed) {
+        if (b_nk) {
+          pack_panel_nk(reinterpret_cast<const char*>(B), N, W, n0, P.data());
+        } else {
+          if constexpr (std::is_same_v<typename Dot::E, float>) pack_panel_kn(B, N, K, n0, P.data());
+        }
+        packed = panel;
+      }
       __mmask16 mask[4];
       for (int c = 0; c < 4; ++c) {
         const int64_t valid = std::clamp<int64_t>(cols - c * 16, 0, 16);
         mask[c] = static_cast<__mmask16>((1u << valid) - 1u);
       }
       const int64_t mb = t % n_chunks * kSgemmMChunk, me = std::min(M, mb + kSgemmMChunk);
-      for (int64_t k0 = 0; k0 < K; k0 += kSgemmKc) {
-        const int64_t k1 = std::min(K, k0 + kSgemmKc);
+      for (int64_t w0 = 0; w0 < W; w0 += kSgemmKc) {
+        const int64_t w1 = std::min(W, w0 + kSgemmKc);
         int64_t m = mb;
         for (; m + kSgemmMR <= me; m += kSgemmMR)
-          sgemm_tile<kSgemmMR>(A + m * K, K, P.data(), k0, k1, C + m * N + n0, N, mask, k0 == 0);
-        for (; m < me; ++m) sgemm_tile<1>(A + m * K, K, P.data(), k0, k1, C + m * N + n0, N, mask, k0 == 0);
+          sgemm_tile<kSgemmMR, Dot>(A + m * K, K, P.data(), w0, w1, C + m * N + n0, N, mask, w0 == 0);
+        for (; m < me; ++m) sgemm_tile<1, Dot>(A + m * K, K, P.data(), w0, w1, C + m * N + n0, N, mask, w0 == 0);
       }
     }
   });
@@ -374,14 +451,15 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool b_nk) {
   if (b_nk && M < kDotMaxRows && M > 0 && K > 0 && N > 0) {  // decoding: stream the weight once
     const at::Tensor ac = a.contiguous(), bc = b.contiguous();
     at::Tensor c = at::empty({M, N}, a.options());
-    dot_gemm_f32(ac.const_data_ptr<float>(), bc.const_data_ptr<float>(), c.mutable_data_ptr<float>(), M, N, K);
+    dot_gemm<float>(ac.const_data_ptr<float>(), bc.const_data_ptr<float>(), c.mutable_data_ptr<float>(), M, N, K);
     return c;
   }
 #if defined(CPU_CAPABILITY_AVX512)
   if (M >= kSgemmMinRows && K > 0 && N > 0) {
     const at::Tensor ac = a.contiguous(), bc = b.contiguous();
     at::Tensor c = at::empty({M, N}, a.options());
-    sgemm(ac.const_data_ptr<float>(), bc.const_data_ptr<float>(), b_nk, c.mutable_data_ptr<float>(), M, N, K);
+    sgemm<F32Dot>(ac.const_data_ptr<float>(), bc.const_data_ptr<float>(), b_nk, c.mutable_data_ptr<float>(), M, N,
+                  K);
     return c;
   }
 #endif
@@ -408,7 +486,26 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                      : act == Act::kGeluTanh ? at::gelu(h, "tanh") : h.clone();
     return {out, keep_preact ? h : at::empty({0}, x.options())};
   }
-  at::Tensor h = mm_f32(wide(x), wide(weight), /*b_nk=*/true);  // fp32 (M, N)
+  at::Tensor h;  // fp32 (M, N)
+#ifdef MPTK_BF16_DOT
+  if (x.scalar_type() == at::kBFloat16 && M >= kSgemmMinRows && x.size(1) % 2 == 0 && x.size(1) > 0 && N > 0) {
+    // bf16 straight into vdpbf16ps: no fp32 copies of x and the weight
+    const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+    h = at::empty({M, N}, x.options().dtype(at::kFloat));
+    sgemm<Bf16Dot>(xc.const_data_ptr<c10::BFloat16>(), wc.const_data_ptr<c10::BFloat16>(), /*b_nk=*/true,
+                   h.mutable_data_ptr<float>(), M, N, x.size(1));
+  }
+#endif
+  if (!h.defined() && x.scalar_type() != at::kFloat && M < kDotMaxRows && M > 0 && N > 0 && x.size(1) > 0) {
+    // decoding in 16 bits: the weight is widened in registers as the dot tiles read it
+    const at::Tensor xf = wide(x), wc = weight.contiguous();
+    h = at::empty({M, N}, x.options().dtype(at::kFloat));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "mptkernels_linear_dot16", [&] {
+      dot_gemm<scalar_t>(xf.const_data_ptr<float>(), wc.const_data_ptr<scalar_t>(), h.mutable_data_ptr<float>(), M,
+                         N, x.size(1));
+    });
+  }
+  if (!h.defined()) h = mm_f32(wide(x), wide(weight), /*b_nk=*/true);
   at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = x.scalar_type() == at::kFloat ? h : at::empty({M, N}, x.options());
   at::Tensor preact = keep_preact ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
