@@ -322,18 +322,20 @@ inline void pack_words_x64(const char* src, int64_t stride, int64_t rows, int64_
   }
 }
 
-// ---------------------------------------------------------------- fp32 GEMM (AVX-512)
+// ---------------------------------------------------------------- panel GEMM (AVX-512): fp32, bf16
 // MKL's sgemm, which at::mm calls, runs its AVX2 code on AMD CPUs (0.2 TFLOP/s on the 2-core
 // EPYC here); this kernel reaches about twice that. The design of the int8 panels below:
-// each task packs 64 columns of B (a panel) as P[k][64], and a 6 x 64 tile of C stays in 24
-// registers: per k, 4 vector loads of the panel and 6 broadcasts of A feed 24 FMAs. K goes in
-// blocks of kSgemmKc (the panel's block stays in L1); C itself holds the partial sums between
-// blocks. Rows of A go in chunks (several tasks per panel when N is small).
-constexpr int64_t kSgemmPanel = 64;  // pack_words_x64's width
+// each task packs 64 columns of B (a panel) word-major as P[w][64] (a word: one fp32 k-step,
+// or two bf16 ones for vdpbf16ps), and a 6 x 64 tile of C stays in 24 registers: per word, 4
+// vector loads of the panel and 6 broadcasts of A feed 24 multiply-adds. K goes in blocks of
+// kSgemmKc words (the panel's block stays in L1); C itself holds the partial sums between
+// blocks. Rows of A go in chunks (several tasks per panel when N is small). Known weak spot:
+// a K far larger than M and N (an LM head's dx, K = vocab) re-reads A once per panel.
+constexpr int64_t kSgemmPanel = 64;    // pack_words_x64's width
 constexpr int kSgemmMR = 6;
-constexpr int64_t kSgemmKc = 128;        // words per block: 32 KB of panel (256 and 512 measured no faster)
+constexpr int64_t kSgemmKc = 128;      // words per block: 32 KB of panel (256 and 512 measured no faster)
 constexpr int64_t kSgemmMChunk = 192;
-constexpr int64_t kSgemmMinRows = 16;    // fewer rows: dot tiles or at::mm (packing B costs more than it saves)
+constexpr int64_t kSgemmMinRows = 16;  // fewer rows: dot tiles or at::mm (packing B costs more than it saves)
 
 // Word-major panels: P[w][0..64) holds word w (a k-step: one fp32 value, or a pair of bf16
 // values for vdpbf16ps) of the 64 output columns [n0, n0 + 64), zeros past N.
