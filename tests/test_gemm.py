@@ -50,10 +50,12 @@ def test_cpu_linear_16bit_paths(dtype, m, k, n):
 
 
 # (m, k, n): from 16 rows the CPU GEMMs (forward, dx, dw) run our AVX-512 kernel; the second
-# shape has several row chunks (192), K blocks (128) and column panels (64), all with tails
+# shape has several row chunks (192), K blocks (128) and column panels (64), all with tails;
+# the last two have a reduction 16x longer than the other sides (split over K): in the
+# forward (k = 2000) and in dx (n = 2000)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("m, k, n", [(17, 72, 33), (300, 200, 130)])
+@pytest.mark.parametrize("m, k, n", [(17, 72, 33), (300, 200, 130), (20, 2000, 40), (20, 40, 2000)])
 def test_cpu_linear_gradients(dtype, act, m, k, n):
     x = _x(m, k, dtype).reshape(1, m, k).requires_grad_()  # leading dims
     w = _weight(n, k, dtype).requires_grad_()

@@ -329,24 +329,27 @@ inline void pack_words_x64(const char* src, int64_t stride, int64_t rows, int64_
 // or two bf16 ones for vdpbf16ps), and a 6 x 64 tile of C stays in 24 registers: per word, 4
 // vector loads of the panel and 6 broadcasts of A feed 24 multiply-adds. K goes in blocks of
 // kSgemmKc words (the panel's block stays in L1); C itself holds the partial sums between
-// blocks. Rows of A go in chunks (several tasks per panel when N is small). Known weak spot:
-// a K far larger than M and N (an LM head's dx, K = vocab) re-reads A once per panel.
+// blocks. Rows of A go in chunks (several tasks per panel when N is small). A K far larger
+// than M and N takes sgemm_split_k instead.
 constexpr int64_t kSgemmPanel = 64;    // pack_words_x64's width
 constexpr int kSgemmMR = 6;
 constexpr int64_t kSgemmKc = 128;      // words per block: 32 KB of panel (256 and 512 measured no faster)
 constexpr int64_t kSgemmMChunk = 192;
 constexpr int64_t kSgemmMinRows = 16;  // fewer rows: dot tiles or at::mm (packing B costs more than it saves)
+constexpr int64_t kSplitKRatio = 16;   // K words >= this x max(M, N): sgemm_split_k
+constexpr int64_t kSplitKParts = 8;    // its K ranges (threads share them out)
 
 // Word-major panels: P[w][0..64) holds word w (a k-step: one fp32 value, or a pair of bf16
 // values for vdpbf16ps) of the 64 output columns [n0, n0 + 64), zeros past N.
 // From a (N, W-word) row-major B (a weight: op(B) = B^T), transposed 16x16 at a time:
-void pack_panel_nk(const char* B, int64_t N, int64_t W, int64_t n0, float* P) {
+// (ldw: words per row of B; the panel takes words [0, W) from B, which may point into a row)
+void pack_panel_nk(const char* B, int64_t ldw, int64_t N, int64_t W, int64_t n0, float* P) {
   const int64_t cols = std::min(kSgemmPanel, N - n0), W16 = W / 16 * 16;
-  pack_words_x64(B + n0 * W * 4, W * 4, cols, W16, reinterpret_cast<char*>(P));
+  pack_words_x64(B + n0 * ldw * 4, ldw * 4, cols, W16, reinterpret_cast<char*>(P));
   for (int64_t w = W16; w < W; ++w)
     for (int64_t j = 0; j < kSgemmPanel; ++j) {
       float word = 0.f;
-      if (j < cols) std::memcpy(&word, B + ((n0 + j) * W + w) * 4, 4);
+      if (j < cols) std::memcpy(&word, B + ((n0 + j) * ldw + w) * 4, 4);
       P[w * kSgemmPanel + j] = word;
     }
 }
@@ -411,9 +414,14 @@ inline void sgemm_tile(const typename Dot::E* A, int64_t lda, const float* P, in
 // C (M, N) fp32 = A (M, K) @ op(B), A and B of Dot's element type and contiguous; op(B) =
 // B^T for a (N, K) B (b_nk), else (fp32 only) B (K, N). K a whole number of words.
 template <typename Dot>
+void sgemm_split_k(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float* C, int64_t M, int64_t N,
+                   int64_t K);
+
+template <typename Dot>
 void sgemm(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float* C, int64_t M, int64_t N,
            int64_t K) {
   const int64_t W = K / Dot::kPerWord;
+  if (W >= kSplitKRatio * std::max(M, N)) return sgemm_split_k<Dot>(A, B, b_nk, C, M, N, K);
   const int64_t n_panels = (N + kSgemmPanel - 1) / kSgemmPanel, n_chunks = (M + kSgemmMChunk - 1) / kSgemmMChunk;
   // panel-major tasks: a thread packs a panel once for all the chunks of it that it runs
   at::parallel_for(0, n_panels * n_chunks, 1, [&](int64_t t0, int64_t t1) {
@@ -423,7 +431,7 @@ void sgemm(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float*
       const int64_t panel = t / n_chunks, n0 = panel * kSgemmPanel, cols = std::min(kSgemmPanel, N - n0);
       if (panel != packed) {
         if (b_nk) {
-          pack_panel_nk(reinterpret_cast<const char*>(B), N, W, n0, P.data());
+          pack_panel_nk(reinterpret_cast<const char*>(B), W, N, W, n0, P.data());
         } else {
           if constexpr (std::is_same_v<typename Dot::E, float>) pack_panel_kn(B, N, K, n0, P.data());
         }
@@ -442,6 +450,63 @@ void sgemm(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float*
           sgemm_tile<kSgemmMR, Dot>(A + m * K, K, P.data(), w0, w1, C + m * N + n0, N, mask, w0 == 0);
         for (; m < me; ++m) sgemm_tile<1, Dot>(A + m * K, K, P.data(), w0, w1, C + m * N + n0, N, mask, w0 == 0);
       }
+    }
+  });
+}
+
+// K far larger than M and N (an LM head's dx: K = vocab): the tasks above would each stream
+// their rows of A once per panel. Here K is cut into kSplitKParts ranges, shared out over the
+// threads; a range is walked a block at a time: every panel's block is packed (N x kSgemmKc
+// words, in L2), then each 6-row tile of A (in L1) meets every panel, so A is read once. Each
+// range sums into its own (M, N) buffer (the first into C), added at the end in a fixed order:
+// the result does not depend on the thread count.
+template <typename Dot>
+void sgemm_split_k(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float* C, int64_t M, int64_t N,
+                   int64_t K) {
+  const int64_t W = K / Dot::kPerWord, n_panels = (N + kSgemmPanel - 1) / kSgemmPanel;
+  const int64_t n_blocks = (W + kSgemmKc - 1) / kSgemmKc;
+  // a fixed number of parts, not one per thread: the sums do not depend on the thread count
+  const int64_t parts = std::min<int64_t>(kSplitKParts, n_blocks);
+  std::vector<float> extra((parts - 1) * M * N);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> P(n_panels * kSgemmKc * kSgemmPanel);
+    for (int64_t part = p0; part < p1; ++part) {
+      float* Cp = part == 0 ? C : extra.data() + (part - 1) * M * N;
+      const int64_t b_begin = n_blocks * part / parts, b_end = n_blocks * (part + 1) / parts;
+      for (int64_t blk = b_begin; blk < b_end; ++blk) {
+        const int64_t w0 = blk * kSgemmKc, nw = std::min(kSgemmKc, W - w0);
+        for (int64_t panel = 0; panel < n_panels; ++panel) {
+          float* Pp = P.data() + panel * kSgemmKc * kSgemmPanel;
+          if (b_nk) {
+            pack_panel_nk(reinterpret_cast<const char*>(B) + w0 * 4, W, N, nw, panel * kSgemmPanel, Pp);
+          } else {
+            if constexpr (std::is_same_v<typename Dot::E, float>) pack_panel_kn(B + w0 * N, N, nw, panel * kSgemmPanel, Pp);
+          }
+        }
+        const bool first = blk == b_begin;
+        auto tiles = [&](auto mr, int64_t m) {
+          for (int64_t panel = 0; panel < n_panels; ++panel) {
+            const int64_t n0 = panel * kSgemmPanel, cols = std::min(kSgemmPanel, N - n0);
+            __mmask16 mask[4];
+            for (int c = 0; c < 4; ++c)
+              mask[c] = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - c * 16, 0, 16)) - 1u);
+            // the panel block starts at word 0 of Pp: shift A instead
+            sgemm_tile<decltype(mr)::value, Dot>(A + m * K + w0 * Dot::kPerWord, K,
+                                                 P.data() + panel * kSgemmKc * kSgemmPanel, 0, nw, Cp + m * N + n0, N,
+                                                 mask, first);
+          }
+        };
+        int64_t m = 0;
+        for (; m + kSgemmMR <= M; m += kSgemmMR) tiles(std::integral_constant<int, kSgemmMR>{}, m);
+        for (; m < M; ++m) tiles(std::integral_constant<int, 1>{}, m);
+      }
+    }
+  });
+  // C += the other parts, row-parallel, parts in order
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t part = 1; part < parts; ++part) {
+      const float* src = extra.data() + (part - 1) * M * N;
+      for (int64_t i = m0 * N; i < m1 * N; ++i) C[i] += src[i];
     }
   });
 }
