@@ -188,6 +188,24 @@ def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def _tile_operands(A, B, stride_a, stride_b, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The C tile of this program (grouped order) and the pointers of its first K block:
+    (offs_m, offs_n, offs_k, a_ptrs, b_ptrs) for A (M, K) and B (N, K), unit feature stride.
+    Rows and columns past M and N wrap around (in-bounds loads without a predicate; the
+    store drops them); 64-bit row offsets, as M * K of a long batch can exceed 2**31."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    a_ptrs = A + rows[:, None] * stride_a + offs_k[None, :]
+    b_ptrs = B + cols[:, None] * stride_b + offs_k[None, :]
+    return offs_m, offs_n, offs_k, a_ptrs, b_ptrs
+
+
+@triton.jit
 def _apply_activation(h, ACTIVATION: tl.constexpr):
     """act(h) on an fp32 tile."""
     if ACTIVATION == "relu":
@@ -264,16 +282,8 @@ def _linear_kernel(
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # wrapped rows/columns: in-bounds loads without a predicate; the store drops them.
-    # 64-bit row offsets: M * K of a long batch of tokens can exceed 2**31.
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = W + cols[:, None] * stride_wn + offs_k[None, :]
+    offs_m, offs_n, offs_k, x_ptrs, w_ptrs = _tile_operands(X, W, stride_xm, stride_wn, M, N, BLOCK_M, BLOCK_N,
+                                                            BLOCK_K, GROUP_M)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _k_loop(acc, x_ptrs, w_ptrs, K, offs_k, BLOCK_K, EVEN_K, False, False, DOT_PRECISION)
@@ -318,14 +328,8 @@ def _int8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
-    a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = B + cols[:, None] * stride_bn + offs_k[None, :]
+    offs_m, offs_n, offs_k, a_ptrs, b_ptrs = _tile_operands(A, B, stride_am, stride_bn, M, N, BLOCK_M, BLOCK_N,
+                                                            BLOCK_K, GROUP_M)
 
     # exact: |acc| <= 127 * 127 * K fits int32 for K < 133,000
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
@@ -410,14 +414,8 @@ def _wo_int8_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = W + cols[:, None] * stride_wn + offs_k[None, :]
+    offs_m, offs_n, offs_k, x_ptrs, w_ptrs = _tile_operands(X, W, stride_xm, stride_wn, M, N, BLOCK_M, BLOCK_N,
+                                                            BLOCK_K, GROUP_M)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _k_loop(acc, x_ptrs, w_ptrs, K, offs_k, BLOCK_K, EVEN_K, True, False, DOT_PRECISION)
