@@ -208,6 +208,25 @@ def test_patch_routes_sdpa_of_hf_llama():
     assert (got - want).abs().max() < 1e-4 and torch.nn.functional.scaled_dot_product_attention is real
 
 
+def _hf_outputs(model):
+    """A batch of 2 x 20 token ids, its left-padding mask (row 1 pads 6 tokens), and the
+    model's outputs before a patch: logits without and with the mask, greedy tokens."""
+    ids = torch.randint(0, 300, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0  # left padding: the original path
+    with torch.no_grad():
+        want, padded_want = model(ids).logits, model(ids, attention_mask=mask).logits
+    gen_want = model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    return ids, mask, want, padded_want, gen_want
+
+
+def _assert_outputs_kept(model, ids, mask, want, padded_want, gen_want):
+    with torch.no_grad():
+        assert (model(ids).logits - want).abs().max() < 1e-4
+        assert (model(ids, attention_mask=mask).logits - padded_want).abs().max() < 1e-4
+    assert torch.equal(model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0), gen_want)
+
+
 def test_patch_hf_llama_attention_gqa_rotary_with_cache_and_padding():
     import transformers  # a test dependency: scripts/test.sh installs 4.57.1
     import sys
@@ -216,12 +235,8 @@ def test_patch_hf_llama_attention_gqa_rotary_with_cache_and_padding():
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                                    num_hidden_layers=2, vocab_size=300, attn_implementation="eager")
     model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 300, (2, 20))
-    mask = torch.ones(2, 20, dtype=torch.long)
-    mask[1, :6] = 0  # left padding: the original path
-    with torch.no_grad():
-        want, padded_want = model(ids).logits, model(ids, attention_mask=mask).logits
-    gen_want = model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    before = _hf_outputs(model)
+    ids, want = before[0], before[2]
     report = mptkernels.patch(model, verify=True)
     assert [d for _, old, _, d in report.swapped if old == "LlamaAttention"] == ["fused causal GQA attention (the model's rotary)"] * 2
     attn_mod = sys.modules["mptkernels.ops.attention"]
@@ -240,10 +255,8 @@ def test_patch_hf_llama_attention_gqa_rotary_with_cache_and_padding():
     finally:
         ops_pkg.attention = original
     assert len(calls) == 2 and patch_mod is not None
-    with torch.no_grad():
-        assert (got - want).abs().max() < 1e-4
-        assert (model(ids, attention_mask=mask).logits - padded_want).abs().max() < 1e-4
-    assert torch.equal(model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0), gen_want)
+    assert (got - want).abs().max() < 1e-4
+    _assert_outputs_kept(model, *before)
 
 
 def test_patch_hf_gpt_neox_attention_partial_rotary():
@@ -252,16 +265,8 @@ def test_patch_hf_gpt_neox_attention_partial_rotary():
     cfg = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
                                      vocab_size=300, rotary_pct=0.5, attn_implementation="eager")
     model = transformers.GPTNeoXForCausalLM(cfg).eval()
-    ids = torch.randint(0, 300, (2, 20))
-    mask = torch.ones(2, 20, dtype=torch.long)
-    mask[1, :6] = 0
-    with torch.no_grad():
-        want, padded_want = model(ids).logits, model(ids, attention_mask=mask).logits
-    gen_want = model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    before = _hf_outputs(model)
     report = mptkernels.patch(model, verify=True)
     assert sum(old == "GPTNeoXAttention" for _, old, _, _ in report.swapped) == 2
     assert all(report.errors[n] < 1e-4 for n, old, _, _ in report.swapped if old == "GPTNeoXAttention")
-    with torch.no_grad():
-        assert (model(ids).logits - want).abs().max() < 1e-4
-        assert (model(ids, attention_mask=mask).logits - padded_want).abs().max() < 1e-4
-    assert torch.equal(model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0), gen_want)
+    _assert_outputs_kept(model, *before)
