@@ -126,12 +126,16 @@ def test_incomplete_checkpoint_is_ignored_and_bad_keys_are_named(tmp_path, data_
     assert model.generate(torch.tensor([[65, 66]]), 4).shape == (1, 6)
 
 
+def _assert_option_keeps_losses(tmp_path, data_dir, steps, option, tol):
+    """A run with `option` has the losses of the same run without it, within tol."""
+    plain, other = str(tmp_path / "plain"), str(tmp_path / "option")
+    _run(plain, data_dir, f"train.steps={steps}", "checkpoint.every=0")
+    _run(other, data_dir, f"train.steps={steps}", "checkpoint.every=0", option)
+    _assert_same_losses(_losses(plain), _losses(other), tol)
+
+
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_dir):
-    plain, ckpt = str(tmp_path / "plain"), str(tmp_path / "ac")
-    _run(plain, data_dir, "train.steps=4", "checkpoint.every=0")
-    _run(ckpt, data_dir, "train.steps=4", "checkpoint.every=0", "train.activation_checkpointing=true")
-    lp, la = _losses(plain), _losses(ckpt)
-    _assert_same_losses(lp, la, 1e-6)
+    _assert_option_keeps_losses(tmp_path, data_dir, 4, "train.activation_checkpointing=true", 1e-6)
 
 
 def test_tensorboard_logging_or_a_clear_error(tmp_path, data_dir):
@@ -147,8 +151,4 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path, data_dir):
 
 
 def test_compiled_blocks_give_the_same_losses(tmp_path, data_dir):
-    plain, comp = str(tmp_path / "plain"), str(tmp_path / "compiled")
-    _run(plain, data_dir, "train.steps=3", "checkpoint.every=0")
-    _run(comp, data_dir, "train.steps=3", "checkpoint.every=0", "train.compile=true")
-    lp, lc = _losses(plain), _losses(comp)
-    _assert_same_losses(lp, lc, 1e-5)
+    _assert_option_keeps_losses(tmp_path, data_dir, 3, "train.compile=true", 1e-5)
