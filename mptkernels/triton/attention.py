@@ -234,6 +234,16 @@ def _slope2(SLOPES, b, stride_slope_b, h, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
+def _finish_rows(acc, l_i, m_i):
+    """(out, lse) of rows from the online softmax's state (acc, l, m in log2 units). l = 0
+    exactly for a row that saw no key (any visible key contributes exp2(0) = 1 at the row
+    max): out = 0 and lse = -inf there, not 0/0."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc / l_safe[:, None], tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+
+
+@triton.jit
 def _key_range(start_m, diag, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(full_end, hi) for the query tile at start_m: keys [0, full_end) are seen in full by
     every row of the tile (no mask at all); [full_end, hi) holds the diagonal blocks and the
@@ -334,12 +344,7 @@ def _attn_fwd_kernel(
         slope2, qk_scale, full_end, hi, Sk,
         True, CAUSAL, HAS_ALIBI, EVEN_D, BLOCK_N, DOT_PRECISION)
 
-    # l = 0 exactly for a row that saw no key (any visible key contributes exp2(0) = 1 at
-    # the row max): out = 0 and lse = -inf there, not 0/0
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    out, lse = _finish_rows(acc, l_i, m_i)
     _store_tile(O + q_head + q_off, out.to(O.dtype.element_ty), row_ok, d_ok, EVEN_D)
     tl.store(LSE + b * stride_lse_b + h * stride_lse_h + q_start + offs_m, lse, mask=row_ok)
 
@@ -684,15 +689,12 @@ def _attn_decode_kernel(
         slope2, qk_scale, lo, hi, hi,
         True, CAUSAL, HAS_ALIBI, EVEN_D, BLOCK_N, None)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse = _finish_rows(acc, l_i, m_i)
     o_rows = (b * Sq + t) * Hq + h  # (b, t, h) row of O and of the partials
     if NUM_SPLITS == 1:
         _store_tile(O + o_rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
                     row_ok, d_ok, EVEN_D)
     else:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
         part = o_rows.to(tl.int64) * NUM_SPLITS + split
         _store_tile(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, row_ok, d_ok, EVEN_D)
         tl.store(LSE_PART + part, lse, mask=row_ok)
