@@ -467,11 +467,13 @@ void sgemm_split_k(const typename Dot::E* A, const typename Dot::E* B, bool b_nk
   const int64_t n_blocks = (W + kSgemmKc - 1) / kSgemmKc;
   // a fixed number of parts, not one per thread: the sums do not depend on the thread count
   const int64_t parts = std::min<int64_t>(kSplitKParts, n_blocks);
-  std::vector<float> extra((parts - 1) * M * N);
+  // uninitialised: each range's first block writes its buffer whole
+  const at::Tensor extra_t = at::empty({(parts - 1) * M * N}, at::TensorOptions().dtype(at::kFloat));
+  float* extra = extra_t.mutable_data_ptr<float>();
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> P(n_panels * kSgemmKc * kSgemmPanel);
     for (int64_t part = p0; part < p1; ++part) {
-      float* Cp = part == 0 ? C : extra.data() + (part - 1) * M * N;
+      float* Cp = part == 0 ? C : extra + (part - 1) * M * N;
       const int64_t b_begin = n_blocks * part / parts, b_end = n_blocks * (part + 1) / parts;
       for (int64_t blk = b_begin; blk < b_end; ++blk) {
         const int64_t w0 = blk * kSgemmKc, nw = std::min(kSgemmKc, W - w0);
@@ -505,7 +507,7 @@ void sgemm_split_k(const typename Dot::E* A, const typename Dot::E* B, bool b_nk
   // C += the other parts, row-parallel, parts in order
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t part = 1; part < parts; ++part) {
-      const float* src = extra.data() + (part - 1) * M * N;
+      const float* src = extra + (part - 1) * M * N;
       for (int64_t i = m0 * N; i < m1 * N; ++i) C[i] += src[i];
     }
   });
