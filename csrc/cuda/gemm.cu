@@ -41,28 +41,6 @@ namespace {
 // unsigned max is an absmax that propagates NaN like torch's amax
 __device__ __forceinline__ unsigned abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 
-__device__ __forceinline__ unsigned warp_max(unsigned v) {
-#if __CUDA_ARCH__ >= 800
-  return __reduce_max_sync(0xffffffffu, v);
-#else
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-#endif
-}
-
-// Max over the threads of a row (threadIdx.x), returned to all of them. blockDim.x is a
-// multiple of 32, and blockDim.y > 1 only with blockDim.x == 32 (no barrier there, so
-// threads of rows past M may leave early).
-__device__ __forceinline__ unsigned row_max(unsigned v, unsigned* buf /* [32] */) {
-  v = warp_max(v);
-  if (blockDim.x == 32) return v;
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  if (lane == 0) buf[wid] = v;
-  __syncthreads();
-  return warp_max(lane < static_cast<int>(blockDim.x >> 5) ? buf[lane] : 0u);
-}
-
 // round-half-even(v / s) clamped to [-127, 127]: cvt.rni is rintf's rounding, saturating
 // (so +-inf quotients clamp) and NaN -> 0 (torch's cast of a NaN quotient on CUDA)
 __device__ __forceinline__ int8_t quant(float v, float s) {
@@ -121,7 +99,7 @@ __global__ void __launch_bounds__(NV > 4 ? 512 : 1024)
       for (int k = 0; k < VEC; ++k) m = max(m, abs_bits(static_cast<float>(a.v[k])));
     }
   }
-  const float amax = __uint_as_float(row_max(m, red));
+  const float amax = __uint_as_float(row_reduce(m, red, 0u, Max{}));
   // as the reference's torch.where(absmax > 0, absmax / 127, 1): a NaN absmax gives 1
   const float s = amax > 0.f ? __fdiv_rn(amax, 127.f) : 1.f;
   if (tid == 0) scale[row] = s;

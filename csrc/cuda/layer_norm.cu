@@ -52,39 +52,6 @@ __device__ __forceinline__ float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the threads of a row (the threadIdx.x dimension), returned to every one of
-// them. The host keeps blockDim.x a multiple of 32 (full warps for the shuffles) and uses
-// blockDim.y > 1 only with blockDim.x == 32, where a warp is the whole row and there is no
-// __syncthreads (so threads of rows past M may leave early). buf must not be reused by
-// the next reduction until a later __syncthreads: callers alternate buffers.
-__device__ __forceinline__ float row_sum(float v, float* buf /* [32] */) {
-  v = warp_sum(v);
-  if (blockDim.x == 32) return v;
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  if (lane == 0) buf[wid] = v;
-  __syncthreads();
-  v = lane < (int)(blockDim.x >> 5) ? buf[lane] : 0.f;
-  return warp_sum(v);
-}
-
-// two sums at once, one barrier; same contract as row_sum
-__device__ __forceinline__ float2 row_sum2(float a, float b, float2* buf /* [32] */) {
-  a = warp_sum(a);
-  b = warp_sum(b);
-  if (blockDim.x == 32) return make_float2(a, b);
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  if (lane == 0) buf[wid] = make_float2(a, b);
-  __syncthreads();
-  const float2 t = lane < (int)(blockDim.x >> 5) ? buf[lane] : make_float2(0.f, 0.f);
-  return make_float2(warp_sum(t.x), warp_sum(t.y));
-}
-
 // s = x (+ residual, summed in fp32 and rounded to T); store_s writes it to s_out
 template <typename T, int VEC>
 __device__ __forceinline__ Pack<T, VEC> load_s(const T* __restrict__ x, const T* __restrict__ res,
@@ -177,7 +144,7 @@ __global__ void __launch_bounds__(NV > 4 ? 512 : 1024)
       }
     }
   }
-  acc = row_sum(acc, red[0]);
+  acc = row_reduce(acc, red[0], 0.f, Sum{});
   if constexpr (NV > 0) {
 #pragma unroll
     for (int j = 0; j < NV; ++j) opaque(cache[j]);
@@ -211,7 +178,7 @@ __global__ void __launch_bounds__(NV > 4 ? 512 : 1024)
         }
       }
     }
-    var = row_sum(sq, red[1]) * inv_n;
+    var = row_reduce(sq, red[1], 0.f, Sum{}) * inv_n;
     if constexpr (NV > 0) {
 #pragma unroll
       for (int j = 0; j < NV; ++j) opaque(cache[j]);
@@ -327,7 +294,7 @@ __global__ void __launch_bounds__(1024)
           }
         }
       }
-      const float2 t = row_sum2(sg, sgx, red[r & 1]);
+      const float2 t = row_reduce(make_float2(sg, sgx), red[r & 1], make_float2(0.f, 0.f), Sum{});
       const float cg = rms ? 0.f : t.x * inv_n, cgx = t.y * inv_n;
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
@@ -369,7 +336,7 @@ __global__ void __launch_bounds__(1024)
           sgx += g * xh;
         }
       }
-      const float2 t = row_sum2(sg, sgx, red[r & 1]);
+      const float2 t = row_reduce(make_float2(sg, sgx), red[r & 1], make_float2(0.f, 0.f), Sum{});
       const float cg = rms ? 0.f : t.x * inv_n, cgx = t.y * inv_n;
       for (int v = tid; v < nvec; v += nt) {
         const TP a = ld<T, VEC>(sr + v * VEC), e = ld<T, VEC>(dyr + v * VEC);
