@@ -116,7 +116,13 @@ def test_rotary_embedding_module():
     (lambda x, c, s: ops.apply_rotary(x, c, s, seqlen_offsets=torch.tensor([0, 290], dtype=torch.int32)),
      "outside the cos/sin table of 300 rows"),
     (lambda x, c, s: ops.apply_rotary(x, c, s, seqlen_offsets=torch.tensor([0, 1, 2])), r"\(2,\) integer tensor"),
+    (lambda x, c, s: ops.apply_rotary(x, c, s, seqlen_offsets=torch.tensor([-1, 0])),
+     r"holds -1, which puts tokens at rows \[-1, 16\), outside the cos/sin table of 300 rows"),
+    # int64 offsets that an int32 cast would wrap back into the table
+    (lambda x, c, s: ops.apply_rotary(x, c, s, seqlen_offsets=torch.tensor([2**32 + 1, 0])), "holds 4294967297"),
+    (lambda x, c, s: ops.apply_rotary(x, c, s, seqlen_offsets=torch.tensor([2**31 + 5, 0])), "holds 2147483653"),
     (lambda x, c, s: ops.apply_rotary(x, c, s, seqlen_offsets=torch.tensor([0.0, 1.0])), "integer tensor"),
+    (lambda x, c, s: ops.apply_rotary(x, c, s, seqlen_offsets=torch.tensor([True, False])), "integer tensor"),
     (lambda x, c, s: ops.apply_rotary(x, c, s[:, :5]), "must have one shape"),
     (lambda x, c, s: ops.apply_rotary(x[..., :20], c, s), "rotary_dim = 2 \\* cos.shape\\[1\\] = 24 exceeds head_dim 20"),
     (lambda x, c, s: ops.apply_rotary(x[0], c, s), r"x must be a \(batch, seqlen, heads, head_dim\)"),
@@ -124,11 +130,39 @@ def test_rotary_embedding_module():
     (lambda x, c, s: ops.apply_rotary(x, c.requires_grad_(), s), "cos requires grad"),
     (lambda x, c, s: reference.rotary_cos_sin(10, 7), "rotary_dim must be even"),
     (lambda x, c, s: torch.ops.mptkernels.rotary(x, c.double(), s, None, 0, False, False), "cos must be a contiguous float32"),
+    # the kernel's own check: a negative position is as bad as one past the table
+    (lambda x, c, s: torch.ops.mptkernels.rotary(x, c, s, torch.tensor([-3, 0], dtype=torch.int32), 0, False, False),
+     "position -[123], outside the cos/sin table of 300 rows"),
+    (lambda x, c, s: torch.ops.mptkernels.rotary(x, c, s, torch.tensor([0, 290], dtype=torch.int32), 0, False, False),
+     "position 3[01][0-9], outside the cos/sin table of 300 rows"),
 ])
 def test_bad_input_names_the_argument(call, match):
     x, cos, sin = _case(torch.float32, "cpu")
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(x, cos, sin)
+
+
+def test_compiled_out_of_table_tensor_offsets_raise():
+    # under torch.compile the offsets are clamped (no data-dependent check in the graph); the
+    # clamp must keep an int64 offset that an int32 cast would wrap out of the table
+    x, cos, sin = _case(torch.float32, "cpu")
+    f = torch.compile(lambda x, o: ops.apply_rotary(x, cos, sin, seqlen_offsets=o), fullgraph=True)
+    assert rel_err(f(x, torch.tensor([3, 0])), reference.apply_rotary(x, cos, sin, seqlen_offsets=torch.tensor([3, 0]))) <= 1e-6
+    for bad in ([2**32 + 1, 0], [0, -2**31 - 7]):
+        with pytest.raises(RuntimeError, match="outside the cos/sin table of 300 rows"):
+            f(x, torch.tensor(bad))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 2, 8), (2, 0, 2, 8), (2, 3, 0, 8)])
+def test_empty_input_and_its_gradient(shape):
+    cos, sin = reference.rotary_cos_sin(8, 8)
+    # an expanded empty tensor: torch calls it contiguous although its strides are 0
+    for x in (torch.randn(shape), torch.randn(*shape[:3], 1).expand(shape)):
+        x = x.detach().requires_grad_()
+        out = ops.apply_rotary(x, cos, sin, seqlen_offsets=torch.zeros(shape[0], dtype=torch.int32))
+        assert out.shape == x.shape
+        out.sum().backward()
+        assert x.grad.shape == x.shape
 
 
 # ---------------------------------------------------------------- GPU (the lent machine)

@@ -92,7 +92,7 @@ inline void check_rotary_args(const at::Tensor& x, const at::Tensor& cos, const 
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || (allow_double && t == at::kDouble),
               "rotary: x must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "", ", got ", t);
-  TORCH_CHECK(x.stride(3) == 1 || x.size(3) <= 1, "rotary: x's last dim (head_dim) must have stride 1, got strides ",
+  TORCH_CHECK(x.stride(3) == 1 || x.size(3) <= 1 || x.numel() == 0, "rotary: x's last dim (head_dim) must have stride 1, got strides ",
               x.strides());
   for (auto [c, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
     TORCH_CHECK(c->dim() == 2 && c->scalar_type() == at::kFloat && c->is_contiguous(), "rotary: ", name,

@@ -31,14 +31,17 @@ void rotary_impl(const at::Tensor& x, const float* cos, const float* sin, const 
   T* op = out.mutable_data_ptr<T>();
   const A sign = conjugate ? A(-1) : A(1);
   const V vsign(sign);
-  // a bad tensor offset is reported after the parallel region (no throwing inside it)
-  std::atomic<int64_t> bad_pos{-1};
+  // a bad tensor offset is reported after the parallel region (no throwing inside it); a
+  // flag of its own, since any int64 (negative ones too) can be the bad position
+  std::atomic<bool> bad{false};
+  std::atomic<int64_t> bad_pos{0};
   at::parallel_for(0, B * S, std::max<int64_t>(1, 4096 / std::max<int64_t>(H * D, 1)), [&](int64_t t0, int64_t t1) {
     for (int64_t bt = t0; bt < t1; ++bt) {
       const int64_t b = bt / S, t = bt % S;
       const int64_t pos = t + (offsets ? offsets[b] : offset);
       if (pos < 0 || pos >= max_seqlen) {
         bad_pos.store(pos);
+        bad.store(true);
         continue;
       }
       const float* c = cos + pos * half;  // [half]
@@ -77,7 +80,7 @@ void rotary_impl(const at::Tensor& x, const float* cos, const float* sin, const 
       }
     }
   });
-  TORCH_CHECK(bad_pos.load() < 0, "rotary: seqlen_offsets puts a token at position ", bad_pos.load(),
+  TORCH_CHECK(!bad.load(), "rotary: seqlen_offsets puts a token at position ", bad_pos.load(),
               ", outside the cos/sin table of ", max_seqlen, " rows");
 }
 

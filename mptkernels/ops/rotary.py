@@ -31,7 +31,7 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
     _check(x, cos, sin, seqlen_offsets)
     seqlen = x.shape[1]
     if isinstance(seqlen_offsets, torch.Tensor):
-        offsets, offset = seqlen_offsets.to(device=x.device, dtype=torch.int32).contiguous(), 0
+        offsets, offset = _int32_offsets(seqlen_offsets, x, seqlen, cos.shape[0]), 0
     else:
         offsets, offset = None, int(seqlen_offsets)
         if offset < 0 or offset + seqlen > cos.shape[0]:
@@ -43,6 +43,24 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
     if x.stride(-1) != 1:
         x = x.contiguous()
     return _ops.rotary(x, cos.float().contiguous(), sin.float().contiguous(), offsets, offset, interleaved, False)
+
+
+def _int32_offsets(seqlen_offsets, x, seqlen, rows):
+    """The kernels' int32 offsets. An int64 offset must not wrap into range when cast: on the
+    CPU (values readable without a sync) every offset is checked here, eagerly; on CUDA and
+    under torch.compile (no data-dependent branches) the offsets are clamped to [-1, rows]
+    first, which keeps an out-of-table offset out of the table (the CPU kernel raises, CUDA
+    writes NaN)."""
+    if (seqlen_offsets.device.type == "cpu" and seqlen_offsets.numel() and x.numel()
+            and not torch.compiler.is_compiling()):
+        lo, hi = int(seqlen_offsets.min()), int(seqlen_offsets.max())
+        if lo < 0 or hi + seqlen > rows:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"apply_rotary: seqlen_offsets holds {bad}, which puts tokens at rows [{bad}, "
+                             f"{bad + seqlen}), outside the cos/sin table of {rows} rows")
+    else:
+        seqlen_offsets = seqlen_offsets.clamp(-1, min(rows, 2**31 - 1))
+    return seqlen_offsets.to(device=x.device, dtype=torch.int32).contiguous()
 
 
 def _check(x, cos, sin, seqlen_offsets):
@@ -67,7 +85,8 @@ def _check(x, cos, sin, seqlen_offsets):
         raise ValueError(f"apply_rotary: rotary_dim = 2 * cos.shape[1] = {2 * cos.shape[1]} exceeds head_dim "
                          f"{x.shape[-1]}")
     if isinstance(seqlen_offsets, torch.Tensor):
-        if seqlen_offsets.shape != (x.shape[0],) or seqlen_offsets.is_floating_point() or seqlen_offsets.is_complex():
+        if (seqlen_offsets.shape != (x.shape[0],) or seqlen_offsets.is_floating_point() or seqlen_offsets.is_complex()
+                or seqlen_offsets.dtype == torch.bool):
             raise ValueError(f"apply_rotary: seqlen_offsets must be an int or a ({x.shape[0]},) integer tensor, "
                              f"got {seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)}")
     elif not isinstance(seqlen_offsets, int):
