@@ -7,6 +7,7 @@ Everything here is differentiable by autograd, which gives the reference gradien
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -84,7 +85,9 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
 
 def rotary_cos_sin(max_seqlen: int, rotary_dim: int, base: float = 10000.0, device=None):
     """The standard (GPT-NeoX / Llama) tables: angle[t, i] = t * base^(-2i/rotary_dim), float32."""
-    if rotary_dim % 2:
+    if not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+        raise ValueError(f"rotary_cos_sin: max_seqlen must be an int >= 0, got {max_seqlen!r}")
+    if not isinstance(rotary_dim, numbers.Integral) or rotary_dim < 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float64) / rotary_dim))
     angle = torch.outer(torch.arange(max_seqlen, device=device, dtype=torch.float64), inv_freq)
@@ -160,6 +163,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, *
 
 def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
     """MPT's ALiBi slopes (float32, (n_heads,)), as llm-foundry's gen_slopes computes them."""
+    if not isinstance(n_heads, numbers.Integral) or n_heads < 1:
+        raise ValueError(f"alibi_slopes: n_heads must be an int >= 1, got {n_heads!r}")
     n = 2 ** math.ceil(math.log2(n_heads))
     m = torch.arange(1, n + 1, dtype=torch.float32) * (alibi_bias_max / n)
     slopes = 1.0 / torch.pow(2, m)
@@ -185,6 +190,27 @@ def activation(h, name):
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
+def activation_grad(dout, h, name):
+    """d(loss)/dh of ``activation(h, name)`` given d(loss)/d(output) = dout, in fp32 maths
+    (fp64 for fp64), returned in dout's dtype (the closed forms, so it traces without autograd).
+    For relu, h may also be the activation's output (the same sign)."""
+    if name is None or name == "none":
+        return dout
+    acc = _acc_dtype(dout.dtype)
+    hf, df = h.to(acc), dout.to(acc)
+    if name == "relu":
+        return (df * (hf > 0)).to(dout.dtype)
+    if name == "gelu":  # Phi(h) + h * phi(h)
+        d = 0.5 * (1.0 + torch.erf(hf * 0.7071067811865476)) + hf * torch.exp(-0.5 * hf * hf) * 0.3989422804014327
+    elif name == "gelu_tanh":
+        u = 0.7978845608028654 * (hf + 0.044715 * hf * hf * hf)
+        t = torch.tanh(u)
+        d = 0.5 * (1.0 + t) + 0.5 * hf * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * hf * hf)
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return (df * d).to(dout.dtype)
+
+
 def linear(x, weight, bias=None, activation_name=None):
     """act(x @ weight^T + bias), computed in float32 (float64 for float64), rounded to x's dtype."""
     acc = _acc_dtype(x.dtype)
@@ -194,13 +220,16 @@ def linear(x, weight, bias=None, activation_name=None):
 
 def quantize_rowwise(x):
     """(x_int8, scale): scale = absmax of each row (last dim) / 127 in float32 (1 for an all-zero
-    row); x_int8 = round-half-to-even(x / scale) clamped to [-127, 127]."""
+    row, and for a row holding NaN); x_int8 = round-half-to-even(x / scale) clamped to
+    [-127, 127], NaN elements 0."""
     xf = x.float()
     # an empty row (K = 0) has absmax 0, so scale 1 (amax refuses an empty dim)
     absmax = xf.abs().amax(dim=-1) if x.shape[-1] else xf.new_zeros(x.shape[:-1])
     # a tensor divisor: CUDA divides by a Python number through its reciprocal (not IEEE division)
     scale = torch.where(absmax > 0, absmax / torch.full_like(absmax, 127.0), torch.ones_like(absmax))
-    q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    # a NaN element becomes 0 (its row's absmax is NaN, so the row gets scale 1): casting NaN
+    # to int8 is undefined, so say it
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).nan_to_num_(0.0).to(torch.int8)
     return q, scale
 
 
@@ -211,11 +240,16 @@ def int8_mm(a, b):
 
 
 def int8_linear(x, w_int8, w_scale, bias=None, activation_name=None):
-    """W8A8: x quantised per row, the int8 product, then act(acc * x_scale * w_scale + bias)."""
+    """W8A8: x quantised per row, the int8 product, then act(acc * x_scale * w_scale + bias).
+    Gradient in x straight-through the rounding: that of x @ (w_int8 * w_scale[:, None])^T."""
     shape = x.shape
     x2 = x.reshape(math.prod(shape[:-1]), shape[-1])  # not reshape(-1, K): ambiguous for K = 0
-    xq, xs = quantize_rowwise(x2)
+    xq, xs = quantize_rowwise(x2.detach())
     acc = int8_mm(xq, w_int8).float() * xs.unsqueeze(1) * w_scale.float().unsqueeze(0)
+    if x.requires_grad and torch.is_grad_enabled():
+        # adds exactly zero to the value (finite x); carries the straight-through gradient
+        xf = x2.float()
+        acc = acc + (xf - xf.detach()) @ (w_int8.float() * w_scale.float().unsqueeze(1)).t()
     if bias is not None:
         acc = acc + bias.float()
     return activation(acc, activation_name).to(x.dtype).reshape(*shape[:-1], w_int8.shape[0])

@@ -133,6 +133,7 @@ def test_torch_compile_fullgraph_block():
     (lambda q, k, v: ops.attention(q[0], k, v), r"q must be a \(batch, seqlen, heads, head_dim\)"),
     (lambda q, k, v: ops.attention(q, k[:1], v[:1]), "must match q"),
     (lambda q, k, v: ops.attention(q, k, v, softmax_scale=0.0), "softmax_scale must be > 0"),
+    (lambda q, k, v: ops.alibi_slopes(0), "n_heads must be an int >= 1, got 0"),
     (lambda q, k, v: torch.ops.mptkernels.attention_fwd(q, k[:, :, :3].contiguous(), v[:, :, :3].contiguous(), None,
                                                         1.0, False), "must be a multiple"),
     (lambda q, k, v: torch.ops.mptkernels.attention_fwd(q.transpose(1, 2), k, v, None, 1.0, False), "q must be"),
@@ -234,6 +235,28 @@ def test_scaled_dot_product_attention_matches_torch():
     assert rel_err(fused, causal_ref.transpose(1, 2)) <= 1e-5
     nocausal_ref = reference.attention(*(t.transpose(1, 2) for t in (q, k, v)), alibi_slopes=slopes)
     assert rel_err(via_mask, nocausal_ref.transpose(1, 2)) <= 1e-5
+    # what PyTorch accepts and the kernel does not take falls back, with PyTorch's result
+    v48 = torch.randn(2, 4, 19, 48)
+    for args, kw in [((q, k, v48), {}),  # v's head dim differs from q's
+                     ((q, k[:1], v[:1]), {}),  # batch broadcast
+                     ((q[0, 0], k[0, 0], v[0, 0]), {}),  # 2-D
+                     ((q[0], k[0], v[0]), {"is_causal": True}),  # 3-D
+                     ((q, k, v), {"scale": 0.0}),
+                     ((q, k, v), {"scale": -0.3})]:
+        want = F.scaled_dot_product_attention(*args, **kw)
+        assert rel_err(ops.scaled_dot_product_attention(*args, **kw), want) <= 1e-6
+    # ALiBi on the fallback path: the slopes are checked as on the kernel path
+    q12 = torch.randn(2, 4, 5, 12)  # head_dim 12: fallback
+    bad = [(slopes.view(4, 1), r"alibi_slopes must have shape \(4,\) or \(2, 4\)"),
+           (slopes.double(), "alibi_slopes must be a float32 tensor"), (slopes[:3], "must have shape")]
+    for s, match in bad:
+        with pytest.raises((ValueError, TypeError), match=match):
+            ops.scaled_dot_product_attention(q12, q12, q12, alibi_slopes=s)
+    got = ops.scaled_dot_product_attention(q12, q12, q12, alibi_slopes=slopes.expand(2, 4).contiguous())
+    assert rel_err(got, reference.attention(*(q12.transpose(1, 2),) * 3, alibi_slopes=slopes).transpose(1, 2)) <= 1e-5
+    # input PyTorch rejects gets PyTorch's error, not an IndexError of ours
+    with pytest.raises(RuntimeError):
+        ops.scaled_dot_product_attention(torch.randn(5), torch.randn(5), torch.randn(5))
 
 
 
@@ -411,6 +434,13 @@ def test_torch_compile_decode_step():
     (lambda t: ops.attention_with_kvcache(t["dq"], t["kc"].half(), t["vc"].half(), t["lens"]), "one dtype"),
     (lambda t: torch.ops.mptkernels.attention_kvcache(t["dq"], t["kc"], t["vc"], t["lens"] + 14, t["kn"], t["vn"], None,
                                                       1.0, True), "does not fit the cache"),
+    (lambda t: ops.attention_with_kvcache(t["dq"], t["kc"], t["vc"], t["lens"], k=list(t["kn"]), v=list(t["vn"])),
+     "k must be a tensor or None, got list"),
+    # no backward: a q that requires grad is refused in grad mode (a silent None gradient otherwise)
+    (lambda t: ops.attention_with_kvcache(t["dq"].requires_grad_(), t["kc"], t["vc"], t["lens"]),
+     "q requires grad, but attention over a KV cache is for inference"),
+    (lambda t: ops.attention_with_kvcache(t["dq"], t["kc"], t["vc"], t["lens"], k=t["kn"].requires_grad_(), v=t["vn"]),
+     "k requires grad"),
 ])
 def test_varlen_and_kvcache_bad_input(call, match):
     q, k, v, cu, _, _ = _varlen_case([3, 8], [3, 8], 4, 2, 16, torch.float32)

@@ -92,6 +92,19 @@ def test_quantize_rowwise_exact(dtype, outliers):
     assert q.abs().max() <= 127
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_quantize_rowwise_nan_wherever_it_sits(device):
+    # 333 = 20 vectors of 16 + a tail of 13: a NaN in the vector part and in the tail alike
+    for col in (3, 40, 325, 332):
+        x = torch.randn(4, 333, device=device)
+        x[1, col] = float("nan")
+        x[2, col] = float("inf")
+        q, s = ops.quantize_rowwise(x)
+        rq, rs = reference.quantize_rowwise(x)
+        assert torch.equal(q, rq) and torch.equal(s, rs), col
+        assert s[1] == 1 and q[1, col] == 0  # a NaN row: scale 1, the NaN element 0
+
+
 # below 16 rows the CPU kernel uses dot-product tiles; from 16 (VNNI builds) panels of 64 B
 # rows: the cases cover partial panels (N % 64), row tails (M % 6), several row chunks (192),
 # two K blocks (2048) and K % 4 != 0 / K % 64 != 0
@@ -160,6 +173,65 @@ def test_gemm_family_with_empty_k(device):
     assert q.shape == (2, 5, 0) and torch.equal(s, torch.ones(2, 5, device=device))
 
 
+@pytest.mark.parametrize("backend, device", [("auto", "cpu"), ("reference", "cpu"),
+                                             pytest.param("auto", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op, act", [("w8a8", None), ("w8a8", "relu"), ("w8a8", "gelu"), ("w8a8", "gelu_tanh"),
+                                     ("weight_only", None)])
+def test_int8_linears_gradients(backend, device, dtype, op, act):
+    """dx straight-through the quantisation: the gradient of act(x @ w_deq.T + b) at the int8
+    result's own pre-activation; dbias the same sum. The int8 weight and scale get none."""
+    import mptkernels
+    m, k, n = 17, 72, 33
+    x = _x(m, k, dtype, device).requires_grad_()
+    b = torch.randn(n, dtype=dtype, device=device, requires_grad=True)
+    wq, ws = ops.quantize_rowwise(_weight(n, k, torch.float32, device))
+    w_deq = wq.double() * ws.double()[:, None]
+    with mptkernels.backend(backend):
+        if op == "w8a8":
+            out = ops.int8_linear(x, wq, ws, b, act)
+            pre = ops.int8_linear(x.detach(), wq, ws, b.detach(), None).double()
+        else:
+            out = ops.weight_only_int8_linear(x, wq, ws, b)
+            pre = reference.weight_only_int8_linear(x.detach().double(), wq, ws, b.detach().double())
+        dout = torch.randn_like(out)
+        dx, db = torch.autograd.grad(out, (x, b), dout)
+    p = pre.requires_grad_()
+    (dpre,) = torch.autograd.grad(reference.activation(p, act), p, dout.double())
+    assert dx.dtype == dtype and db.dtype == dtype
+    assert rel_err(dx, dpre @ w_deq) <= GRAD_TOL[dtype] and rel_err(db, dpre.sum(0)) <= GRAD_TOL[dtype]
+    # activation_grad (the closed forms the backward uses) against autograd, away from the rounding
+    h = torch.randn(1000, dtype=torch.float64, device=device)
+    for name in ACTS:
+        hg = h.clone().requires_grad_()
+        (want,) = torch.autograd.grad(reference.activation(hg, name).sum(), hg)
+        assert rel_err(reference.activation_grad(torch.ones_like(h), h, name), want) <= 1e-12
+
+
+def test_non_differentiable_parts_are_explicit():
+    w = torch.randn(7, 24, requires_grad=True)
+    q, s = ops.quantize_rowwise(w)  # quantising a trainable weight: outputs carry no graph
+    assert not q.requires_grad and not s.requires_grad
+    with pytest.raises(ValueError, match="w_scale requires grad, but gradients flow to x and bias only"):
+        ops.weight_only_int8_linear(torch.randn(3, 24), q, s.requires_grad_())
+    with torch.no_grad():  # no gradient asked: fine
+        ops.int8_linear(torch.randn(3, 24), q, s)
+
+
+def test_int8_linears_compile_with_backward():
+    x = torch.randn(5, 40, requires_grad=True)
+    wq, ws = ops.quantize_rowwise(torch.randn(24, 40))
+    b = torch.randn(24, requires_grad=True)
+
+    def f(x, b):
+        return ops.weight_only_int8_linear(ops.int8_linear(x, wq, ws, None, "gelu"), wq[:, :24], ws, b).sum()
+
+    want = torch.autograd.grad(f(x, b), (x, b))
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, b), (x, b))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-6
+
+
 def test_gemm_opcheck():
     x, w, b = torch.randn(5, 24), torch.randn(7, 24), torch.randn(7)
     for act in ("none", "relu", "gelu", "gelu_tanh"):
@@ -172,8 +244,10 @@ def test_gemm_opcheck():
     wq, ws = torch.ops.mptkernels.quantize_rowwise(w)
     xq, _ = torch.ops.mptkernels.quantize_rowwise(x)
     torch.library.opcheck(torch.ops.mptkernels.int8_mm.default, (xq, wq))
-    torch.library.opcheck(torch.ops.mptkernels.int8_linear.default, (x, wq, ws, b.detach(), "relu"))
-    torch.library.opcheck(torch.ops.mptkernels.weight_only_int8_linear.default, (x, wq, ws, None))
+    for act in ("relu", "gelu"):
+        torch.library.opcheck(torch.ops.mptkernels.int8_linear.default,
+                              (x.clone().requires_grad_(), wq, ws, b.detach().requires_grad_(), act))
+    torch.library.opcheck(torch.ops.mptkernels.weight_only_int8_linear.default, (x.clone().requires_grad_(), wq, ws, None))
 
 
 def test_torch_compile_fullgraph_mlp():

@@ -207,6 +207,7 @@ def test_reference_backend_override():
     (lambda: ops.layer_norm(torch.randn(2, 65537)), r"last dim must be in 1..65536"),
     (lambda: ops.layer_norm(torch.randn(2, 8), cast="fp8"), "cast must be one of"),
     (lambda: ops.layer_norm(torch.randn(2, 8), eps=-1.0), "eps must be >= 0"),
+    (lambda: ops.layer_norm(torch.randn(2, 8), eps="1e-5"), "eps must be >= 0, got 1e-5"),
     (lambda: torch.ops.mptkernels.layer_norm_fwd(torch.randn(2, 8), torch.randn(7), None, None, 1e-5, False, 0.0, False),
      r"weight must have shape \(8,\)"),
     (lambda: torch.ops.mptkernels.layer_norm_fwd(torch.randn(2, 8).t(), None, None, None, 1e-5, False, 0.0, False),

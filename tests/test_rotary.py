@@ -129,6 +129,7 @@ def test_rotary_embedding_module():
     (lambda x, c, s: ops.apply_rotary(x.int(), c, s), "x must be float32"),
     (lambda x, c, s: ops.apply_rotary(x, c.requires_grad_(), s), "cos requires grad"),
     (lambda x, c, s: reference.rotary_cos_sin(10, 7), "rotary_dim must be even"),
+    (lambda x, c, s: ops.rotary_cos_sin(-1, 8), "max_seqlen must be an int >= 0, got -1"),
     (lambda x, c, s: torch.ops.mptkernels.rotary(x, c.double(), s, None, 0, False, False), "cos must be a contiguous float32"),
     # the kernel's own check: a negative position is as bad as one past the table
     (lambda x, c, s: torch.ops.mptkernels.rotary(x, c, s, torch.tensor([-3, 0], dtype=torch.int32), 0, False, False),

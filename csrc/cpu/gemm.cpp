@@ -642,6 +642,10 @@ const float* xr_as_float(const T* xr, float* buf, int64_t K) {
   }
 }
 
+// a rounded, clamped quotient as int8; NaN (a NaN element: casting it is undefined) becomes 0,
+// as the AVX-512 conversion, the CUDA kernel and the reference give
+inline int8_t nan_to_zero_int8(float r) { return std::isnan(r) ? int8_t(0) : static_cast<int8_t>(r); }
+
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
@@ -653,7 +657,11 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
       int64_t k = 0;
       for (; k + kWf <= K; k += kWf) vmax = at::vec::maximum(vmax, Vf::loadu(row + k).abs());
       float absmax = at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return at::vec::maximum(a, b); }, vmax);
-      for (; k < K; ++k) absmax = std::max(absmax, std::fabs(row[k]));
+      // NaN-propagating like the vector maximum and torch's amax (std::max would drop a NaN)
+      for (; k < K; ++k) {
+        const float a = std::fabs(row[k]);
+        absmax = std::isnan(a) || std::isnan(absmax) ? a + absmax : std::max(absmax, a);
+      }
       const float s = absmax > 0.f ? absmax / 127.f : 1.f;
       scale[m] = s;
       // x / s (IEEE division, as the reference), rounded half to even, clamped
@@ -667,10 +675,10 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
 #else
         alignas(64) float tmp[kWf];
         r.store(tmp);
-        for (int64_t i = 0; i < kWf; ++i) qr[k + i] = static_cast<int8_t>(tmp[i]);
+        for (int64_t i = 0; i < kWf; ++i) qr[k + i] = nan_to_zero_int8(tmp[i]);
 #endif
       }
-      for (; k < K; ++k) qr[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] / s), -127.f, 127.f));
+      for (; k < K; ++k) qr[k] = nan_to_zero_int8(std::clamp(std::nearbyint(row[k] / s), -127.f, 127.f));
     }
   });
 }

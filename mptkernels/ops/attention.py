@@ -78,7 +78,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
     and attended to. cache_seqlens itself is not modified (the caller advances it). q attends
     over the first cache_seqlens[b] + seqlen_new rows of its cache exactly as ``attention``
     would (causal bottom-right aligned: query i of seqlen_q sees the cache and the new keys up
-    to its own position; ALiBi by the same formula). Returns out like q. Not differentiable.
+    to its own position; ALiBi by the same formula). Returns out like q. Not differentiable:
+    with grad mode on, inputs that require grad are refused (a clear error, not a silent
+    gradient of None).
 
     Caches too short for the new tokens raise; the check reads cache_seqlens on the host once
     per tensor and version (the layers of one decode step share it: one sync per step), and
@@ -107,15 +109,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``attention``). Cases the kernel does not cover run PyTorch's own SDPA (with the ALiBi bias
     materialised into the mask when slopes are given), listed in ``SDPA_FALLBACKS``: an
     ``attn_mask``, ``dropout_p > 0``, ``is_causal`` with seqlen_q != seqlen_k (top-left alignment),
-    and head dims or dtypes the kernel does not take.
+    head dims or dtypes the kernel does not take, a value head dim other than the query's, batch
+    or heads that PyTorch would broadcast, ``scale <= 0`` and inputs that are not 4-D. Input
+    PyTorch itself rejects gets PyTorch's error.
     """
-    hq, hk = query.shape[-3], key.shape[-3]
-    d = query.shape[-1]
-    fallback = (attn_mask is not None or dropout_p > 0.0 or query.dim() != 4
-                or (is_causal and query.shape[-2] != key.shape[-2]) or d % 8 or d > MAX_HEAD_DIM
-                or query.dtype not in _KERNEL_DTYPES or (hq != hk and not enable_gqa))
-    if fallback:
+    if not _sdpa_kernel_takes(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         if alibi_slopes is not None:
+            if not isinstance(query, torch.Tensor) or query.dim() < 3:
+                raise ValueError("scaled_dot_product_attention: alibi_slopes needs query as (..., heads, seqlen, "
+                                 "head_dim)")
+            batch = query.shape[0] if query.dim() == 4 else 1
+            _check_slopes(alibi_slopes, batch, query.shape[-3], query.device)
+            if alibi_slopes.dim() == 2 and query.dim() != 4:
+                raise ValueError("scaled_dot_product_attention: (batch, heads) alibi_slopes need a 4-D query")
             attn_mask = _alibi_mask(alibi_slopes, query, key, attn_mask, is_causal)
             is_causal = False
         kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
@@ -126,12 +132,28 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.transpose(1, 2)
 
 
+def _sdpa_kernel_takes(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    """Whether the fused kernel computes exactly what PyTorch's SDPA would; anything else
+    (including input PyTorch rejects, which then gets PyTorch's own error) falls back."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
+        return False
+    (b, hq, sq, d), (bk, hk, sk, dk) = query.shape, key.shape
+    return (attn_mask is None and dropout_p == 0.0 and value.shape == key.shape  # same v head dim, no broadcast
+            and bk == b and dk == d and d % 8 == 0 and 0 < d <= MAX_HEAD_DIM
+            and hk > 0 and (hq == hk or (enable_gqa and hq % hk == 0))
+            and not (is_causal and sq != sk)  # PyTorch's is_causal is top-left aligned
+            and (scale is None or scale > 0)
+            and query.dtype in _KERNEL_DTYPES and key.dtype == value.dtype == query.dtype
+            and key.device == value.device == query.device)
+
+
 # PyTorch's own function, kept at import: mptkernels.patch may route F.scaled_dot_product_attention
 # to ours while a model runs, and the fallback must not call itself
 _TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
 
 # what scaled_dot_product_attention hands to PyTorch (mptkernels.info() prints it)
-SDPA_FALLBACKS = "attn_mask, dropout_p > 0, is_causal with seqlen_q != seqlen_k (top-left), head_dim % 8 or > 256"
+SDPA_FALLBACKS = ("attn_mask, dropout_p > 0, is_causal with seqlen_q != seqlen_k (top-left), head_dim % 8 or > 256, "
+                  "v's head_dim != q's, broadcast batch or heads, scale <= 0, not 4-D")
 
 
 def _alibi_mask(slopes, query, key, attn_mask, is_causal):
@@ -266,12 +288,20 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softm
         raise ValueError(f"{op}: give both k and v, or neither")
     if k is not None:
         for t, name in ((k, "k"), (v, "v")):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
             if t.dim() != 4 or t.shape[0] != b or t.shape[2] != hk or t.shape[3] != d:
                 raise ValueError(f"{op}: {name} must be ({b}, seqlen_new, {hk}, {d}), got {tuple(t.shape)}")
             if t.dtype != q.dtype or t.device != q.device:
                 raise TypeError(f"{op}: {name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
         if k.shape != v.shape:
             raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if torch.is_grad_enabled():
+        for t, name in ((q, "q"), (k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{op}: {name} requires grad, but attention over a KV cache is for inference and "
+                                 f"has no backward; call it under torch.no_grad() or torch.inference_mode() (or "
+                                 f"use attention() / attention_varlen() to train)")
 
 
 def _check_cache_room(k_cache, cache_seqlens, k):

@@ -53,8 +53,11 @@ def quantize_rowwise(x):
 
     Returns ``(x_int8, scale)``: scale = absmax / 127 in float32 with shape x.shape[:-1] (an
     all-zero row gets scale 1 and zeros, never NaN); x_int8 = round-half-to-even(x / scale)
-    clamped to [-127, 127], x's shape. One pass over x.
+    clamped to [-127, 127], x's shape. One pass over x. Not differentiable: the outputs never
+    require grad (as a quantiser of weights that do).
     """
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("quantize_rowwise: x must be a tensor with at least one dim")
     if x.dtype not in _FLOAT:
@@ -69,7 +72,11 @@ def quantize_rowwise(x):
 def int8_linear(x, w_int8, w_scale, bias=None, activation=None):
     """W8A8 linear: x quantised per token (``quantize_rowwise``), int8 x int8 products with
     int32 accumulation, and an epilogue ``act(acc * x_scale[m] * w_scale[n] + bias[n])`` in x's
-    dtype. ``w_int8, w_scale = quantize_rowwise(weight)`` of an (N, K) weight. Not differentiable.
+    dtype. ``w_int8, w_scale = quantize_rowwise(weight)`` of an (N, K) weight.
+    Differentiable in x and bias: x's gradient is straight-through the activation quantisation
+    (as bitsandbytes' int8 matmul), i.e. that of ``act(x @ w.T + bias)`` with the dequantised
+    weight ``w = w_int8 * w_scale[:, None]`` (the gelus recompute their pre-activation). The
+    int8 weight and its scale get no gradient.
     """
     _check_int8(x, w_int8, w_scale, bias, "int8_linear")
     _check_activation(activation)
@@ -82,7 +89,8 @@ def int8_linear(x, w_int8, w_scale, bias=None, activation=None):
 def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
     """``x @ (w_int8 * w_scale[:, None]).T + bias`` with x in its own dtype and the weight
     dequantised on the fly (never materialised): for decoding, where reading the weight is the
-    whole cost and int8 halves it. Not differentiable."""
+    whole cost and int8 halves it. Differentiable in x and bias (dx = dout @ the dequantised
+    weight, e.g. for adapters trained on a frozen int8 model); w_int8 and w_scale get none."""
     _check_int8(x, w_int8, w_scale, bias, "weight_only_int8_linear")
     if _backend.use_reference(x.device, has_kernel=_has_triton()):
         return reference.weight_only_int8_linear(x, w_int8, w_scale, bias)
@@ -138,6 +146,8 @@ def _check_int8(x, w_int8, w_scale, bias, op):
     for t, name in ((w_int8, "w_int8"), (w_scale, "w_scale")):
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if w_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: w_scale requires grad, but gradients flow to x and bias only; pass w_scale.detach()")
     _check_bias(bias, n, x, op)
 
 
@@ -217,6 +227,39 @@ def _no_double_backward(ctx, *grads):
 
 torch.library.register_autograd("mptkernels::linear_bwd", _no_double_backward,
                                 setup_context=lambda ctx, inputs, output: None)
+
+
+# ---- autograd of the int8 linears: dx through the dequantised weight (straight-through the
+# activation quantisation of int8_linear), dbias; none for the int8 weight and its scale
+def _int8_setup_context(ctx, inputs, output):
+    x, w_int8, w_scale, bias, *rest = inputs
+    ctx.activation = rest[0] if rest else "none"  # weight_only_int8_linear has no activation
+    gelu = ctx.activation in ("gelu", "gelu_tanh")
+    # relu's derivative reads the output's sign; the gelus recompute their pre-activation
+    ctx.save_for_backward(w_int8, w_scale, x if gelu else None, bias if gelu else None,
+                          output if ctx.activation == "relu" else None)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _int8_backward(ctx, dout):
+    w_int8, w_scale, x, bias, out = ctx.saved_tensors
+    if ctx.activation == "relu":
+        dpre = reference.activation_grad(dout, out, "relu")
+    elif ctx.activation in ("gelu", "gelu_tanh"):
+        dpre = reference.activation_grad(dout, _ops.int8_linear(x, w_int8, w_scale, bias, "none"), ctx.activation)
+    else:
+        dpre = dout
+    dx = db = None
+    if ctx.needs_input_grad[0]:
+        dx = dpre @ (w_int8.float() * w_scale.unsqueeze(1)).to(dpre.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        db = dpre.float().sum(0).to(ctx.bias_dtype)
+    return (dx, None, None, db) + ((None,) if len(ctx.needs_input_grad) == 5 else ())
+
+
+torch.library.register_autograd("mptkernels::int8_linear", _int8_backward, setup_context=_int8_setup_context)
+torch.library.register_autograd("mptkernels::weight_only_int8_linear", _int8_backward,
+                                setup_context=_int8_setup_context)
 
 
 # ---- CUDA: Triton GEMMs (quantize_rowwise: CUDA C++ when built, registered in csrc/cuda/gemm.cu)

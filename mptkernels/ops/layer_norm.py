@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 
+import numbers
+
 import torch
 
 from .. import _backend, reference
@@ -71,7 +73,7 @@ def _check(x, weight, bias, residual, eps, cast, name):
             raise TypeError(f"{name}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
         if residual.device != x.device:
             raise ValueError(f"{name}: residual is on {residual.device} but x is on {x.device}")
-    if not eps >= 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"{name}: eps must be >= 0, got {eps}")
     if cast not in CAST_MODES:
         raise ValueError(f"{name}: cast must be one of {CAST_MODES}, got {cast!r}")
