@@ -67,6 +67,8 @@ class PrintStreamer:
         self.decode_new, self.file, self.count, self.t_first = decode_new, file, 0, None
 
     def put(self, tokens):
+        if tokens.dim() == 2:  # HF's protocol starts with the prompt, which main() printed already
+            return
         if self.t_first is None:
             self.t_first = time.perf_counter()
         self.count += 1

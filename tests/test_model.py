@@ -1,5 +1,7 @@
 """The reference MPT model: parity with transformers' MptForCausalLM, HF checkpoints in and
 out, KV-cache generation against full recomputation, batching, sampling, training."""
+import os
+
 import pytest
 import torch
 import transformers  # a test dependency: scripts/test.sh installs 4.57.1
@@ -59,6 +61,33 @@ def test_hf_checkpoints_in_and_out(tmp_path):
     (tmp_path / "empty" / "config.json").write_text((tmp_path / "ours" / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         MPTForCausalLM.from_hf(str(tmp_path / "empty"))
+    # what transformers would read as another model is refused
+    with pytest.raises(ValueError, match="alibi_bias_max 8"):
+        _ours(alibi_bias_max=16).save_pretrained(str(tmp_path / "bias16"))
+    q = MPTForCausalLM.from_hf(str(tmp_path / "ours"))
+    import mptkernels
+    mptkernels.quantize_(q, "weight_only")
+    with pytest.raises(ValueError, match="holds int8 layers"):
+        q.save_pretrained(str(tmp_path / "int8"))
+    # sharded: index + shards as transformers writes them; both loaders read it back
+    ours.save_pretrained(str(tmp_path / "ours"), max_shard_bytes=100_000)
+    files = sorted(os.listdir(tmp_path / "ours"))
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 2
+    for m in (MPTForCausalLM.from_hf(str(tmp_path / "ours")),
+              transformers.MptForCausalLM.from_pretrained(str(tmp_path / "ours"))):
+        with torch.no_grad():
+            out = m.eval()(ids)
+        assert (getattr(out, "logits", out) - want).abs().max() <= 1e-4
+    # damaged files are named
+    (tmp_path / "ours" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        MPTForCausalLM.from_hf(str(tmp_path / "ours"))
+    ours.save_pretrained(str(tmp_path / "cut"))
+    st = tmp_path / "cut" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot read .*model.safetensors"):
+        MPTForCausalLM.from_hf(str(tmp_path / "cut"))
 
 
 @pytest.mark.parametrize("attn", [dict(alibi=True, kv_n_heads=2), dict(alibi=False, rope=True),
@@ -114,7 +143,31 @@ def test_sampling_eos_and_streamer():
 
     st = Streamer()
     out = model.generate(prompt, 6, streamer=st)
-    assert st.ended and torch.equal(torch.stack(st.got, 1), out[:, 5:])
+    # HF's protocol: the prompt first, then each step's tokens, then end()
+    assert st.ended and torch.equal(st.got[0], prompt) and torch.equal(torch.stack(st.got[1:], 1), out[:, 5:])
+    # transformers' own streamer, prompt skipped or not
+    from mptkernels.generate import ByteTokenizer
+
+    class Tok:  # what TextStreamer asks of a tokenizer
+        def decode(self, ids, **kw):
+            return ByteTokenizer().decode(list(ids))
+
+    for skip in (True, False):
+        ts = transformers.TextStreamer(Tok(), skip_prompt=skip)
+        printed = []
+        ts.on_finalized_text = lambda text, stream_end=False: printed.append(text)
+        out = model.generate(prompt[:1], 6, streamer=ts)
+        assert "".join(printed).rstrip("\n") == Tok().decode(out[0, 0 if not skip else 5:].tolist())
+
+
+def test_top_p_keeps_the_smallest_set_reaching_it():
+    from mptkernels.models.mpt import _sample
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert (_sample(logits, 1.0, None, 0.5, g) == 0).all()  # 0.5 alone reaches 0.5, as HF keeps it
+    assert set(_sample(logits, 1.0, None, 0.51, g).tolist()) == {0, 1}
+    assert (_sample(logits, 1.0, None, 1e-6, g) == 0).all()  # the top token is always kept
 
 
 def test_training_on_cpu_learns_and_reaches_every_parameter():
@@ -165,6 +218,35 @@ def test_config_errors():
         _ours().generate(torch.zeros(1, 129, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="input_ids must be"):
         _ours().generate(torch.zeros(3, dtype=torch.long), 2)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    for kw, match in [(dict(temperature=-1.0), "temperature must be a number >= 0"), (dict(top_k=0), "top_k must be"),
+                      (dict(temperature=1.0, top_p=-0.5), r"top_p must be None or a number in \(0, 1\]"),
+                      (dict(top_p=1.5), "top_p must be")]:
+        with pytest.raises(ValueError, match=match):
+            _ours().generate(ids, 2, **kw)
+    for bad in (torch.tensor([[1, 257]]), torch.tensor([[-1, 2]]), torch.zeros(1, 2)):
+        with pytest.raises(ValueError, match=r"token ids in \[0, 257\)"):
+            _ours().generate(bad, 2)
+    # MPTConfig: each field checked, by name
+    for kw, match in [(dict(d_model="64"), "d_model must be an int >= 1, got '64'"), (dict(n_heads=0), "n_heads must be"),
+                      (dict(logit_scale="foo"), "logit_scale must be None, a number or 'inv_sqrt_d_model'"),
+                      (dict(expansion_ratio=-1), "expansion_ratio must be a number >= 0"),
+                      (dict(attn_config={"prefix_lm": True}), "prefix_lm is not supported"),
+                      (dict(attn_config={"attn_type": "cross"}), "attn_type 'cross' is not supported")]:
+        with pytest.raises(ValueError, match=match):
+            MPTConfig(**kw)
+    # llm-foundry's attn_type decides the kv heads (its defaults carry kv_n_heads=1 beside MHA)
+    assert MPTConfig(n_heads=8, attn_config={"attn_type": "multihead_attention", "kv_n_heads": 1}).kv_n_heads == 8
+    assert MPTConfig(n_heads=8, attn_config={"attn_type": "multiquery_attention"}).kv_n_heads == 1
+    # llm-foundry's fractional expansion ratios: FFN width int(ratio * d_model)
+    m = MPTForCausalLM(MPTConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=16, vocab_size=50, expansion_ratio=2.5))
+    assert m.transformer.blocks[0].ffn.up_proj.weight.shape == (80, 32) and m(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 50)
+    # attention dropout: refused in training (the fused kernel has none), ignored in inference
+    m = MPTForCausalLM(MPTConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=16, vocab_size=50,
+                                 attn_config={"attn_pdrop": 0.1}))
+    m.eval()(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="attn_pdrop > 0 is not supported in training"):
+        m.train()(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_generate_cli_streams_text_and_reports_speed(tmp_path):

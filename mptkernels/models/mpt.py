@@ -50,11 +50,43 @@ class MPTConfig:
     norm_cast: str = "torch"
 
     def __post_init__(self):
+        for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MPTConfig: {name} must be an int >= 1, got {v!r}")
+        for name in ("expansion_ratio", "layer_norm_epsilon", "resid_pdrop", "emb_pdrop"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"MPTConfig: {name} must be a number >= 0, got {v!r}")
+        if self.ffn_hidden < 1:
+            raise ValueError(f"MPTConfig: expansion_ratio {self.expansion_ratio} x d_model {self.d_model} leaves no "
+                             "FFN width")
+        if not (self.logit_scale is None or self.logit_scale == "inv_sqrt_d_model"
+                or (isinstance(self.logit_scale, (int, float)) and not isinstance(self.logit_scale, bool))):
+            raise ValueError(f"MPTConfig: logit_scale must be None, a number or 'inv_sqrt_d_model', got "
+                             f"{self.logit_scale!r}")
+        if not isinstance(self.attn_config, dict):
+            raise ValueError(f"MPTConfig: attn_config must be a dict, got {type(self.attn_config).__name__}")
         unknown = set(self.attn_config) - set(_ATTN_DEFAULTS) - {"attn_type", "attn_impl", "prefix_lm",
                                                                   "attn_uses_sequence_id"}
         if unknown:
             raise ValueError(f"MPTConfig: unknown attn_config keys {sorted(unknown)}; known: {sorted(_ATTN_DEFAULTS)}")
-        self.attn_config = {**_ATTN_DEFAULTS, **{k: v for k, v in self.attn_config.items() if k in _ATTN_DEFAULTS}}
+        # llm-foundry's keys that would change the maths are refused rather than dropped
+        for key in ("prefix_lm", "attn_uses_sequence_id"):
+            if self.attn_config.get(key):
+                raise ValueError(f"MPTConfig: attn_config.{key} is not supported (set it to false)")
+        attn = {k: v for k, v in self.attn_config.items() if k in _ATTN_DEFAULTS}
+        # llm-foundry's attn_type decides kv_n_heads: its default config carries kv_n_heads=1
+        # beside multihead_attention, which is not multi-query attention
+        attn_type = self.attn_config.get("attn_type")
+        if attn_type == "multihead_attention":
+            attn["kv_n_heads"] = None
+        elif attn_type == "multiquery_attention":
+            attn["kv_n_heads"] = 1
+        elif attn_type not in (None, "grouped_query_attention"):
+            raise ValueError(f"MPTConfig: attn_config.attn_type {attn_type!r} is not supported (multihead_attention, "
+                             "multiquery_attention or grouped_query_attention)")
+        self.attn_config = {**_ATTN_DEFAULTS, **attn}
         if self.d_model % self.n_heads:
             raise ValueError(f"MPTConfig: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.kv_n_heads:
@@ -65,6 +97,11 @@ class MPTConfig:
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
+
+    @property
+    def ffn_hidden(self):
+        """The FFN's width, int(expansion_ratio * d_model) as llm-foundry (which allows ratios like 2.5)."""
+        return int(self.expansion_ratio * self.d_model)
 
     @property
     def kv_n_heads(self):
@@ -92,8 +129,8 @@ class MPTBlock(torch.nn.Module):
                                            cast=cfg.norm_cast, **kw)
         self.norm_2 = mnn.LayerNorm(d, eps=cfg.layer_norm_epsilon, bias=bias, cast=cfg.norm_cast, **kw)
         self.ffn = torch.nn.Module()
-        self.ffn.up_proj = torch.nn.Linear(d, cfg.expansion_ratio * d, bias=bias, **kw)
-        self.ffn.down_proj = torch.nn.Linear(cfg.expansion_ratio * d, d, bias=bias, **kw)
+        self.ffn.up_proj = torch.nn.Linear(d, cfg.ffn_hidden, bias=bias, **kw)
+        self.ffn.down_proj = torch.nn.Linear(cfg.ffn_hidden, d, bias=bias, **kw)
 
     @staticmethod
     def _linear(layer, x, activation=None):
@@ -217,6 +254,9 @@ class MPTForCausalLM(torch.nn.Module):
             x = x + self.transformer.wpe(pos)
         if self.training and cfg.emb_pdrop:
             x = F.dropout(x, cfg.emb_pdrop)
+        if self.training and cfg.attn_config["attn_pdrop"] and torch.is_grad_enabled():
+            raise ValueError("MPTForCausalLM: attn_config.attn_pdrop > 0 is not supported in training (the fused "
+                             "attention has no dropout); set it to 0 (inference ignores it, as dropout does)")
         slopes, rope = self._alibi(dev), self._rope(dev, offsets)
         varlen = None
         if doc_ids is not None:
@@ -263,8 +303,9 @@ class MPTForCausalLM(torch.nn.Module):
         batched with per-sequence cache lengths, so a batch gives each prompt's result alone.
         temperature 0: greedy; else sampling (``top_k``, ``top_p``), reproducible with a
         ``generator``. A sequence that emitted ``eos_token_id`` continues with
-        ``pad_token_id`` (default: eos). ``streamer.put(tokens (batch,))`` gets every step,
-        ``streamer.end()`` the end (HF's streamer protocol). On CUDA (``cuda_graph``) the decode
+        ``pad_token_id`` (default: eos). HF's streamer protocol: ``streamer.put(input_ids)``
+        (the prompt, (batch, prompt_len)) first, then ``put(tokens (batch,))`` every step and
+        ``streamer.end()`` at the end, so transformers' TextStreamer(skip_prompt=...) works. On CUDA (``cuda_graph``) the decode
         step (the whole forward over the cache) is captured once as a CUDA graph and replayed,
         so a step costs one graph launch instead of a Python pass over every layer.
         """
@@ -279,6 +320,12 @@ class MPTForCausalLM(torch.nn.Module):
             raise ValueError(f"generate: the prompt has {p} tokens but max_seq_len is {self.config.max_seq_len}")
         if max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        _check_sampling(temperature, top_k, top_p)
+        if input_ids.dtype not in (torch.int64, torch.int32) or (
+                input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size):
+            raise ValueError(f"generate: input_ids must be int64/int32 token ids in [0, {self.config.vocab_size}), got "
+                             f"{input_ids.dtype}" + (f" in [{int(input_ids.min())}, {int(input_ids.max())}]"
+                                                     if input_ids.numel() and not input_ids.is_floating_point() else ""))
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lengths = mask.sum(1)
         if (lengths == 0).any():
@@ -286,6 +333,8 @@ class MPTForCausalLM(torch.nn.Module):
         total = int(lengths.max()) + max_new_tokens
         if total > self.config.max_seq_len and (self.config.learned_pos_emb or self.config.attn_config["rope"]):
             raise ValueError(f"generate: {total} tokens exceed max_seq_len {self.config.max_seq_len}")
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         was_training = self.training
         self.eval()
         cache = self.new_cache(b, total)
@@ -332,7 +381,10 @@ class MPTForCausalLM(torch.nn.Module):
             if not os.path.isfile(os.path.join(src, "config.json")):
                 raise FileNotFoundError(f"from_hf: no config.json in {src} (expected a save_pretrained directory)")
             with open(os.path.join(src, "config.json")) as f:
-                hf = json.load(f)
+                try:
+                    hf = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"from_hf: {os.path.join(src, 'config.json')} is not valid JSON: {e}") from None
             state = _load_state_dict(src)
         else:
             hf = src.config.to_dict()
@@ -348,13 +400,22 @@ class MPTForCausalLM(torch.nn.Module):
 
     def save_pretrained(self, path, *, max_shard_bytes: int | None = None):
         """Write config.json and model.safetensors in HF's MPT format (transformers'
-        ``MptForCausalLM.from_pretrained`` loads it)."""
+        ``MptForCausalLM.from_pretrained`` loads it). With ``max_shard_bytes``, a larger state
+        is split into model-0000i-of-0000n.safetensors files plus model.safetensors.index.json,
+        as transformers writes them. Earlier model*.safetensors files in ``path`` are removed."""
         cfg = self.config
         if cfg.kv_n_heads != cfg.n_heads or cfg.attn_config["rope"] or cfg.learned_pos_emb or not cfg.no_bias \
                 or cfg.expansion_ratio != 4 or not cfg.attn_config["alibi"] or cfg.logit_scale is not None \
-                or cfg.attn_config["qk_ln"]:
-            raise ValueError("save_pretrained: transformers' MPT covers ALiBi, no biases, expansion_ratio 4, no GQA, "
-                             "no rope, no qk_ln, no learned positions and no logit_scale; this config differs")
+                or cfg.attn_config["qk_ln"] or cfg.attn_config["alibi_bias_max"] != 8:
+            raise ValueError("save_pretrained: transformers' MPT covers ALiBi with alibi_bias_max 8, no biases, "
+                             "expansion_ratio 4, no GQA, no rope, no qk_ln, no learned positions and no logit_scale; "
+                             "this config differs")
+        if any(isinstance(m, mnn.Int8Linear) for m in self.modules()):
+            raise ValueError("save_pretrained: the model holds int8 layers (quantize_); the HF format stores float "
+                             "weights: save before quantising, and quantise again after loading")
+        if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+                                            or max_shard_bytes < 1):
+            raise ValueError(f"save_pretrained: max_shard_bytes must be None or an int >= 1, got {max_shard_bytes!r}")
         os.makedirs(path, exist_ok=True)
         hf = dict(model_type="mpt", architectures=["MptForCausalLM"], d_model=cfg.d_model, n_heads=cfg.n_heads,
                   n_layers=cfg.n_layers, expansion_ratio=cfg.expansion_ratio, max_seq_len=cfg.max_seq_len,
@@ -366,7 +427,28 @@ class MPTForCausalLM(torch.nn.Module):
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         state = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}
-        safetensors_io.save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        for f in os.listdir(path):  # a shard left by an earlier save would be loaded beside these
+            if f.startswith("model") and (f.endswith(".safetensors") or f == "model.safetensors.index.json"):
+                os.remove(os.path.join(path, f))
+        shards, size = [{}], 0  # in state order, a new shard where the next tensor would overflow
+        for k, v in state.items():
+            n = v.numel() * v.element_size()
+            if max_shard_bytes is not None and shards[-1] and size + n > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += n
+        if len(shards) == 1:
+            safetensors_io.save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            safetensors_io.save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def _doc_cu_seqlens(doc_ids):
@@ -436,7 +518,10 @@ def _load_state_dict(path):
     if st:
         state = {}
         for f in st:
-            state.update(safetensors_io.load_file(os.path.join(path, f)))
+            try:
+                state.update(safetensors_io.load_file(os.path.join(path, f)))
+            except Exception as e:  # a truncated or corrupt file: say which
+                raise ValueError(f"from_hf: cannot read {os.path.join(path, f)}: {e}") from e
         return state
     bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
     if not bins:
@@ -445,6 +530,15 @@ def _load_state_dict(path):
     for f in bins:
         state.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
     return state
+
+
+def _check_sampling(temperature, top_k, top_p):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"generate: temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"generate: top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
 def _sample(logits, temperature, top_k, top_p, generator):
@@ -459,7 +553,10 @@ def _sample(logits, temperature, top_k, top_p, generator):
     if top_p is not None:
         sorted_logits, idx = torch.sort(logits, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        # keep the smallest set whose mass reaches top_p (HF's rule: a token whose predecessors
+        # already hold top_p is dropped; the first token is always kept)
+        drop = cum - sorted_logits.softmax(-1) >= top_p
+        drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
