@@ -3,11 +3,17 @@ packed training batches deterministically (resumable at any step).
 
     python -m mptkernels.data prepare --out DIR [--tokenizer HF_DIR] [--max-bytes N] FILES_OR_DIRS...
 
-Each text file is one document. DIR gets ``tokens.bin`` (all documents' tokens back to back,
+Each text file is one document: a file given, or every file under a directory given, except
+hidden ones (names starting with '.'), the output directory DIR itself, empty files, and
+binary files (any NUL byte: .npy, images, archives, UTF-16), which are skipped and counted
+(a binary file named explicitly is an error). Text is read as UTF-8 (bad bytes become U+FFFD
+for an HF tokenizer). DIR gets ``tokens.bin`` (all documents' tokens back to back,
 flat uint16 when the vocabulary fits, else uint32), ``doc_starts.npy`` (int64: where each
-document starts) and ``meta.json`` (dtype, vocab_size, token and document counts, tokenizer).
-The tokenizer is the byte-level one (token = UTF-8 byte) unless an HF tokenizer directory is
-given (needs transformers).
+document starts) and ``meta.json`` (dtype, vocab_size, token and document counts, tokenizer,
+skipped_binary_files), written under temporary names and renamed at the end: a failed run
+leaves DIR as it was. The tokenizer is the byte-level one (token = UTF-8 byte) unless a local
+HF tokenizer directory (tokenizer.json or tokenizer_config.json) is given (needs
+transformers; never downloads).
 
 ``TokenDataset(DIR).batch(step, batch_size, seq_len, seed)`` returns ``(tokens, doc_ids)``,
 each (batch_size, seq_len) int64: windows of seq_len consecutive tokens (documents packed
@@ -26,20 +32,71 @@ import numpy as np
 import torch
 
 
-def _texts(paths, max_bytes=None):
-    """(name, bytes) of every file given or found under a directory given, sorted."""
-    files = []
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_hf_tokenizer(path, name="tokenizer"):
+    """An HF tokenizer from a local directory holding tokenizer.json or tokenizer_config.json.
+
+    Never the Hub: a path that is not such a directory is an error naming it (``name``: the
+    argument to name in it), not a repo id to download (nor a silent fallback to bytes).
+    """
+    if not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(f"{name} {path} {what} (expected an HF tokenizer directory)")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{name} {path} holds no tokenizer (no {' or '.join(TOKENIZER_FILES)})")
+    try:
+        from transformers import AutoTokenizer  # optional dependency, only for an HF tokenizer
+    except ImportError as e:
+        raise ImportError(f"{name} {path}: an HF tokenizer needs transformers (pip install transformers)") from e
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:  # a broken or incomplete tokenizer directory
+        raise ValueError(f"{name} {path}: transformers could not load it: {e}") from e
+
+
+def _inside(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def _files(paths, out):
+    """Every file given, and every file found under a directory given (sorted), except the
+    output directory ``out`` (a rerun must not read its own tokens.bin/meta.json as text) and
+    hidden entries (names starting with '.': .git, editor files). Returns (files, explicit)."""
+    files, explicit = [], set()
     for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"prepare: input {p} does not exist")
+        if _inside(p, out):
+            raise ValueError(f"prepare: input {p} is inside the output directory {out}")
         if os.path.isdir(p):
-            for root, _, names in os.walk(p):
-                files += [os.path.join(root, n) for n in names]
+            for root, dirs, names in os.walk(p):
+                dirs[:] = [d for d in dirs if not d.startswith(".") and not _inside(os.path.join(root, d), out)]
+                files += [os.path.join(root, n) for n in names if not n.startswith(".")]
         else:
             files.append(p)
+            explicit.add(p)
+    return sorted(files), explicit
+
+
+def _texts(files, explicit, max_bytes, skipped):
+    """(name, bytes) of each non-empty text file, stopping once about max_bytes are read.
+
+    Binary files (a NUL byte: .npy, images, archives, UTF-16) found in a directory are skipped
+    and counted in skipped["binary"]; one named explicitly is an error."""
     total = 0
-    for f in sorted(files):
+    for f in files:
         with open(f, "rb") as fh:
             data = fh.read()
         if not data:
+            skipped["empty"] += 1
+            continue
+        if b"\0" in data:
+            if f in explicit:
+                raise ValueError(f"prepare: input {f} is not a text file (it has NUL bytes)")
+            skipped["binary"] += 1
             continue
         yield f, data
         total += len(data)
@@ -48,32 +105,52 @@ def _texts(paths, max_bytes=None):
 
 
 def prepare(paths, out, tokenizer=None, max_bytes=None) -> dict:
-    """Tokenise text files into ``out`` (see the module docstring); returns the meta dict."""
-    tok = None
-    if tokenizer:
-        from transformers import AutoTokenizer  # optional dependency, only for an HF tokenizer
+    """Tokenise text files into ``out`` (see the module docstring); returns the meta dict.
 
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+    Inputs and the tokenizer are checked before anything is written; the files are written
+    under temporary names and renamed at the end, so a failure leaves ``out`` as it was (a
+    previous dataset intact, no half-written tokens.bin) and removes it if this call made it.
+    """
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"prepare: max_bytes must be >= 1, got {max_bytes}")
+    files, explicit = _files(paths, out)
+    tok = None if not tokenizer else load_hf_tokenizer(tokenizer)
     vocab = 256 if tok is None else len(tok)
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    made_out = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    starts, n = [], 0
-    with open(os.path.join(out, "tokens.bin"), "wb") as fh:
-        for _, data in _texts(paths, max_bytes):
-            ids = (np.frombuffer(data, dtype=np.uint8) if tok is None
-                   else np.asarray(tok.encode(data.decode("utf-8", errors="replace")), dtype=np.int64))
-            if ids.size == 0:
-                continue
-            starts.append(n)
-            fh.write(ids.astype(dtype).tobytes())
-            n += ids.size
-    if n == 0:
-        raise ValueError(f"prepare: no text found in {list(paths)}")
-    np.save(os.path.join(out, "doc_starts.npy"), np.asarray(starts, dtype=np.int64))
-    meta = dict(dtype=np.dtype(dtype).name, vocab_size=vocab, n_tokens=n, n_docs=len(starts),
-                tokenizer=tokenizer or "bytes")
-    with open(os.path.join(out, "meta.json"), "w") as fh:
-        json.dump(meta, fh, indent=2)
+    names = ("tokens.bin", "doc_starts.npy", "meta.json")
+    tmp = {n: os.path.join(out, f".{n}.partial") for n in names}
+    skipped = dict(empty=0, binary=0)
+    try:
+        starts, n = [], 0
+        with open(tmp["tokens.bin"], "wb") as fh:
+            for _, data in _texts(files, explicit, max_bytes, skipped):
+                ids = (np.frombuffer(data, dtype=np.uint8) if tok is None
+                       else np.asarray(tok.encode(data.decode("utf-8", errors="replace")), dtype=np.int64))
+                if ids.size == 0:
+                    continue
+                starts.append(n)
+                fh.write(ids.astype(dtype).tobytes())
+                n += ids.size
+        if n == 0:
+            raise ValueError(f"prepare: no text found in {list(paths)}: {len(files)} file(s), {skipped['empty']} "
+                             f"empty and {skipped['binary']} binary skipped")
+        with open(tmp["doc_starts.npy"], "wb") as fh:  # a file object: np.save would append .npy to a name
+            np.save(fh, np.asarray(starts, dtype=np.int64))
+        meta = dict(dtype=np.dtype(dtype).name, vocab_size=vocab, n_tokens=n, n_docs=len(starts),
+                    tokenizer=tokenizer or "bytes", skipped_binary_files=skipped["binary"])
+        with open(tmp["meta.json"], "w") as fh:
+            json.dump(meta, fh, indent=2)
+        for name in names:  # meta.json last: it describes the tokens.bin already in place
+            os.replace(tmp[name], os.path.join(out, name))
+    except BaseException:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if made_out and not os.listdir(out):
+            os.rmdir(out)
+        raise
     return meta
 
 
@@ -118,6 +195,16 @@ class TokenDataset:
         return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(doc_rows).astype(np.int64))
 
 
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return v
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mptkernels.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,11 +213,15 @@ def main(argv=None):
     prep.add_argument("paths", nargs="+", help="text files, or directories to walk")
     prep.add_argument("--out", required=True)
     prep.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (default: bytes)")
-    prep.add_argument("--max-bytes", type=int, default=None, help="stop after about this much text")
+    prep.add_argument("--max-bytes", type=_positive_int, default=None, help="stop after about this much text")
     args = p.parse_args(argv)
-    meta = prepare(args.paths, args.out, args.tokenizer, args.max_bytes)
+    try:
+        meta = prepare(args.paths, args.out, args.tokenizer, args.max_bytes)
+    except (OSError, ValueError, ImportError) as e:  # bad input: a message, not a traceback
+        prep.error(str(e).removeprefix("prepare: "))
+    skipped = f", skipped {meta['skipped_binary_files']} binary files" if meta["skipped_binary_files"] else ""
     print(f"wrote {meta['n_tokens']:,} tokens of {meta['n_docs']} documents ({meta['dtype']}, "
-          f"vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']}) to {args.out}")
+          f"vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']}) to {args.out}{skipped}")
 
 
 if __name__ == "__main__":

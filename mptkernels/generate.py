@@ -1,18 +1,23 @@
 """Generate text with an MPT checkpoint on mptkernels, streaming it to the console.
 
     python -m mptkernels.generate --model DIR --prompt "..." [--max-new-tokens 64]
-        [--temperature 0.0] [--top-k K] [--top-p P] [--seed S] [--int8] [--device cpu|cuda]
+        [--temperature 0.0] [--top-k K] [--top-p P] [--seed S] [--int8] [--device cpu|cuda[:N]]
         [--dtype float32|bfloat16|float16] [--tokenizer DIR]
 
 DIR is a Hugging Face MPT directory (config.json + safetensors or .bin, as save_pretrained
-writes). Tokenizer: --tokenizer DIR, or the model directory when it holds one (needs
-transformers), otherwise the built-in byte-level tokenizer (token = UTF-8 byte, 0..255) that
-the demo models use. Prints tokens/s of prefill and of decoding at the end.
+writes). Tokenizer: --tokenizer DIR (a local directory with tokenizer.json or
+tokenizer_config.json; anything else is an error, never a download or a silent fallback), or,
+without it, the model directory's tokenizer when it holds one (both need transformers),
+otherwise the built-in byte-level tokenizer (token = UTF-8 byte, 0..255) that the demo models
+use. Arguments are checked before anything runs (--max-new-tokens >= 1, --temperature >= 0,
+--top-k >= 1, 0 < --top-p <= 1, a device this torch has, a prompt within max_seq_len): a bad
+one is an argparse error (exit 2). Prints tokens/s of prefill and of decoding at the end.
 """
 from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import os
 import sys
 import time
@@ -78,45 +83,102 @@ class PrintStreamer:
         print(self.decode_new.flush(), file=self.file, flush=True)
 
 
-def load_tokenizer(path):
-    if path and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer  # optional dependency, only for an HF tokenizer
+def load_tokenizer(path, model_dir=None):
+    """The HF tokenizer in ``path`` (--tokenizer: must exist and hold one, else an error naming
+    it); with no path, the model directory's tokenizer if it has one, else the byte tokenizer."""
+    from .data import TOKENIZER_FILES, load_hf_tokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+    if path:
+        return load_hf_tokenizer(path, "--tokenizer")
+    if model_dir and any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        return load_hf_tokenizer(model_dir, "--model")
     return ByteTokenizer()
 
 
+def _checked(kind, ok, expected):
+    """An argparse ``type=``: parses with ``kind`` and rejects values failing ``ok`` (argparse
+    then names the argument: 'argument --top-k: expected an integer >= 1, got '0'')."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        return v
+    return parse
+
+
+def _device_error(device: str):
+    """Why ``device`` cannot run here (None if it can): cpu, or cuda[:N] with such a GPU."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        return f"--device: expected cpu, cuda or cuda:N, got {device!r}"
+    if d.type == "cpu":
+        return None
+    if d.type != "cuda":
+        return f"--device: expected cpu, cuda or cuda:N, got {device!r}"
+    if not torch.cuda.is_available():
+        return (f"--device {device}: CUDA is not available (torch {torch.__version__}"
+                f"{' is built without CUDA' if torch.version.cuda is None else ' sees no GPU'}); use --device cpu")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        return f"--device {device}: there are {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m mptkernels.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF MPT checkpoint directory")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    # >= 1 as model.generate requires: a run that generates nothing is a mistake, not a no-op
+    p.add_argument("--max-new-tokens", type=_checked(int, lambda v: v >= 1, "an integer >= 1"), default=64)
+    p.add_argument("--temperature", type=_checked(float, lambda v: math.isfinite(v) and v >= 0,
+                                                  "a number >= 0 (0: greedy)"), default=0.0)
+    p.add_argument("--top-k", type=_checked(int, lambda v: v >= 1, "an integer >= 1"))
+    p.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--int8", action="store_true", help="weight-only int8 linears (quantize_) for decoding")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--tokenizer", default=None, help="HF tokenizer directory (default: the model's, else bytes)")
     args = p.parse_args(argv)
+    # every check before loading anything: bad input is an argparse error, not a traceback
+    if (err := _device_error(args.device)) is not None:
+        p.error(err)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        what = ("holds no config.json" if os.path.isdir(args.model) else
+                "is not a directory" if os.path.exists(args.model) else "does not exist")
+        p.error(f"--model {args.model} {what} (expected a save_pretrained directory)")
+    try:
+        tok = load_tokenizer(args.tokenizer, args.model)
+    except (OSError, ValueError, ImportError) as e:
+        p.error(str(e))
+    ids = tok.encode(args.prompt)
+    if not ids:
+        p.error("--prompt encodes to no tokens")
 
     import mptkernels
     from mptkernels.models import MPTForCausalLM
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    model = MPTForCausalLM.from_hf(args.model, device=args.device, dtype=dtype).eval()
+    try:
+        model = MPTForCausalLM.from_hf(args.model, device=args.device, dtype=dtype).eval()
+    except (OSError, ValueError) as e:  # no weights, a config or checkpoint that is not MPT's
+        p.error(f"--model {args.model}: {e}")
+    cfg = model.config
+    if max(ids) >= cfg.vocab_size:
+        p.error(f"the tokenizer gives id {max(ids)} but the model's vocab_size is {cfg.vocab_size}")
+    # model.generate's rule, checked here so the error comes before any output (from_hf models
+    # are ALiBi: the new tokens may run past max_seq_len, the prompt may not)
+    if len(ids) > cfg.max_seq_len:
+        p.error(f"--prompt is {len(ids)} tokens but the model's max_seq_len is {cfg.max_seq_len}")
     if args.int8:
         report = mptkernels.quantize_(model, "weight_only")
         print(f"[int8] {len(report)} linear layers weight-only int8, saved "
               f"{(report.bytes_before - report.bytes_after) / 2**20:.1f} MiB", file=sys.stderr)
-    tok = load_tokenizer(args.tokenizer or args.model)
-    ids = tok.encode(args.prompt)
-    if not ids:
-        p.error("--prompt encodes to no tokens")
-    if max(ids) >= model.config.vocab_size:
-        p.error(f"the tokenizer gives id {max(ids)} but the model's vocab_size is {model.config.vocab_size}")
     input_ids = torch.tensor([ids], device=args.device)
     streamer = PrintStreamer(_ByteStream() if isinstance(tok, ByteTokenizer) else _HFStream(tok))
     print(args.prompt, end="", flush=True)

@@ -1,4 +1,5 @@
 """Token files: prepare, memory-mapped reading, deterministic and resumable packed batches."""
+import shutil
 import subprocess
 import sys
 
@@ -64,3 +65,86 @@ def test_prepare_errors(tmp_path):
     prepare([str(__file__)], str(tmp_path / "out"))
     with pytest.raises(ValueError, match="fewer than seq_len"):
         TokenDataset(tmp_path / "out").batch(0, 1, 10**7)
+
+
+class _Cli:
+    """Runs ``python -m mptkernels.data prepare ARGS`` in-process (main(argv): no torch import per
+    run); returns (exit code, stdout, stderr)."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, *args):
+        from mptkernels.data import main
+
+        code = 0
+        try:
+            main(["prepare", *map(str, args)])
+        except SystemExit as e:
+            code = e.code
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a lookup on the Hub would fail, not hang
+    return _Cli(capsys)
+
+
+def test_rerun_into_a_directory_it_walks_reads_only_the_text(corpus, tmp_path, cli):
+    d, texts = corpus
+    for _ in range(2):  # the second run must not read the first run's tokens.bin, doc_starts.npy, meta.json
+        code, _, err = cli(d, "--out", d / "out")
+        assert code == 0, err
+        ds = TokenDataset(d / "out")
+        assert ds.meta["n_docs"] == 4 and bytes(np.asarray(ds.tokens, dtype=np.uint8)) == "".join(texts).encode()
+    code, _, err = cli(d, "--out", d)
+    assert code == 2 and "inside the output directory" in err
+    # binary files (a NUL byte) and hidden ones found in a directory are skipped, and said so
+    shutil.rmtree(d / "out")
+    np.save(d / "array.npy", np.arange(10))
+    (d / ".hidden.txt").write_text("not a document")
+    code, out, err = cli(d, "--out", tmp_path / "o2")
+    assert code == 0 and "skipped 1 binary files" in out, err
+    assert TokenDataset(tmp_path / "o2").meta["n_docs"] == 4
+    code, _, err = cli(d / "array.npy", "--out", tmp_path / "o3")  # named explicitly: an error
+    assert code == 2 and "array.npy is not a text file" in err and not (tmp_path / "o3").exists()
+
+
+def test_cli_input_errors_are_messages_and_leave_no_output(corpus, tmp_path, cli):
+    d, _ = corpus
+    code, _, err = cli(tmp_path / "missing.txt", "--out", tmp_path / "o")
+    assert code == 2 and "error: input" in err and "missing.txt does not exist" in err
+    assert not (tmp_path / "o").exists()
+    code, _, err = cli(d / "empty.txt", "--out", tmp_path / "o")
+    assert code == 2 and "error: no text found" in err
+    assert not (tmp_path / "o").exists()  # no empty tokens.bin left behind
+    code, _, err = cli(d, "--out", tmp_path / "o", "--max-bytes", "0")
+    assert code == 2 and "argument --max-bytes" in err
+    # a failed run into an existing dataset leaves it as it was
+    assert cli(d, "--out", tmp_path / "ok")[0] == 0
+    before = {f.name: f.read_bytes() for f in (tmp_path / "ok").iterdir()}
+    assert cli(d / "empty.txt", "--out", tmp_path / "ok")[0] == 2
+    assert {f.name: f.read_bytes() for f in (tmp_path / "ok").iterdir()} == before
+
+
+def test_tokenizer_must_be_a_local_tokenizer_directory(corpus, tmp_path, cli, monkeypatch):
+    d, _ = corpus
+    monkeypatch.chdir(tmp_path)
+    for tok, match in [(tmp_path / "nonexistent_tok", "does not exist"),  # absolute: was an HF repo-id error
+                       ("nonexistent_tok", "nonexistent_tok does not exist"),  # relative: went to the network
+                       (d, "holds no tokenizer")]:
+        code, _, err = cli(d, "--out", tmp_path / "o", "--tokenizer", tok)
+        assert code == 2 and "error: tokenizer" in err and match in err, err
+        assert not (tmp_path / "o").exists()
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "second": 1, "document": 2}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(str(tmp_path / "tok"))
+    code, _, err = cli(d / "2.txt", "--out", tmp_path / "o", "--tokenizer", "tok")  # relative: local, no Hub
+    assert code == 0, err
+    assert TokenDataset(tmp_path / "o").tokens.tolist() == [1, 2]
