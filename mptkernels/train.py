@@ -5,9 +5,12 @@ micro-batch, keep the maths), loss spikes and non-finite values (skip, then roll
     python -m mptkernels.train CONFIG.yaml [key.sub=value ...] [--export DIR]
     torchrun --nproc_per_node N -m mptkernels.train CONFIG.yaml [...]
 
-The config (YAML; see configs/) has the sections below; every key has a default in DEFAULTS and
-an unknown key is an error naming it. ``--export DIR`` writes the latest checkpoint's model as
-a Hugging Face MPT directory (for ``from_hf`` / transformers) instead of training.
+The config (YAML; see configs/) has the sections below; every key has a default in DEFAULTS
+(``model:`` takes every MPTConfig field, attn_config's keys included), an unknown key is an
+error naming it, and every value is checked against its default's type and range. A bad
+config, data directory or run directory is a one-line ``error: ...`` and exit status 2.
+``--export DIR`` writes the latest checkpoint's model as a Hugging Face MPT directory (for
+``from_hf`` / transformers) instead of training.
 
 * Sharding: every block and the root are ``fully_shard``-ed (FSDP2) over all processes, with
   a mixed-precision policy (``train.precision: bf16`` computes in bf16, keeps fp32 master
@@ -17,20 +20,24 @@ a Hugging Face MPT directory (for ``from_hf`` / transformers) instead of trainin
   ``train.micro_batch``; the loss is the sum of token losses over the global batch divided by
   its token count, so the maths do not depend on the number of processes or micro-batches.
 * Checkpoints (``torch.distributed.checkpoint``, sharded): model, optimiser, schedule, data
-  position, micro-batch and RNG state in ``RUN_DIR/ckpt-STEP``, written to ``ckpt-STEP.tmp``
-  and renamed, then marked complete; a directory without the mark is never taken as the
-  latest. A checkpoint loads on any number of processes.
+  position, micro-batch and RNG state in ``RUN_DIR/ckpt-STEP``, every ``checkpoint.every``
+  steps and at the end of the run, written to ``ckpt-STEP.tmp`` and renamed, then marked
+  complete (with the model config); a directory without the mark is never taken as the
+  latest, one that fails to load makes the run try the one before, and one of another model
+  config is an error.
 * Loss spikes: a step whose loss or gradient norm is not finite, or whose loss exceeds
   ``spike.factor`` times the mean of the last ``spike.window`` steps, is skipped (no optimiser
   update), counted and logged; after ``spike.max_consecutive`` in a row the run reloads the
   last checkpoint and goes on with the data after the batch that caused it.
 * Logging: one line per step on the console (loss, tokens/s, MFU, memory) and the same in
-  ``RUN_DIR/log.jsonl``.
+  ``RUN_DIR/log.jsonl``, one record per step of the run's history (a resume or a rollback drops
+  the records of the steps it goes back over).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -43,16 +50,17 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from .models import MPTConfig, MPTForCausalLM
+
 # our blocks return views of fused-op outputs and never modify them in place, which is what
 # this FSDP2 warning is about
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 DEFAULTS = {
-    "model": {  # an MPTConfig (see mptkernels.models.mpt), or from_hf: DIR
-        "from_hf": None, "d_model": 64, "n_heads": 4, "n_layers": 2, "expansion_ratio": 4, "max_seq_len": 128,
-        "vocab_size": 256, "learned_pos_emb": False, "no_bias": True, "attn_config": {"alibi": True},
-        "norm_cast": "torch",
-    },
+    # an MPTConfig (see mptkernels.models.mpt), or from_hf: DIR. Read from MPTConfig itself, so
+    # every field it has (and only those) is a key; the sizes are configs/tiny.yaml's
+    "model": {"from_hf": None, **dataclasses.asdict(MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+                                                              vocab_size=256))},
     "data": {"path": None, "seq_len": 64, "seed": 0, "doc_attention": True},
     "train": {
         "steps": 100, "global_batch": 8, "micro_batch": 4, "lr": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 10,
@@ -66,34 +74,92 @@ DEFAULTS = {
     "test_hooks": {"oom_at_step": None, "nan_at_step": None, "crash_at_step": None},
 }
 
+# The keys that may be null, with the type of their other values. Every other key takes the
+# type of its default (a default of None says nothing about the type).
+_NULLABLE = {
+    "model.from_hf": str, "model.logit_scale": float, "model.attn_config.clip_qkv": float,
+    "model.attn_config.softmax_scale": float, "model.attn_config.kv_n_heads": int, "data.path": str,
+    "train.grad_clip": float, "train.peak_tflops": float, "log.wandb_project": str,
+    "test_hooks.oom_at_step": int, "test_hooks.nan_at_step": int, "test_hooks.crash_at_step": int,
+}
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+class ConfigError(ValueError):
+    """A bad config, data directory or run directory: ``main`` reports it as one line."""
+
 
 # ------------------------------------------------------------------ config
-def _merge(base: dict, over: dict, path=""):
+def _check_value(where, value, current):
+    """value as a value of key `where` (whose value so far is `current`): a float key takes an
+    int or a numeric string (PyYAML reads 1e-3 as a string: YAML 1.1 wants 1.0e-3), an int key
+    only an int; anything else is a ConfigError naming the key."""
+    if value is None:
+        if where in _NULLABLE:
+            return None
+        raise ConfigError(f"config: '{where}' cannot be null")
+    if isinstance(current, list):  # train.betas: a list of numbers of a fixed length
+        if not isinstance(value, list) or len(value) != len(current):
+            raise ConfigError(f"config: '{where}' must be a list of {len(current)} numbers, got {value!r}")
+        return [_check_value(f"{where}[{i}]", v, c) for i, (v, c) in enumerate(zip(value, current))]
+    if where == "model.logit_scale" and value == "inv_sqrt_d_model":  # MPT's one named scale
+        return value
+    typ = _NULLABLE.get(where, type(current))
+    if typ is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))  # True is an int too
+    if not ok:
+        raise ConfigError(f"config: '{where}' must be {_EXPECTED[typ]}, got {value!r}")
+    return value
+
+
+def _merge(base: dict, over, path=""):
+    """base updated with over, recursing into every mapping (so one key of model.attn_config
+    keeps the others); each key must exist in base and each value is checked (_check_value)."""
+    if over is None:  # an empty section in YAML (`train:`)
+        over = {}
+    if not isinstance(over, dict):
+        raise ConfigError(f"config: '{path[:-1]}' must be a mapping of keys, got {type(over).__name__}")
     out = copy.deepcopy(base)
     for k, v in over.items():
         where = f"{path}{k}"
         if k not in base:
-            raise KeyError(f"config: unknown key '{where}' (known: {', '.join(sorted(base))})")
-        if isinstance(base[k], dict) and k != "attn_config":
-            if not isinstance(v, dict):
-                raise TypeError(f"config: '{where}' must be a mapping, got {type(v).__name__}")
+            raise ConfigError(f"config: unknown key '{where}' (known: {', '.join(sorted(base))})")
+        if isinstance(base[k], dict):
             out[k] = _merge(base[k], v, where + ".")
         else:
-            out[k] = v
+            out[k] = _check_value(where, v, base[k])
     return out
 
 
 def load_config(path=None, overrides=()) -> dict:
-    """DEFAULTS <- the YAML file <- key.sub=value overrides (values parsed as YAML)."""
+    """DEFAULTS <- the YAML file <- key.sub=value overrides (values parsed as YAML), checked;
+    any problem is a ConfigError naming the file or key."""
     import yaml
 
     cfg = copy.deepcopy(DEFAULTS)
     if path:
-        with open(path) as fh:
-            cfg = _merge(cfg, yaml.safe_load(fh) or {})
+        try:
+            with open(path) as fh:
+                doc = yaml.safe_load(fh)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
+        if not isinstance(doc, (dict, type(None))):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections "
+                              f"({', '.join(DEFAULTS)}), got a {type(doc).__name__}")
+        cfg = _merge(cfg, doc)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"config override '{item}' must look like key.sub=value")
+            raise ConfigError(f"config override '{item}' must look like key.sub=value")
         key, value = item.split("=", 1)
         node: dict = {}
         leaf = node
@@ -101,14 +167,64 @@ def load_config(path=None, overrides=()) -> dict:
         for p in parts[:-1]:
             leaf[p] = {}
             leaf = leaf[p]
-        leaf[parts[-1]] = yaml.safe_load(value)
+        try:
+            leaf[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config override '{item}': the value is not valid YAML") from e
         cfg = _merge(cfg, node)
-    t = cfg["train"]
-    if t["precision"] not in ("fp32", "bf16"):
-        raise ValueError(f"config: train.precision must be fp32 or bf16, got {t['precision']!r}")
-    if cfg["data"]["path"] is None:
-        raise ValueError("config: data.path is required (a directory from `python -m mptkernels.data prepare`)")
+    _check_ranges(cfg)
     return cfg
+
+
+def _check_ranges(cfg):
+    """What the types do not say: ranges, choices, the required data.path, and the model config
+    (built here, so MPTConfig's own checks report as config errors too)."""
+    def need(where, ok, what):
+        if not ok:
+            section, key = where.split(".", 1)
+            raise ConfigError(f"config: '{where}' must be {what}, got {cfg[section][key]!r}")
+
+    t, d, ck, sp = cfg["train"], cfg["data"], cfg["checkpoint"], cfg["spike"]
+    need("train.steps", t["steps"] >= 1, ">= 1")
+    need("train.global_batch", t["global_batch"] >= 1, ">= 1")
+    need("train.micro_batch", t["micro_batch"] >= 1, ">= 1")
+    need("train.warmup_steps", t["warmup_steps"] >= 0, ">= 0")
+    need("train.lr", t["lr"] >= 0, ">= 0")
+    need("train.min_lr_ratio", 0 <= t["min_lr_ratio"] <= 1, "in [0, 1]")
+    need("train.weight_decay", t["weight_decay"] >= 0, ">= 0")
+    need("train.betas", all(0 <= b < 1 for b in t["betas"]), "two numbers in [0, 1)")
+    need("train.grad_clip", t["grad_clip"] is None or t["grad_clip"] >= 0, ">= 0 (0 or null: no clipping)")
+    need("train.precision", t["precision"] in ("fp32", "bf16"), "fp32 or bf16")
+    need("train.device", t["device"] in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
+    need("train.peak_tflops", t["peak_tflops"] is None or t["peak_tflops"] > 0, "> 0 or null")
+    need("data.path", d["path"] is not None, "a directory from `python -m mptkernels.data prepare`")
+    need("data.seq_len", d["seq_len"] >= 2, ">= 2 (a token and the one it predicts)")
+    need("checkpoint.every", ck["every"] >= 0, ">= 0 (0: no checkpoints)")
+    need("checkpoint.keep", ck["keep"] >= 1, ">= 1 (the newest checkpoints kept; the one just written is one)")
+    need("spike.factor", sp["factor"] > 0, "> 0")
+    need("spike.window", sp["window"] >= 1, ">= 1")
+    need("spike.max_consecutive", sp["max_consecutive"] >= 1, ">= 1")
+    need("log.every", cfg["log"]["every"] >= 1, ">= 1")
+    for k, v in cfg["test_hooks"].items():
+        need(f"test_hooks.{k}", v is None or v >= 0, ">= 0 or null")
+    if not cfg["model"]["from_hf"]:  # a from_hf model is checked when it is read (build_model)
+        model_config(cfg)
+
+
+def model_config(cfg) -> MPTConfig:
+    """The MPTConfig of cfg["model"] (without from_hf); MPTConfig's errors as ConfigErrors."""
+    m = {k: v for k, v in cfg["model"].items() if k != "from_hf"}
+    # MPTConfig checks neither sizes (0 heads divides by zero in it) nor dropout probabilities
+    # (F.dropout would reject them mid-step)
+    for k, v in [*m.items(), *(("attn_config." + a, b) for a, b in m["attn_config"].items())]:
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ConfigError(f"config: 'model.{k}' must be >= 1, got {v}")
+        if k.endswith("pdrop") and not 0 <= v < 1:
+            raise ConfigError(f"config: 'model.{k}' must be in [0, 1), got {v}")
+    try:
+        return MPTConfig(**m)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from e
 
 
 # ------------------------------------------------------------------ distributed setup
@@ -119,8 +235,8 @@ def _free_port():
 
 
 def _init_distributed(want="auto"):
-    if want not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"config: train.device must be auto, cpu or cuda, got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config: 'train.device' is cuda but this machine has no CUDA device")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if device.type == "cuda":
@@ -140,15 +256,16 @@ def _print(*a, **k):
 
 # ------------------------------------------------------------------ model, optimiser, schedule
 def build_model(cfg, device):
-    from .models import MPTConfig, MPTForCausalLM
-
-    m = dict(cfg["model"])
-    src = m.pop("from_hf")
-    if src:
-        model = MPTForCausalLM.from_hf(src)
-    else:
-        torch.manual_seed(cfg["train"]["seed"])
-        model = MPTForCausalLM(MPTConfig(**m))
+    """The configured model (model.from_hf's or a fresh one from the model keys), FSDP2-sharded."""
+    src = cfg["model"]["from_hf"]
+    try:
+        if src:  # the HF directory's config.json decides the model; the other model keys are not used
+            model = MPTForCausalLM.from_hf(src)
+        else:
+            torch.manual_seed(cfg["train"]["seed"])
+            model = MPTForCausalLM(model_config(cfg))
+    except (OSError, ValueError) as e:  # a bad directory, or a config the modules reject
+        raise ConfigError(f"model{'.from_hf' if src else ''}: {e}") from e
     model.to(device)
     if cfg["train"]["activation_checkpointing"]:
         from torch.utils.checkpoint import checkpoint
@@ -158,7 +275,11 @@ def build_model(cfg, device):
             block.forward = lambda *a, _b=block, **k: checkpoint(_b._orig_forward, *a, use_reentrant=False, **k)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: by default FSDP2 casts every floating-point argument of a
+    # block to bf16, the ALiBi slopes and rotary cos/sin tables too (the attention op rejects
+    # bf16 slopes; the rotary tables would lose precision). The hidden states need no cast:
+    # they come out of the root's embedding, whose weight is already bf16 in the forward.
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
           if cfg["train"]["precision"] == "bf16" else MixedPrecisionPolicy())
     for block in model.transformer.blocks:
         if cfg["train"]["compile"]:
@@ -205,6 +326,11 @@ def _ckpts(run_dir):
     return [p for _, p in sorted(out, reverse=True)]
 
 
+def _model_record(model) -> dict:
+    """The model's config as it reads back from JSON (what complete.json records)."""
+    return json.loads(json.dumps(dataclasses.asdict(model.config)))
+
+
 def save_checkpoint(run_dir, step, model, opt, sched, state, keep):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -224,7 +350,7 @@ def save_checkpoint(run_dir, step, model, opt, sched, state, keep):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(final, "complete.json"), "w") as fh:
-            json.dump({"step": step}, fh)
+            json.dump({"step": step, "model": _model_record(model)}, fh)
         for old in _ckpts(run_dir)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -246,6 +372,66 @@ def load_checkpoint(path, model, opt, sched):
     return meta
 
 
+def _model_diff(saved: dict, now: dict, path="") -> list:
+    """'key: A in the checkpoint, B configured' for every field that differs."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _model_diff(a, b, f"{path}{k}.")
+        elif a != b:
+            out.append(f"model.{path}{k}: {a!r} in the checkpoint, {b!r} configured")
+    return out
+
+
+def resume(run_dir, model, opt, sched) -> tuple:
+    """Loads the newest complete checkpoint that loads: (its path, its state), or (None, None)
+    when there is none. A damaged one is skipped with a warning; a checkpoint of another model
+    config, or a directory where none loads, is a ConfigError (training from scratch next to
+    them would silently discard the run)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    ckpts = _ckpts(run_dir)
+    failed = []
+    for path in ckpts:
+        try:
+            with open(os.path.join(path, "complete.json")) as fh:
+                saved = json.load(fh).get("model")  # absent in checkpoints written before it was recorded
+            diff = [] if saved is None else _model_diff(saved, _model_record(model))
+            if not diff:
+                return path, load_checkpoint(path, model, opt, sched)
+        # CheckpointException (what a damaged checkpoint raises) derives from BaseException
+        except (Exception, CheckpointException) as e:
+            failed.append(f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            if dist.get_rank() == 0:
+                warnings.warn(f"train: cannot load {failed[-1]}; trying an older one")
+            continue
+        raise ConfigError(f"checkpoint.dir: {path} does not match the configured model ({'; '.join(diff)}); "
+                          "configure the checkpoint's model or use another checkpoint.dir")
+    if failed:
+        raise ConfigError(f"checkpoint.dir: none of the {len(failed)} checkpoints in {run_dir} loads "
+                          f"(newest: {failed[0]}); move them away to start afresh")
+    return None, None
+
+
+def _truncate_log(log_path, step):
+    """Keeps the records of steps <= step in log.jsonl: the steps after it are about to be run
+    again (resume, rollback), and a half-written last line (a killed run) goes too."""
+    if not os.path.exists(log_path):
+        return
+    keep = []
+    with open(log_path) as fh:
+        for line in fh:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(log_path + ".tmp", "w") as fh:
+        fh.writelines(keep)
+    os.replace(log_path + ".tmp", log_path)
+
+
 # ------------------------------------------------------------------ the training loop
 class _InjectedOOM(torch.OutOfMemoryError):
     pass
@@ -262,13 +448,41 @@ def _memory_mb(device):
         return float("nan")
 
 
-def train(cfg) -> list:
-    """Runs (or resumes) training as configured; returns the logged records of this process."""
+def _open_data(cfg):
+    """The TokenDataset of data.path, or a ConfigError saying what is wrong with it."""
     from .data import TokenDataset
 
+    path, seq = cfg["data"]["path"], cfg["data"]["seq_len"]
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        raise ConfigError(f"data.path: no meta.json in {path!r} (expected a directory from "
+                          "`python -m mptkernels.data prepare`)")
+    try:
+        data = TokenDataset(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"data.path: cannot read {path}: {type(e).__name__}: {e}") from e
+    if data.windows(seq) < 1:
+        raise ConfigError(f"data.seq_len ({seq}) is more than the {len(data)} tokens in {path}")
+    return data
+
+
+def _check_fits(model_cfg, cfg, data):
+    """The data and data.seq_len fit the model (known only once a from_hf model is read)."""
+    seq = cfg["data"]["seq_len"]
+    if seq > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len ({seq}) must be <= model.max_seq_len ({model_cfg.max_seq_len})")
+    # a larger model vocabulary is fine (padded vocabularies are common); a smaller one would
+    # index past the embedding
+    if data.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"data.path: the data's tokenizer has {data.vocab_size} tokens (meta.json vocab_size) but "
+                          f"model.vocab_size is {model_cfg.vocab_size}; use data prepared for this model's vocabulary")
+
+
+def train(cfg) -> list:
+    """Runs (or resumes) training as configured; returns the logged records of this process."""
+    data = _open_data(cfg)  # before the process group: a bad data.path needs no teardown
     device, rank, world = _init_distributed(cfg["train"]["device"])
     try:
-        records = _train(cfg, device, rank, world, TokenDataset(cfg["data"]["path"]))
+        records = _train(cfg, device, rank, world, data)
         # every process done before the group goes away: a gloo process group torn down while
         # a peer is still in its last collective aborts that peer
         dist.barrier()
@@ -281,25 +495,26 @@ def _train(cfg, device, rank, world, data):
     t, ck, sp, hooks = cfg["train"], cfg["checkpoint"], cfg["spike"], cfg["test_hooks"]
     seq = cfg["data"]["seq_len"]
     if t["global_batch"] % world:
-        raise ValueError(f"train.global_batch ({t['global_batch']}) must be a multiple of the {world} processes")
+        raise ConfigError(f"train.global_batch ({t['global_batch']}) must be a multiple of the {world} processes")
     per_rank = t["global_batch"] // world
     model = build_model(cfg, device)
+    _check_fits(model.config, cfg, data)
     opt, sched = build_optimizer(model, cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
     state = {"step": 0, "data_step": 0, "micro_batch": min(t["micro_batch"], per_rank), "skipped": 0,
              "recent": [], "consecutive": 0, "oom_done": False}
     run_dir = ck["dir"]
-    for path in _ckpts(run_dir):
-        try:
-            state.update(load_checkpoint(path, model, opt, sched))
-            _print(f"resumed from {path} at step {state['step']}")
-            break
-        except Exception as e:  # a damaged checkpoint: say so and try the one before
-            if rank == 0:
-                warnings.warn(f"train: cannot load {path} ({type(e).__name__}: {e}); trying an older one")
+    path, loaded = resume(run_dir, model, opt, sched)
+    if path:
+        state.update(loaded)
+        _print(f"resumed from {path} at step {state['step']}")
+    saved_step = state["step"]  # the step of the newest checkpoint (0: none)
+    if state["step"] >= t["steps"]:
+        _print(f"nothing to do: the run is at step {state['step']} and train.steps is {t['steps']}")
     log_path = os.path.join(run_dir, "log.jsonl")
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
+        _truncate_log(log_path, state["step"])
     sinks = _log_sinks(cfg, run_dir) if rank == 0 else []
     records = []
     while state["step"] < t["steps"]:
@@ -344,15 +559,17 @@ def _train(cfg, device, rank, world, data):
             records.append(rec)
             _print(f"step {step}: loss {loss_v:.4g}, grad norm {gnorm:.4g}: skipped ({state['skipped']} so far)")
             if state["consecutive"] >= sp["max_consecutive"]:
-                ckpts = _ckpts(run_dir)
-                if ckpts:
-                    resume_data, skipped = state["data_step"], state["skipped"]
-                    state.update(load_checkpoint(ckpts[0], model, opt, sched))
+                resume_data, skipped = state["data_step"], state["skipped"]
+                path, loaded = resume(run_dir, model, opt, sched)
+                if path:
+                    state.update(loaded)
                     # on past the bad data; the skipped steps still count
                     state["data_step"], state["consecutive"], state["skipped"] = resume_data, 0, skipped
-                    _print(f"{sp['max_consecutive']} bad steps in a row: rolled back to {ckpts[0]}, "
+                    if rank == 0:
+                        _truncate_log(log_path, state["step"])
+                    _print(f"{sp['max_consecutive']} bad steps in a row: rolled back to {path}, "
                            f"going on from data step {resume_data}")
-                    records.append({"step": state["step"], "event": "rollback", "checkpoint": ckpts[0]})
+                    records.append({"step": state["step"], "event": "rollback", "checkpoint": path})
             continue
         opt.step()
         sched.step()
@@ -379,6 +596,9 @@ def _train(cfg, device, rank, world, data):
                       f" mem {rec['memory_mb']:.0f} MB", flush=True)
         if ck["every"] and state["step"] % ck["every"] == 0:
             save_checkpoint(run_dir, state["step"], model, opt, sched, state, ck["keep"])
+            saved_step = state["step"]
+    if ck["every"] and state["step"] != saved_step:  # the last steps too: --export takes the newest
+        save_checkpoint(run_dir, state["step"], model, opt, sched, state, ck["keep"])
     return records
 
 
@@ -434,20 +654,19 @@ def export_hf(cfg, out_dir):
     try:
         model = build_model(cfg, device)
         opt, sched = build_optimizer(model, cfg, device)
-        ckpts = _ckpts(cfg["checkpoint"]["dir"])
-        if not ckpts:
-            raise FileNotFoundError(f"export: no complete checkpoint in {cfg['checkpoint']['dir']}")
-        load_checkpoint(ckpts[0], model, opt, sched)
+        path, _ = resume(cfg["checkpoint"]["dir"], model, opt, sched)
+        if path is None:
+            raise ConfigError(f"--export: no complete checkpoint in {cfg['checkpoint']['dir']} (checkpoint.dir)")
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         dist.barrier()
         if rank == 0:
-            from .models import MPTConfig, MPTForCausalLM
-
-            m = {k: v for k, v in cfg["model"].items() if k != "from_hf"}
-            plain = MPTForCausalLM(MPTConfig(**m))
+            plain = MPTForCausalLM(model.config)  # the trained model's config (from_hf's included)
             plain.load_state_dict(full)
-            plain.save_pretrained(out_dir)
-            print(f"exported {ckpts[0]} to {out_dir}")
+            try:
+                plain.save_pretrained(out_dir)
+            except ValueError as e:  # a model transformers' MPT cannot express
+                raise ConfigError(f"--export: {e}") from e
+            print(f"exported {path} to {out_dir}")
     finally:
         dist.destroy_process_group()
 
@@ -461,13 +680,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except (KeyError, ValueError, TypeError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        if args.export:
+            export_hf(cfg, args.export)
+        else:
+            train(cfg)
+    except ConfigError as e:
+        if int(os.environ.get("RANK", 0)) == 0:  # every process finds the same error: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.export:
-        export_hf(cfg, args.export)
-        return 0
-    train(cfg)
     return 0
 
 

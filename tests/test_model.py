@@ -232,7 +232,11 @@ def test_config_errors():
                       (dict(logit_scale="foo"), "logit_scale must be None, a number or 'inv_sqrt_d_model'"),
                       (dict(expansion_ratio=-1), "expansion_ratio must be a number >= 0"),
                       (dict(attn_config={"prefix_lm": True}), "prefix_lm is not supported"),
-                      (dict(attn_config={"attn_type": "cross"}), "attn_type 'cross' is not supported")]:
+                      (dict(attn_config={"attn_type": "cross"}), "attn_type 'cross' is not supported"),
+                      (dict(resid_pdrop=1.0), r"resid_pdrop must be in \[0, 1\)"),
+                      (dict(norm_cast="gemma"), "norm_cast must be 'torch' or 'mpt'"),
+                      (dict(d_model=68, n_heads=4, attn_config={"alibi": False, "rope": True}), "rope needs an even"),
+                      (dict(attn_config={"attn_pdrop": 1.5}), "attn_pdrop must be in")]:
         with pytest.raises(ValueError, match=match):
             MPTConfig(**kw)
     # llm-foundry's attn_type decides the kv heads (its defaults carry kv_n_heads=1 beside MHA)

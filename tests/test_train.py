@@ -1,6 +1,7 @@
 """FSDP training on the CPU (gloo): learning, exact resume after SIGKILL, resharding onto fewer
-processes, injected OOM and NaN, incomplete checkpoints, config errors, export."""
+processes, injected OOM and NaN, incomplete and damaged checkpoints, bf16, config errors, export."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def _run(run_dir, data_dir, *overrides, nproc=1, expect_ok=True):
 
 
 def _losses(run_dir):
-    """step -> loss, the last record of each step (a resumed run logs some steps twice)."""
+    """step -> loss of the step records in log.jsonl."""
     out = {}
     with open(os.path.join(run_dir, "log.jsonl")) as fh:
         for line in fh:
@@ -152,3 +153,186 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path, data_dir):
 
 def test_compiled_blocks_give_the_same_losses(tmp_path, data_dir):
     _assert_option_keeps_losses(tmp_path, data_dir, 3, "train.compile=true", 1e-5)
+
+
+def _step_records(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as fh:
+        return [json.loads(x) for x in fh]
+
+
+def _ckpt_steps(run_dir):
+    return sorted(int(n.split("-")[1]) for n in os.listdir(run_dir) if n.startswith("ckpt-"))
+
+
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")  # see the filter in mptkernels/train.py
+@pytest.mark.parametrize("position", ["alibi", "rope"])
+def test_bf16_blocks_compute_in_bf16_and_keep_fp32_position_tables(position):
+    # FSDP2 casts a block's floating-point arguments to bf16 unless told not to: the ALiBi slopes
+    # (rejected by the attention op) and the rotary tables (rounded) must reach the block in fp32
+    import torch.distributed as dist
+    from torch.utils._pytree import tree_leaves
+
+    from mptkernels import train as tr
+
+    pos = [] if position == "alibi" else ["model.attn_config={alibi: false, rope: true}"]
+    cfg = tr.load_config(TINY, ["data.path=unused", "train.precision=bf16", "train.device=cpu", *pos])
+    device, _, _ = tr._init_distributed("cpu")
+    try:
+        model = tr.build_model(cfg, device)
+        seen = []
+        model.transformer.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(tree_leaves(args)))
+        ids = torch.randint(0, 256, (2, 16))
+        _, loss = model(ids, labels=ids)
+    finally:
+        dist.destroy_process_group()
+    tensors = [t for t in seen[0] if isinstance(t, torch.Tensor)]
+    hidden, tables = tensors[0], tensors[1:]
+    assert hidden.shape == (2, 16, 64) and hidden.dtype == torch.bfloat16  # the compute stays bf16
+    assert len(tables) == (1 if position == "alibi" else 2)  # slopes, or cos and sin
+    assert all(t.dtype == torch.float32 for t in tables), [t.dtype for t in tables]
+    assert torch.isfinite(loss)
+
+
+def test_bf16_training_with_alibi_and_rope(tmp_path, data_dir):
+    for name, pos in [("alibi", []), ("rope", ["model.attn_config={alibi: false, rope: true}"])]:
+        run = str(tmp_path / name)
+        _run(run, data_dir, "train.steps=6", "checkpoint.every=0", "train.precision=bf16", *pos)
+        losses = [_losses(run)[s] for s in range(1, 7)]
+        assert all(math.isfinite(x) for x in losses), (name, losses)
+        assert losses[-1] < losses[0], (name, losses)
+
+
+def _damage(ckpt_dir):
+    for name in os.listdir(ckpt_dir):
+        if name.endswith(".distcp"):
+            path = os.path.join(ckpt_dir, name)
+            with open(path, "r+b") as fh:
+                fh.truncate(os.path.getsize(path) // 2)
+
+
+def test_damaged_checkpoint_falls_back_and_another_model_is_a_clear_error(tmp_path, data_dir):
+    run = str(tmp_path / "dmg")
+    _run(run, data_dir, "train.steps=4", "checkpoint.every=2")
+    assert _ckpt_steps(run) == [2, 4]
+    _damage(os.path.join(run, "ckpt-00000004"))  # torch.distributed.checkpoint: CheckpointException
+    r = _run(run, data_dir, "train.steps=6", "checkpoint.every=2")
+    assert "cannot load" in r.stderr and "resumed from" in r.stdout and "ckpt-00000002" in r.stdout, r.stderr
+    assert [rec["step"] for rec in _step_records(run)] == list(range(1, 7))
+    # a checkpoint of another model: a one-line error, not a traceback (nor a silent fresh start)
+    r = _run(run, data_dir, "train.steps=8", "model.d_model=128", expect_ok=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "does not match the configured model" in r.stderr and "model.d_model: 64 in the checkpoint, 128" in r.stderr
+    for step in _ckpt_steps(run):  # none loads: an error, not training from scratch beside them
+        _damage(os.path.join(run, f"ckpt-{step:08d}"))
+    r = _run(run, data_dir, "train.steps=8", expect_ok=False)
+    assert r.returncode == 2 and "none of the 2 checkpoints" in r.stderr, r.stderr[-2000:]
+
+
+def test_last_steps_are_checkpointed_and_exported(tmp_path, data_dir):
+    run = str(tmp_path / "last")
+    _run(run, data_dir, "train.steps=3", "checkpoint.every=2", "checkpoint.keep=5")
+    assert _ckpt_steps(run) == [2, 3]
+    r = _run(run, data_dir, "train.steps=3", "checkpoint.every=2", "checkpoint.keep=5")  # done: no new checkpoint
+    assert "nothing to do" in r.stdout and _ckpt_steps(run) == [2, 3]
+    short = str(tmp_path / "short")
+    _run(short, data_dir, "train.steps=2", "checkpoint.every=5")  # fewer steps than checkpoint.every
+    assert _ckpt_steps(short) == [2]
+    _run(str(tmp_path / "off"), data_dir, "train.steps=2", "checkpoint.every=0")
+    assert not [n for n in os.listdir(tmp_path / "off") if n.startswith("ckpt-")]  # 0: no checkpoints at all
+
+
+def test_export_of_a_from_hf_run_has_the_hf_model(tmp_path, data_dir):
+    from mptkernels.models import MPTConfig, MPTForCausalLM
+
+    hf = str(tmp_path / "hf_in")
+    MPTForCausalLM(MPTConfig(d_model=32, n_heads=2, n_layers=1, max_seq_len=64, vocab_size=256)).save_pretrained(hf)
+    run, out = str(tmp_path / "from_hf"), str(tmp_path / "hf_out")
+    _run(run, data_dir, f"model.from_hf={hf}", "train.steps=2", "checkpoint.every=2")
+    r = _run(run, data_dir, f"model.from_hf={hf}", "--export", out)
+    assert "ckpt-00000002" in r.stdout
+    model = MPTForCausalLM.from_hf(out)
+    assert (model.config.d_model, model.config.n_layers) == (32, 1)
+    assert not torch.equal(model.transformer.wte.weight, MPTForCausalLM.from_hf(hf).transformer.wte.weight)  # trained
+
+
+def test_resume_does_not_repeat_log_records(tmp_path, data_dir):
+    run = str(tmp_path / "log")
+    r = _run(run, data_dir, "train.steps=4", "checkpoint.every=2", "test_hooks.crash_at_step=3", expect_ok=False)
+    assert r.returncode != 0 and [rec["step"] for rec in _step_records(run)] == [1, 2, 3]
+    _run(run, data_dir, "train.steps=4", "checkpoint.every=2")  # resumes at step 2, runs step 3 again
+    assert [rec["step"] for rec in _step_records(run)] == [1, 2, 3, 4]
+
+
+def test_config_merges_nested_keys_takes_every_mptconfig_field_and_coerces_numbers(tmp_path):
+    import dataclasses
+
+    from mptkernels import train as tr
+    from mptkernels.models import MPTConfig
+
+    assert set(tr.DEFAULTS["model"]) == {"from_hf"} | {f.name for f in dataclasses.fields(MPTConfig)}
+    yml = tmp_path / "c.yaml"
+    yml.write_text("model: {attn_config: {alibi: false, rope: true}}\ntrain: {lr: 1e-3}\n")  # 1e-3: a YAML string
+    cfg = tr.load_config(str(yml), ["data.path=d", "model.attn_config.kv_n_heads=2", "model.layer_norm_epsilon=1e-6",
+                                    "model.resid_pdrop=0.1", "model.emb_pdrop=0", "model.logit_scale=0.5",
+                                    "train.weight_decay=1", "spike.factor='2.5'"])
+    attn = cfg["model"]["attn_config"]
+    assert (attn["rope"], attn["alibi"], attn["kv_n_heads"], attn["rope_theta"]) == (True, False, 2, 10000.0)
+    assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["weight_decay"] == 1.0 and cfg["spike"]["factor"] == 2.5
+    mc = tr.model_config(cfg)
+    assert (mc.layer_norm_epsilon, mc.resid_pdrop, mc.emb_pdrop, mc.logit_scale, mc.kv_n_heads) == (1e-6, 0.1, 0.0,
+                                                                                                    0.5, 2)
+    assert tr.load_config(TINY, ["data.path=d", "train.lr=1e-3"])["train"]["lr"] == 1e-3
+
+
+@pytest.fixture(scope="module")
+def big_vocab_data(data_dir, tmp_path_factory):
+    """data_dir as if prepared with a 300-token tokenizer."""
+    d = str(tmp_path_factory.mktemp("vocab300") / "data")
+    shutil.copytree(data_dir, d)
+    with open(os.path.join(d, "meta.json")) as fh:
+        meta = json.load(fh)
+    with open(os.path.join(d, "meta.json"), "w") as fh:
+        json.dump({**meta, "vocab_size": 300}, fh)
+    return d
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.d_model=65"], "model: MPTConfig: d_model (65) must be a multiple of n_heads (4)"),
+    (["model.n_heads=0"], "'model.n_heads' must be >= 1"),
+    (["model.attn_config.foo=1"], "unknown key 'model.attn_config.foo'"),
+    (["data.path=/nonexistent"], "data.path: no meta.json in '/nonexistent'"),
+    (["train.micro_batch=0"], "'train.micro_batch' must be >= 1"),
+    (["log.every=0"], "'log.every' must be >= 1"),
+    (["data.seq_len=1"], "'data.seq_len' must be >= 2"),
+    (["train.steps=abc"], "'train.steps' must be an integer, got 'abc'"),
+    (["train.steps=-1"], "'train.steps' must be >= 1"),
+    (["train.global_batch=8.0"], "'train.global_batch' must be an integer, got 8.0"),
+    (["train.lr=fast"], "'train.lr' must be a number, got 'fast'"),
+    (["train.compile=1"], "'train.compile' must be true or false"),
+    (["train.device=gpu"], "'train.device' must be auto, cpu or cuda, got 'gpu'"),
+    (["checkpoint.keep=0"], "'checkpoint.keep' must be >= 1"),
+    (["model.attn_config=5"], "'model.attn_config' must be a mapping"),
+    (["data.seq_len=129", "model.learned_pos_emb=true"], "data.seq_len (129) must be <= model.max_seq_len (128)"),
+    (["big_vocab"], "the data's tokenizer has 300 tokens (meta.json vocab_size) but model.vocab_size is 256"),
+    (["--config", "missing.yaml"], "config file missing.yaml: No such file or directory"),
+    (["--config", "list.yaml"], "config file list.yaml: the top level must be a mapping of sections"),
+])
+def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir, big_vocab_data, capsys, monkeypatch):
+    from mptkernels import train as tr
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "list.yaml").write_text("- model\n- data\n")
+    config = args[1] if args[0] == "--config" else TINY
+    over = [] if args[0] == "--config" else [a for a in args if a != "big_vocab"]
+    data = big_vocab_data if args == ["big_vocab"] else data_dir
+    rc = tr.main([config, f"data.path={data}", f"checkpoint.dir={tmp_path / 'run'}", "train.device=cpu",
+                  "train.steps=2", *over])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path, data_dir):
+    r = _run(str(tmp_path / "cli"), data_dir, "train.global_batch=8.0", expect_ok=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: config: 'train.global_batch' must be an integer, got 8.0"], r.stderr

@@ -43,7 +43,7 @@ class MPTConfig:
     emb_pdrop: float = 0.0
     layer_norm_epsilon: float = 1e-5
     learned_pos_emb: bool = False
-    logit_scale: float | None = None
+    logit_scale: float | str | None = None  # or "inv_sqrt_d_model"
     no_bias: bool = True
     attn_config: dict = dataclasses.field(default_factory=dict)
     # ours: LayerNorm rounding ("torch"; "mpt" = llm-foundry's low-precision LayerNorm)
@@ -58,6 +58,11 @@ class MPTConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"MPTConfig: {name} must be a number >= 0, got {v!r}")
+        for name in ("resid_pdrop", "emb_pdrop"):
+            if not getattr(self, name) < 1:
+                raise ValueError(f"MPTConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.norm_cast not in ("torch", "mpt"):  # the LayerNorm roundings (llama/gemma are RMSNorm's)
+            raise ValueError(f"MPTConfig: norm_cast must be 'torch' or 'mpt', got {self.norm_cast!r}")
         if self.ffn_hidden < 1:
             raise ValueError(f"MPTConfig: expansion_ratio {self.expansion_ratio} x d_model {self.d_model} leaves no "
                              "FFN width")
@@ -93,6 +98,11 @@ class MPTConfig:
             raise ValueError(f"MPTConfig: n_heads ({self.n_heads}) must be a multiple of kv_n_heads ({self.kv_n_heads})")
         if self.attn_config["alibi"] and self.attn_config["rope"]:
             raise ValueError("MPTConfig: attn_config.alibi and attn_config.rope are exclusive")
+        if self.attn_config["rope"] and self.head_dim % 2:
+            raise ValueError(f"MPTConfig: rope needs an even head_dim, got d_model / n_heads = {self.head_dim}")
+        pdrop = self.attn_config["attn_pdrop"]
+        if isinstance(pdrop, bool) or not isinstance(pdrop, (int, float)) or not 0 <= pdrop < 1:
+            raise ValueError(f"MPTConfig: attn_config.attn_pdrop must be in [0, 1), got {pdrop!r}")
 
     @property
     def head_dim(self):
