@@ -55,7 +55,7 @@ def test_cpu_forward_matches_reference(dtype, shape, causal, alibi):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES[:5], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("alibi", [None, "heads"])
+@pytest.mark.parametrize("alibi", [None, "heads", "batch"])  # batch: (B, Hq) slopes reach the backward too
 def test_cpu_gradients_match_reference(dtype, shape, causal, alibi):
     q, k, v, slopes = _case(shape, dtype, alibi=alibi)
     q, k, v = (t.requires_grad_() for t in (q, k, v))

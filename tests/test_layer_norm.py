@@ -12,6 +12,10 @@ from conftest import HAS_CUDA, rel_err
 # rounds where the kernels round: what remains is fp32 summation order plus at most one
 # rounding step of the output dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# the C++ kernels round exactly where the reference does: measured <= 3.5e-5 (fp16) and
+# 1.5e-4 (bf16). The cast modes differ from one another by 2.6e-4..4e-4 (fp16) and
+# 1.6e-3..2.9e-3 (bf16), so only a bound below those tells a wrong cast mode from a right one.
+CPU_TOL = {**TOL, torch.float16: 1e-4, torch.bfloat16: 5e-4}
 # gradients go through more arithmetic in the output dtype (dy, dx are stored rounded)
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 SIZES = [1, 17, 129, 1000, 4097]
@@ -53,7 +57,7 @@ def test_cpu_forward_matches_reference(dtype, n, rms, residual):
     for weight_kind in ("none", "same", "fp32"):
         for cast in CASTS[rms]:
             x, w, b, r = _inputs((2, 3, n), dtype, "cpu", weight_kind, True, residual)
-            _check_forward(x, w, b, r, rms, cast, TOL[dtype])
+            _check_forward(x, w, b, r, rms, cast, CPU_TOL[dtype])
 
 
 def test_cpu_single_row_and_single_column():
@@ -124,7 +128,10 @@ def _check_grads(device, dtype, n, rms, cast, weight_kind, tol):
     names = [n for n, t in zip(("dx", "dweight", "dbias", "dresidual"), (x, w, b, r)) if t is not None]
     for name, g, ref, leaf in zip(names, got, want, leaves):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape
-        assert rel_err(g, ref) <= tol, (name, rel_err(g, ref))
+        if n == 1:  # one column: LayerNorm's gradients cancel to ~0: bound the error by the terms' size too
+            assert (g.double() - ref).norm() <= tol * ref.norm() + 1e-2 * (dy.norm() + ds.norm()), name
+        else:
+            assert rel_err(g, ref) <= tol, (name, rel_err(g, ref))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -133,10 +140,7 @@ def _check_grads(device, dtype, n, rms, cast, weight_kind, tol):
 def test_cpu_gradients_match_reference(dtype, n, rms):
     for weight_kind in ("none", "same", "fp32"):
         for cast in CASTS[rms]:
-            tol = GRAD_TOL[dtype] if n > 1 else 1e-3  # n=1: the gradient is ~0 (pure rounding noise)
-            if n == 1:
-                continue
-            _check_grads("cpu", dtype, n, rms, cast, weight_kind, tol)
+            _check_grads("cpu", dtype, n, rms, cast, weight_kind, GRAD_TOL[dtype])
 
 
 def test_backward_is_deterministic():

@@ -1,4 +1,6 @@
 """nn drop-ins and mptkernels.patch(model): same state_dict, same outputs as the modules replaced."""
+import sys
+
 import pytest
 import torch
 
@@ -159,10 +161,10 @@ def test_patch_hf_mpt_attention_keeps_logits_and_generation():
 
 
 def test_patch_verify_catches_a_changed_model_and_reports_refusals(monkeypatch):
-    import transformers
-
     hf = _hf_mpt()
-    monkeypatch.setattr(transformers, "__version__", "9.0.0")
+    # the module patch() will import now (building a model can replace sys.modules' entry for
+    # transformers' lazy module, so one imported before it may not be the one patch() sees)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "9.0.0")
     report = mptkernels.patch(hf, layer_norm=False)
     assert not report.swapped and "is not one of the versions" in report.not_swapped[0][2]
     monkeypatch.undo()
@@ -171,7 +173,7 @@ def test_patch_verify_catches_a_changed_model_and_reports_refusals(monkeypatch):
     report = mptkernels.patch(hf, verify=sample, int8="w8a8")
     # W8A8 changes the maths a little: verify measures it per linear and for the output
     assert all(n in report.errors for n in ("transformer.blocks.0.attn.Wqkv", "transformer.blocks.1.ffn.up_proj"))
-    assert 1e-6 < report.output_error < 1.0
+    assert 1e-6 < report.output_error < 0.6  # measured 0.34; a W8A8 output 3% too small gives 0.87
 
 
 def test_patch_routes_sdpa_of_hf_llama():

@@ -7,6 +7,9 @@ from mptkernels import ops, reference
 from conftest import rel_err
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# the C++ kernel rounds once, as the reference: measured <= 9e-6 (fp16), 3.5e-5 (bf16); tables
+# rounded to x's dtype (a plausible bug) give ~1e-4 / 1e-3, which TOL would let through
+CPU_TOL = {**TOL, torch.float16: 5e-5, torch.bfloat16: 2e-4}
 
 
 def _case(dtype, device, batch=2, seqlen=17, heads=3, head_dim=40, rotary_dim=24, table=300):
@@ -30,7 +33,7 @@ def test_cpu_matches_reference(dtype, interleaved, shape):
         out = ops.apply_rotary(x, cos, sin, interleaved=interleaved, seqlen_offsets=offsets)
         ref = reference.apply_rotary(x, cos, sin, interleaved=interleaved, seqlen_offsets=offsets)
         assert out.shape == x.shape and out.dtype == x.dtype
-        assert rel_err(out, ref) <= TOL[dtype]
+        assert rel_err(out, ref) <= CPU_TOL[dtype]
         assert torch.equal(out[..., r:], x[..., r:]), "features past rotary_dim must pass through unchanged"
 
 
@@ -199,6 +202,8 @@ def test_gpu_opcheck_gradients_compile():
     x.requires_grad_()
     dy = torch.randn_like(x)
     (g,) = torch.autograd.grad((ops.apply_rotary(x, cos, sin) * dy).sum(), x)
-    assert rel_err(g, torch.ops.mptkernels.rotary(dy, cos, sin, None, 0, False, True)) == 0
+    x64 = x.detach().double().requires_grad_()  # the CUDA backward against fp64 autograd of the reference
+    (ref,) = torch.autograd.grad((reference.apply_rotary(x64, cos, sin) * dy.double()).sum(), x64)
+    assert rel_err(g, ref) <= 2 * TOL[torch.bfloat16]
     f = torch.compile(lambda x: ops.apply_rotary(x, cos, sin, seqlen_offsets=2), fullgraph=True)
     assert torch.equal(f(x.detach()), ops.apply_rotary(x.detach(), cos, sin, seqlen_offsets=2))

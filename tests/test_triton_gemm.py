@@ -318,7 +318,7 @@ def test_gpu_linear(dtype, M, kn, activation):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 1000])  # both M classes
 @pytest.mark.parametrize("kn", GPU_KN, ids=str)
-@pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
+@pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])  # fp32 tells MPT's gelu from gelu_tanh
 def test_gpu_linear_fp32(M, kn, activation):
     _check_gpu_linear(torch.float32, M, kn, activation)
 
