@@ -1,5 +1,6 @@
 """FSDP training on the CPU (gloo): learning, exact resume after SIGKILL, resharding onto fewer
 processes, injected OOM and NaN, incomplete and damaged checkpoints, bf16, config errors, export."""
+import contextlib
 import json
 import math
 import os
@@ -164,33 +165,57 @@ def _ckpt_steps(run_dir):
     return sorted(int(n.split("-")[1]) for n in os.listdir(run_dir) if n.startswith("ckpt-"))
 
 
+@contextlib.contextmanager
+def _built_model(*overrides):
+    """train.build_model of the tiny config with overrides, in this process (a gloo group of one)."""
+    import torch.distributed as dist
+
+    from mptkernels import train as tr
+
+    cfg = tr.load_config(TINY, ["data.path=unused", "train.device=cpu", *overrides])
+    device, _, _ = tr._init_distributed("cpu")
+    try:
+        yield tr.build_model(cfg, device)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")  # see the filter in mptkernels/train.py
 @pytest.mark.parametrize("position", ["alibi", "rope"])
 def test_bf16_blocks_compute_in_bf16_and_keep_fp32_position_tables(position):
     # FSDP2 casts a block's floating-point arguments to bf16 unless told not to: the ALiBi slopes
     # (rejected by the attention op) and the rotary tables (rounded) must reach the block in fp32
-    import torch.distributed as dist
     from torch.utils._pytree import tree_leaves
 
-    from mptkernels import train as tr
-
     pos = [] if position == "alibi" else ["model.attn_config={alibi: false, rope: true}"]
-    cfg = tr.load_config(TINY, ["data.path=unused", "train.precision=bf16", "train.device=cpu", *pos])
-    device, _, _ = tr._init_distributed("cpu")
-    try:
-        model = tr.build_model(cfg, device)
+    with _built_model("train.precision=bf16", *pos) as model:
         seen = []
         model.transformer.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(tree_leaves(args)))
         ids = torch.randint(0, 256, (2, 16))
         _, loss = model(ids, labels=ids)
-    finally:
-        dist.destroy_process_group()
     tensors = [t for t in seen[0] if isinstance(t, torch.Tensor)]
     hidden, tables = tensors[0], tensors[1:]
     assert hidden.shape == (2, 16, 64) and hidden.dtype == torch.bfloat16  # the compute stays bf16
     assert len(tables) == (1 if position == "alibi" else 2)  # slopes, or cos and sin
     assert all(t.dtype == torch.float32 for t in tables), [t.dtype for t in tables]
     assert torch.isfinite(loss)
+
+
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
+@pytest.mark.parametrize("option", ["activation_checkpointing", "compile"])
+def test_memory_and_speed_options_take_effect(option):
+    # the same losses (the tests above) would also hold if the option did nothing: check it acts
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with _built_model(f"train.{option}=true") as model:
+        calls = []
+        model.transformer.blocks[0].norm_1.register_forward_hook(lambda *a: calls.append(1))
+        ids = torch.randint(0, 256, (2, 16))
+        model(ids, labels=ids)[1].backward()
+    if option == "activation_checkpointing":
+        assert len(calls) == 2, calls  # the forward, and its recomputation in the backward
+    else:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 
 
 def test_bf16_training_with_alibi_and_rope(tmp_path, data_dir):
