@@ -52,6 +52,8 @@ class QuantizeReport:
             if c.errors:
                 extra = "  " + ", ".join(f"{m}: err {c.errors[m]:.2e} {c.times_ms.get(m, float('nan')):.3f} ms"
                                          for m in c.errors)
+                if FLOAT in c.times_ms:  # the float layer's own time: what each mode is measured against
+                    extra += f", {FLOAT}: {c.times_ms[FLOAT]:.3f} ms"
             lines.append(f"  {c.name}: {c.mode}{extra}")
         return "\n".join(lines)
 

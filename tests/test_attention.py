@@ -419,6 +419,11 @@ def test_torch_compile_decode_step():
     (lambda t: ops.attention_varlen(t["q"], t["k"], t["v"], t["cu"], t["cu"][:2], 8, 8), "both must be batch"),
     (lambda t: ops.attention_varlen(t["q"][None], t["k"], t["v"], t["cu"], t["cu"], 8, 8), r"q must be a \(total_tokens"),
     (lambda t: ops.attention_varlen(t["q"], t["k"], t["v"], t["cu"], t["cu"], 8, 2.5), "max_seqlen_k must be a non-negative int"),
+    # the same length checks on the reference path (float64 takes it) as in the kernels
+    (lambda t: ops.attention_varlen(t["q"].double(), t["k"].double(), t["v"].double(), t["cu"], t["cu"], 4, 8),
+     "exceeds max_seqlen_q = 4"),
+    (lambda t: ops.attention_varlen(t["q"].double(), t["k"].double(), t["v"].double(), t["cu"] + 1, t["cu"], 8, 8),
+     "must rise from 0"),
     (lambda t: torch.ops.mptkernels.attention_varlen_fwd(t["q"], t["k"], t["v"], t["cu"], t["cu"], 4, 8, None, 1.0, False),
      "exceeds|max_seqlen given"),
     (lambda t: torch.ops.mptkernels.attention_varlen_fwd(t["q"], t["k"], t["v"], t["cu"].flip(0), t["cu"], 8, 8, None, 1.0,

@@ -1,5 +1,6 @@
 """The reference MPT model: parity with transformers' MptForCausalLM, HF checkpoints in and
 out, KV-cache generation against full recomputation, batching, sampling, training."""
+import json
 import os
 
 import pytest
@@ -9,10 +10,11 @@ import transformers  # a test dependency: scripts/test.sh installs 4.57.1
 from mptkernels.models import MPTConfig, MPTForCausalLM
 
 
-def _hf_model(n_heads=6, d_model=96, n_layers=2, vocab=512, seed=0, **attn):
+def _hf_model(n_heads=6, d_model=96, n_layers=2, vocab=512, seed=0, no_bias_false=False, **attn):
     torch.manual_seed(seed)
     cfg = transformers.MptConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers, max_seq_len=256,
-                                 vocab_size=vocab, attn_config={"alibi": True, **attn}, initializer_range=0.2)
+                                 vocab_size=vocab, attn_config={"alibi": True, **attn}, initializer_range=0.2,
+                                 **({"no_bias": False} if no_bias_false else {}))
     return transformers.MptForCausalLM(cfg).eval()
 
 
@@ -61,6 +63,18 @@ def test_hf_checkpoints_in_and_out(tmp_path):
     (tmp_path / "empty" / "config.json").write_text((tmp_path / "ours" / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         MPTForCausalLM.from_hf(str(tmp_path / "empty"))
+    # transformers' MPT has all kv heads and no biases whatever its config says (llm-foundry's
+    # defaults carry kv_n_heads=1 beside multihead_attention; no_bias=False builds no biases)
+    odd = _hf_model(no_bias_false=True)
+    odd.save_pretrained(tmp_path / "odd")
+    cfg_file = tmp_path / "odd" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["attn_config"].update(kv_n_heads=1, attn_type="multihead_attention")
+    cfg_file.write_text(json.dumps(cfg))
+    for src in (odd, str(tmp_path / "odd")):
+        m = MPTForCausalLM.from_hf(src).eval()
+        with torch.no_grad():
+            assert (m(ids) - odd(ids).logits).abs().max() <= 1e-4
     # what transformers would read as another model is refused
     with pytest.raises(ValueError, match="alibi_bias_max 8"):
         _ours(alibi_bias_max=16).save_pretrained(str(tmp_path / "bias16"))
@@ -247,7 +261,11 @@ def test_config_errors():
                       (dict(resid_pdrop=1.0), r"resid_pdrop must be in \[0, 1\)"),
                       (dict(norm_cast="gemma"), "norm_cast must be 'torch' or 'mpt'"),
                       (dict(d_model=68, n_heads=4, attn_config={"alibi": False, "rope": True}), "rope needs an even"),
-                      (dict(attn_config={"attn_pdrop": 1.5}), "attn_pdrop must be in")]:
+                      (dict(attn_config={"attn_pdrop": 1.5}), "attn_pdrop must be a number in"),
+                      (dict(learned_pos_emb="no"), "learned_pos_emb must be true or false"),
+                      (dict(attn_config={"kv_n_heads": -2}), "kv_n_heads must be null or an int >= 1"),
+                      (dict(attn_config={"alibi_bias_max": "8"}), "alibi_bias_max must be a number > 0"),
+                      (dict(attn_config={"clip_qkv": -1}), "clip_qkv must be null or a number > 0")]:
         with pytest.raises(ValueError, match=match):
             MPTConfig(**kw)
     # llm-foundry's attn_type decides the kv heads (its defaults carry kv_n_heads=1 beside MHA)

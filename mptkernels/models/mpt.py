@@ -70,6 +70,9 @@ class MPTConfig:
                 or (isinstance(self.logit_scale, (int, float)) and not isinstance(self.logit_scale, bool))):
             raise ValueError(f"MPTConfig: logit_scale must be None, a number or 'inv_sqrt_d_model', got "
                              f"{self.logit_scale!r}")
+        for name in ("learned_pos_emb", "no_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MPTConfig: {name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.attn_config, dict):
             raise ValueError(f"MPTConfig: attn_config must be a dict, got {type(self.attn_config).__name__}")
         unknown = set(self.attn_config) - set(_ATTN_DEFAULTS) - {"attn_type", "attn_impl", "prefix_lm",
@@ -92,6 +95,7 @@ class MPTConfig:
             raise ValueError(f"MPTConfig: attn_config.attn_type {attn_type!r} is not supported (multihead_attention, "
                              "multiquery_attention or grouped_query_attention)")
         self.attn_config = {**_ATTN_DEFAULTS, **attn}
+        _check_attn_values(self.attn_config)
         if self.d_model % self.n_heads:
             raise ValueError(f"MPTConfig: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.kv_n_heads:
@@ -100,9 +104,6 @@ class MPTConfig:
             raise ValueError("MPTConfig: attn_config.alibi and attn_config.rope are exclusive")
         if self.attn_config["rope"] and self.head_dim % 2:
             raise ValueError(f"MPTConfig: rope needs an even head_dim, got d_model / n_heads = {self.head_dim}")
-        pdrop = self.attn_config["attn_pdrop"]
-        if isinstance(pdrop, bool) or not isinstance(pdrop, (int, float)) or not 0 <= pdrop < 1:
-            raise ValueError(f"MPTConfig: attn_config.attn_pdrop must be in [0, 1), got {pdrop!r}")
 
     @property
     def head_dim(self):
@@ -121,6 +122,29 @@ class MPTConfig:
     def from_dict(cls, d: dict) -> "MPTConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_attn_values(attn):
+    """Types and ranges of the attn_config values (after defaults), each named."""
+    rules = {
+        "attn_pdrop": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "alibi": (lambda v: isinstance(v, bool), "true or false"),
+        "rope": (lambda v: isinstance(v, bool), "true or false"),
+        "qk_ln": (lambda v: isinstance(v, bool), "true or false"),
+        "alibi_bias_max": (lambda v: _number(v) and v > 0, "a number > 0"),
+        "rope_theta": (lambda v: _number(v) and v > 0, "a number > 0"),
+        "clip_qkv": (lambda v: v is None or (_number(v) and v > 0), "null or a number > 0"),
+        "softmax_scale": (lambda v: v is None or (_number(v) and v > 0), "null or a number > 0"),
+        "kv_n_heads": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                       "null or an int >= 1"),
+    }
+    for key, (ok, what) in rules.items():
+        if not ok(attn[key]):
+            raise ValueError(f"MPTConfig: attn_config.{key} must be {what}, got {attn[key]!r}")
 
 
 class MPTBlock(torch.nn.Module):
@@ -513,12 +537,14 @@ def _config_from_hf(hf: dict) -> MPTConfig:
     if hf.get("model_type", "mpt") != "mpt":
         raise ValueError(f"from_hf: model_type must be 'mpt', got {hf.get('model_type')!r}")
     attn = dict(hf.get("attn_config") or {})
-    # transformers' MptModel always applies ALiBi (max 8) and never a learned position
-    # embedding, and its FFN is always 4x wide, whatever the config says
-    attn.update(alibi=True, alibi_bias_max=8, rope=False)
-    d = {k: hf[k] for k in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "layer_norm_epsilon",
-                             "no_bias") if k in hf}
-    return MPTConfig(**d, expansion_ratio=4, learned_pos_emb=False, logit_scale=None,
+    # transformers' MptModel always applies ALiBi (max 8) over all heads (no GQA: llm-foundry's
+    # default kv_n_heads=1 beside multihead_attention is no MQA), has no learned position
+    # embedding and no biases, and its FFN is always 4x wide, whatever the config says
+    attn.update(alibi=True, alibi_bias_max=8, rope=False, kv_n_heads=None)
+    attn.pop("attn_type", None)
+    d = {k: hf[k] for k in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "layer_norm_epsilon")
+         if k in hf}
+    return MPTConfig(**d, expansion_ratio=4, learned_pos_emb=False, logit_scale=None, no_bias=True,
                      attn_config={k: v for k, v in attn.items() if k in _ATTN_DEFAULTS})
 
 

@@ -52,8 +52,10 @@ class RMSNorm(torch.nn.RMSNorm):
         self.cast = cast
 
     def forward(self, x, residual=None):
-        # torch.nn.RMSNorm's eps=None means the dtype's machine epsilon
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        # torch.nn.RMSNorm's eps=None means the machine epsilon of the dtype it computes in
+        # (ATen's opmath type: fp32 for 16-bit inputs), not of x's dtype
+        eps = self.eps if self.eps is not None else torch.finfo(torch.float64 if x.dtype == torch.float64
+                                                                 else torch.float32).eps
         return _apply(self, x, residual, lambda x, w, r: ops.rms_norm(x, w, eps, r, cast=self.cast))
 
     def extra_repr(self):

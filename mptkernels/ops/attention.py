@@ -60,6 +60,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
     if q.dtype not in _KERNEL_DTYPES or _backend.use_reference(q.device, has_kernel=_has_gpu_kernel()):
+        # the kernels' length checks, so every backend refuses the same input
+        _check_lengths(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
+        _check_lengths(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
         return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, alibi_slopes=slopes,
                                           softmax_scale=scale)
     out, _ = _ops.attention_varlen_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
@@ -153,7 +156,8 @@ _TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
 
 # what scaled_dot_product_attention hands to PyTorch (mptkernels.info() prints it)
 SDPA_FALLBACKS = ("attn_mask, dropout_p > 0, is_causal with seqlen_q != seqlen_k (top-left), head_dim % 8 or > 256, "
-                  "v's head_dim != q's, broadcast batch or heads, scale <= 0, not 4-D")
+                  "dtypes other than fp32/fp16/bf16 (e.g. float64), v's head_dim != q's, broadcast batch or "
+                  "heads, scale <= 0, not 4-D")
 
 
 def _alibi_mask(slopes, query, key, attn_mask, is_causal):
