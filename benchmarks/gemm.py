@@ -2,10 +2,12 @@
 
 Baselines: F.linear (cuBLAS / MKL), F.gelu(F.linear(...)) eager and compiled (forward, and
 forward + backward: 3x the FLOPs),
-torch._int_mm in its fast layout (second operand a transposed (N, K) weight), and for
-weight-only int8 a dequantise-then-F.linear path. FLOPs 2·M·N·K (int8 rows: "TFLOP/s" are
-TOP/s). Decoding rows (M = 1 linear, weight-only int8) report GB/s of weight bytes (what
-bounds them).
+torch._int_mm in its fast layout (second operand a transposed (N, K) weight), PyTorch's own
+W8A8 path for int8_linear (quantise x per row, torch._int_mm, then the scales: the same
+result as ours), and for weight-only int8 a dequantise-then-F.linear path. FLOPs 2·M·N·K;
+int8 rows report TOP/s against a measured int8 ceiling. Float linears of the int8 cases are
+shown for context, not ranked (another computation). Decoding rows (M = 1 linear, weight-only
+int8) report GB/s of weight bytes (what bounds them).
 """
 from __future__ import annotations
 
@@ -56,21 +58,23 @@ def run(device: str, quick: bool):
     a8 = torch.randint(-127, 128, (mi, ki), dtype=torch.int8, device=device)
     w8 = torch.randint(-127, 128, (ni, ki), dtype=torch.int8, device=device)
     itag = f"{mi}x{ki}x{ni}"
-    base = {"torch._int_mm (w^T)": lambda: torch._int_mm(a8, w8.t())}
-    if gpu:
-        ab, wb = a8.to(dt), w8.to(dt)
-        base["bf16 F.linear"] = lambda: F.linear(ab, wb)
-    else:
-        af, wf = a8.float(), w8.float()
-        base["fp32 F.linear (sgemm)"] = lambda: F.linear(af, wf)
+    ab, wb = a8.to(dt), w8.to(dt)
     rows += case_rows("gemm", f"int8 GEMM core {itag}", device, quick, None,
-                      {"mptkernels int8_mm": lambda: torch.ops.mptkernels.int8_mm(a8, w8)}, base, flops=2 * mi * ni * ki)
+                      {"mptkernels int8_mm": lambda: torch.ops.mptkernels.int8_mm(a8, w8)},
+                      {"torch._int_mm (w^T)": lambda: torch._int_mm(a8, w8.t())}, flops=2 * mi * ni * ki, int8=True,
+                      references={f"{'bf16' if gpu else 'fp32'} F.linear": lambda: F.linear(ab, wb)})
     xf = torch.randn(mi, ki, device=device, dtype=dt)
     wq, ws = ops.quantize_rowwise(torch.randn(ni, ki, device=device))
     wd = (wq.float() * ws[:, None]).to(dt)
+
+    def torch_w8a8():  # PyTorch's W8A8: the same quantisation and epilogue as ours, unfused
+        xq, xs = ops.quantize_rowwise(xf)
+        return (torch._int_mm(xq, wq.t()).float() * xs[:, None] * ws).to(dt)
+
     rows += case_rows("gemm", f"int8_linear W8A8 {itag} {str(dt).replace('torch.', '')}", device, quick, None,
                       {"mptkernels": lambda: ops.int8_linear(xf, wq, ws)},
-                      {"F.linear (float weight)": lambda: F.linear(xf, wd)}, flops=2 * mi * ni * ki)
+                      {"quantize_rowwise + torch._int_mm + scales": torch_w8a8}, flops=2 * mi * ni * ki, int8=True,
+                      references={"F.linear (float weight)": lambda: F.linear(xf, wd)})
 
     # weight-only int8 for decoding: M = 1 and 16 tokens, an MPT-7B QKV projection
     kd, nd = (4096, 12288) if gpu else (2048, 6144)

@@ -22,7 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _timed(fn, device, reps):
-    fn()  # warm-up: kernel compilation, CUDA graph capture, allocator
+    # warm-up: kernel compilation, allocator. Each generate() call captures its own CUDA graph
+    # of the decode step (a new cache per call), so every timed GPU call includes one capture,
+    # amortised over its new tokens, as a user's call would
+    fn()
     best = float("inf")
     for _ in range(reps):
         if device == "cuda":

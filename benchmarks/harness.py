@@ -20,7 +20,7 @@ class Row:
     case: str          # what is computed, with shape and dtype
     impl: str          # "mptkernels", "eager", "torch.compile", ...
     ms: float
-    gbps: float        # the rate: bytes moved / time in GB/s, or (unit "TFLOP/s") FLOPs / time
+    gbps: float        # the rate: bytes moved / time in GB/s, or (unit "TFLOP/s" / "TOP/s") operations / time
     ceiling_frac: float  # rate / the measured ceiling of this device (copy, or matmul for FLOPs)
     speedup: float | None = None  # vs the best PyTorch baseline of the same case (ours only)
     best_baseline: str | None = None
@@ -92,12 +92,33 @@ def matmul_ceiling_tflops(device: str, quick: bool) -> float:
     return _ceilings[key]
 
 
-def case_rows(family, case, device, quick, nbytes, ours: dict, baselines: dict, flops=None) -> list[Row]:
+def int8_ceiling_tops(device: str, quick: bool) -> float:
+    """Measured int8 matmul throughput (8192^3 on the GPU, 2048^3 on the CPU): the faster of
+    torch._int_mm in its fast layout and our int8_mm. Int8 rows are compared with this, not
+    with the float matmul (several times slower, so int8 rows would read as 200-400%)."""
+    key = device + ":int8"
+    if key not in _ceilings:
+        n = 8192 if device == "cuda" else 2048
+        a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
+        ms = min(bench(lambda: torch._int_mm(a, a.t()), device, quick),
+                 bench(lambda: torch.ops.mptkernels.int8_mm(a, a), device, quick))
+        _ceilings[key] = 2 * n**3 / (ms * 1e-3) / 1e12
+    return _ceilings[key]
+
+
+def case_rows(family, case, device, quick, nbytes, ours: dict, baselines: dict, flops=None, int8=False,
+              references=None) -> list[Row]:
     """Time every implementation of one case; ours get the speedup vs the best baseline.
-    nbytes: the traffic (rate in GB/s vs the copy ceiling); or flops: rate in TFLOP/s vs matmul."""
-    ceiling = matmul_ceiling_tflops(device, quick) if flops else copy_ceiling_gbps(device, quick)
+    nbytes: the traffic (rate in GB/s vs the copy ceiling); or flops: rate in TFLOP/s vs the
+    matmul ceiling (int8: TOP/s vs the int8 ceiling). references: timed and shown for context
+    but never ranked (they compute something else, e.g. without quantisation or bias)."""
+    if flops:
+        ceiling = int8_ceiling_tops(device, quick) if int8 else matmul_ceiling_tflops(device, quick)
+    else:
+        ceiling = copy_ceiling_gbps(device, quick)
+    references = {f"{name} (not ranked)": fn for name, fn in (references or {}).items()}
     timed = {}
-    for name, fn in {**baselines, **ours}.items():
+    for name, fn in {**baselines, **references, **ours}.items():
         try:
             timed[name] = bench(fn, device, quick)
         except Exception as e:  # a baseline that cannot run here (e.g. compile unavailable) is reported, not fatal
@@ -106,7 +127,8 @@ def case_rows(family, case, device, quick, nbytes, ours: dict, baselines: dict, 
     best = min(((timed[b], b) for b in baselines if b in timed), default=None)
     for name, ms in timed.items():
         rate = flops / (ms * 1e-3) / 1e12 if flops else nbytes / (ms * 1e-3) / 1e9
-        row = Row(family, case, name, ms, rate, rate / ceiling, unit="TFLOP/s" if flops else "GB/s")
+        row = Row(family, case, name, ms, rate, rate / ceiling,
+                  unit=("TOP/s" if int8 else "TFLOP/s") if flops else "GB/s")
         if name in ours and best is not None:
             row.speedup, row.best_baseline = best[0] / ms, best[1]
         rows.append(row)
@@ -155,11 +177,14 @@ def environment(device: str) -> dict:
     env["copy_ceiling_GBps"] = round(copy_ceiling_gbps(device, True), 1)
     if any(k.endswith(":mm") for k in _ceilings):
         env["matmul_ceiling_TFLOPs"] = round(matmul_ceiling_tflops(device, True), 3)
+    if any(k.endswith(":int8") for k in _ceilings):
+        env["int8_ceiling_TOPs"] = round(int8_ceiling_tops(device, True), 3)
     return env
 
 
 def print_table(rows: list[Row], env: dict):
     mm = f", matmul ceiling {env['matmul_ceiling_TFLOPs']} TFLOP/s" if "matmul_ceiling_TFLOPs" in env else ""
+    mm += f", int8 ceiling {env['int8_ceiling_TOPs']} TOP/s" if "int8_ceiling_TOPs" in env else ""
     print(f"\nmptkernels benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}); "
           f"copy ceiling {env['copy_ceiling_GBps']} GB/s{mm}")
     head = f"{'family':<11} {'case':<44} {'impl':<22} {'ms':>9} {'rate':>15} {'%ceil':>6} {'vs best PyTorch':>22}"
@@ -167,7 +192,7 @@ def print_table(rows: list[Row], env: dict):
     print("-" * len(head))
     for r in rows:
         vs = f"{r.speedup:.2f}x ({r.best_baseline})" if r.speedup is not None else ""
-        rate = f"{r.gbps:.1f} GB/s" if r.unit == "GB/s" else f"{r.gbps:.3f} TFLOP/s"
+        rate = f"{r.gbps:.1f} GB/s" if r.unit == "GB/s" else f"{r.gbps:.3f} {r.unit}"
         print(f"{r.family:<11} {r.case:<44} {r.impl:<22} {r.ms:>9.3f} {rate:>15} {100 * r.ceiling_frac:>5.0f}% {vs:>22}")
 
 
