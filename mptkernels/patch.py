@@ -44,6 +44,9 @@ class PatchReport:
                          "mptkernels.ops.scaled_dot_product_attention (PyTorch for what it does not cover)")
         if self.int8 is not None:
             lines.append(str(self.int8))
+            swapped = {name for name, *_ in self.swapped}
+            for name in sorted(set(self.errors) - swapped):  # verify's error of each int8 layer
+                lines.append(f"  verify: {name} (int8) max error {self.errors[name]:.2e}")
         if self.output_error is not None:
             lines.append(f"  verify: model output max |after - before| = {self.output_error:.2e}")
         return "\n".join(lines) if lines else "mptkernels.patch: nothing swapped"

@@ -178,6 +178,7 @@ def test_patch_verify_catches_a_changed_model_and_reports_refusals(monkeypatch):
     report = mptkernels.patch(hf, verify=sample, int8="w8a8")
     # W8A8 changes the maths a little: verify measures it per linear and for the output
     assert all(n in report.errors for n in ("transformer.blocks.0.attn.Wqkv", "transformer.blocks.1.ffn.up_proj"))
+    assert "verify: transformer.blocks.0.attn.Wqkv (int8) max error" in str(report)
     assert 1e-6 < report.output_error < 0.6  # measured 0.34; a W8A8 output 3% too small gives 0.87
 
 
