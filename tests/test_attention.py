@@ -489,6 +489,31 @@ def test_length_checks_read_each_tensor_version_once(monkeypatch):
             attn._check_cache_room(k_cache, view, new)
 
 
+def test_cpu_decode_path_rows_that_see_no_key():
+    # <= 4 query rows take the decode path; with fewer keys than queries (causal, bottom-right)
+    # the first rows see none: zeros and lse = -inf
+    q, k = torch.randn(2, 4, 4, 16), torch.randn(2, 2, 2, 16)
+    v = torch.randn_like(k)
+    out, lse = torch.ops.mptkernels.attention_fwd(q, k, v, None, 0.25, True)
+    ro, rl = reference.attention(q.double(), k.double(), v.double(), causal=True, softmax_scale=0.25, return_lse=True)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(rl)) and rel_err(out, ro) <= 2e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_varlen_decode_path_and_sequences_without_keys(causal):
+    # every sequence <= 4 queries (the decode path), an empty one, and one with queries but no keys
+    lens_q, lens_k = [1, 0, 3, 4, 2], [40, 2, 64, 257, 0]
+    q, k, v, cu_q, cu_k, slopes = _varlen_case(lens_q, lens_k, 8, 2, 32, torch.float32, alibi="heads", tail=2)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = ops.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, alibi_slopes=slopes)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = reference.attention_varlen(q64, k64, v64, cu_q, cu_k, causal=causal, alibi_slopes=slopes)
+    assert rel_err(out, want) <= 2e-5
+    dout = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q64, k64, v64), dout.double())):
+        assert rel_err(g, r) <= 1e-4
+
+
 # ---------------------------------------------------------------- Triton varlen / decode (interpreter)
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter run; on a GPU the gpu tests cover Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -527,6 +552,23 @@ def test_triton_interpreter_kvcache(monkeypatch, programs_per_sm, shape, dtype):
     slopes = reference.alibi_slopes(hq)
     _check_kvcache(q, kc, vc, lens, k, v, True, slopes, TOL[dtype],
                    lambda *a: tl_attn.attention_kvcache(*a, slopes, d ** -0.5, True))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter run; on a GPU the gpu tests cover Triton")
+def test_triton_interpreter_kvcache_splits_with_several_query_tokens(monkeypatch):
+    # flash-decoding with several key splits and 3 query tokens, head_dim 24 (a ragged block)
+    tl_attn = importlib.import_module("mptkernels.triton.attention")
+    monkeypatch.setattr(tl_attn, "DECODE_PROGRAMS_PER_SM", 64)
+    b, smax, hq, hk, d, sq = 2, 300, 8, 2, 24, 3
+    kc = torch.randn(b, smax, hk, d, dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    lens = torch.tensor([100, 250], dtype=torch.int32)
+    q = torch.randn(b, sq, hq, d, dtype=torch.float16)
+    out = tl_attn.attention_kvcache(q, kc, vc, lens, None, None, None, d ** -0.5, True)
+    for i in range(b):
+        n = int(lens[i])
+        ref = reference.attention(q[i:i + 1].double(), kc[i:i + 1, :n].double(), vc[i:i + 1, :n].double(), causal=True)
+        assert rel_err(out[i:i + 1], ref) <= 2e-3
 
 
 # ---------------------------------------------------------------- GPU: varlen, decode, CUDA graphs

@@ -78,6 +78,16 @@ def test_linear_float64_gradcheck():
         assert torch.autograd.gradcheck(lambda x, w, b: torch.ops.mptkernels.linear_fwd(x, w, b, act)[0], (x, w, b))
 
 
+# the CPU GEMM's other paths: bf16 panels over several K blocks, fp32/fp16 split-K in the
+# forward (M >= 40, K >= 16 max(M, N)), bf16 with odd K at M >= 40
+@pytest.mark.parametrize("m, k, n, dtype", [(40, 520, 70, torch.bfloat16), (40, 1300, 40, torch.float32),
+                                            (40, 1300, 40, torch.float16), (50, 33, 20, torch.bfloat16)])
+def test_cpu_linear_more_gemm_paths(m, k, n, dtype):
+    x, w, b = _x(m, k, dtype), _weight(n, k, dtype), torch.randn(n, dtype=dtype)
+    got = ops.linear(x, w, b, "gelu")
+    assert rel_err(got, reference.linear(x.double(), w.double(), b.double(), "gelu")) <= TOL[dtype]
+
+
 # ---------------------------------------------------------------- int8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("outliers", [False, True])
@@ -285,6 +295,27 @@ def test_gemm_bad_input(call, match):
     q, s = ops.quantize_rowwise(w)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(x, w, q, s)
+
+
+# int8 4x4 dot tiles (4 <= M < 16), B used as is (K % 64 == 0); weight-only's N % 4 tail
+@pytest.mark.parametrize("m, k, n", [(5, 128, 72), (12, 384, 33), (4, 64, 4)])
+def test_cpu_int8_dot_tiles(m, k, n):
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    assert torch.equal(torch.ops.mptkernels.int8_mm(a, b), reference.int8_mm(a, b))
+    x, bias = _x(m, k, torch.float32), torch.randn(n)
+    wq, ws = ops.quantize_rowwise(_weight(n, k, torch.float32))
+    assert rel_err(ops.int8_linear(x, wq, ws, bias, "gelu"), reference.int8_linear(x, wq, ws, bias, "gelu")) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [3, 70])
+def test_cpu_weight_only_int8_column_tail(dtype, m):
+    k, n = 200, 33  # N % 4 != 0
+    x, bias = _x(m, k, dtype), torch.randn(n)
+    wq, ws = ops.quantize_rowwise(_weight(n, k, torch.float32))
+    got = ops.weight_only_int8_linear(x, wq, ws, bias)
+    assert rel_err(got, reference.weight_only_int8_linear(x.double(), wq, ws, bias.double())) <= TOL[dtype]
 
 
 # ---------------------------------------------------------------- GPU (the lent machine)

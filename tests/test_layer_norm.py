@@ -228,6 +228,23 @@ def test_large_row():
     assert rel_err(ops.layer_norm(x, w), reference.layer_norm(x.double(), w.double())) <= 1e-5
 
 
+def test_cpu_streaming_stores_of_large_outputs():
+    # outputs of 8 MiB and more are written with non-temporal stores (another code path)
+    for dtype, shape in ((torch.float32, (40, 65536)), (torch.bfloat16, (64, 65536))):
+        x = torch.randn(shape, dtype=dtype).requires_grad_()
+        r = torch.randn(shape, dtype=dtype)
+        w = torch.randn(shape[1], dtype=dtype).requires_grad_()
+        y, s = ops.layer_norm(x, w, None, 1e-5, r)
+        ry, rs = reference.layer_norm(x.detach(), w.detach(), None, 1e-5, r)
+        assert rel_err(y, ry) <= CPU_TOL[dtype] and torch.equal(s, rs)
+        dy = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, w), dy)
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        wx, ww = torch.autograd.grad(reference.layer_norm(x64, w64, None, 1e-5, r.double())[0], (x64, w64),
+                                     dy.double())
+        assert rel_err(gx, wx) <= GRAD_TOL[dtype] and rel_err(gw, ww) <= GRAD_TOL[dtype]
+
+
 # ---------------------------------------------------------------- Triton kernels
 def _triton_module():
     return importlib.import_module("mptkernels.triton.layer_norm")
@@ -281,6 +298,24 @@ def _check_triton_against_cpu(dtype, n, rms):
                 assert (a.double() - c.double()).norm() <= GRAD_TOL[dtype] * dy.double().norm() * 10
             elif c.numel():
                 assert rel_err(a, c) <= GRAD_TOL[dtype], (name, rel_err(a, c))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter run; on a GPU the gpu tests cover Triton")
+@pytest.mark.parametrize("n, looped", [(17, False), (1000, False), (129, True)])
+def test_triton_interpreter_backward_many_rows_per_program(monkeypatch, n, looped):
+    # enough rows that each backward program loops over several tiles (fused) or rows (looped)
+    tl_norm = _triton_module()
+    if looped:
+        monkeypatch.setattr(tl_norm, "FWD_FUSED_MAX_BLOCK_N", 16)
+        monkeypatch.setattr(tl_norm, "BWD_FUSED_MAX_BLOCK_N", 16)
+        monkeypatch.setattr(tl_norm, "LOOPED_BLOCK_N", 32)
+    m = 11 if looped else 200
+    x, w, b, dy = torch.randn(m, n), torch.randn(n), torch.randn(n), torch.randn(m, n)
+    _, _, mean, rstd = torch.ops.mptkernels.layer_norm_fwd(x, w, b, None, 1e-5, False, 0.0, False)
+    got = tl_norm.layer_norm_bwd(dy, None, x, w, b, mean, rstd, False, 0.0, False)
+    want = torch.ops.mptkernels.layer_norm_bwd(dy, None, x, w, b, mean, rstd, False, 0.0, False)
+    for a, c in zip(got, want):
+        assert rel_err(a, c) <= 1e-4
 
 
 # ---------------------------------------------------------------- GPU (the lent machine)
