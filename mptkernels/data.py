@@ -195,14 +195,19 @@ class TokenDataset:
         return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(doc_rows).astype(np.int64))
 
 
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
-    return v
+def checked_arg(kind, ok, expected):
+    """An argparse ``type=`` (for this CLI and mptkernels.generate's): parses with ``kind`` and
+    rejects values failing ``ok`` (argparse then names the argument: 'argument --top-k:
+    expected an integer >= 1, got '0'')."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        return v
+    return parse
 
 
 def main(argv=None):
@@ -213,7 +218,8 @@ def main(argv=None):
     prep.add_argument("paths", nargs="+", help="text files, or directories to walk")
     prep.add_argument("--out", required=True)
     prep.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (default: bytes)")
-    prep.add_argument("--max-bytes", type=_positive_int, default=None, help="stop after about this much text")
+    prep.add_argument("--max-bytes", type=checked_arg(int, lambda v: v >= 1, "an integer >= 1"), default=None,
+                      help="stop after about this much text")
     args = p.parse_args(argv)
     try:
         meta = prepare(args.paths, args.out, args.tokenizer, args.max_bytes)

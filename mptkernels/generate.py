@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from .data import TOKENIZER_FILES, checked_arg, load_hf_tokenizer
+
 
 class ByteTokenizer:
     """Text <-> UTF-8 bytes as token ids 0..255 (ids past 255 decode to nothing)."""
@@ -86,27 +88,11 @@ class PrintStreamer:
 def load_tokenizer(path, model_dir=None):
     """The HF tokenizer in ``path`` (--tokenizer: must exist and hold one, else an error naming
     it); with no path, the model directory's tokenizer if it has one, else the byte tokenizer."""
-    from .data import TOKENIZER_FILES, load_hf_tokenizer
-
     if path:
         return load_hf_tokenizer(path, "--tokenizer")
     if model_dir and any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
         return load_hf_tokenizer(model_dir, "--model")
     return ByteTokenizer()
-
-
-def _checked(kind, ok, expected):
-    """An argparse ``type=``: parses with ``kind`` and rejects values failing ``ok`` (argparse
-    then names the argument: 'argument --top-k: expected an integer >= 1, got '0'')."""
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
-        return v
-    return parse
 
 
 def _device_error(device: str):
@@ -133,11 +119,11 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="HF MPT checkpoint directory")
     p.add_argument("--prompt", required=True)
     # >= 1 as model.generate requires: a run that generates nothing is a mistake, not a no-op
-    p.add_argument("--max-new-tokens", type=_checked(int, lambda v: v >= 1, "an integer >= 1"), default=64)
-    p.add_argument("--temperature", type=_checked(float, lambda v: math.isfinite(v) and v >= 0,
+    p.add_argument("--max-new-tokens", type=checked_arg(int, lambda v: v >= 1, "an integer >= 1"), default=64)
+    p.add_argument("--temperature", type=checked_arg(float, lambda v: math.isfinite(v) and v >= 0,
                                                   "a number >= 0 (0: greedy)"), default=0.0)
-    p.add_argument("--top-k", type=_checked(int, lambda v: v >= 1, "an integer >= 1"))
-    p.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    p.add_argument("--top-k", type=checked_arg(int, lambda v: v >= 1, "an integer >= 1"))
+    p.add_argument("--top-p", type=checked_arg(float, lambda v: 0 < v <= 1, "a number in (0, 1]"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--int8", action="store_true", help="weight-only int8 linears (quantize_) for decoding")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")

@@ -214,8 +214,8 @@ def _check_ranges(cfg):
 def model_config(cfg) -> MPTConfig:
     """The MPTConfig of cfg["model"] (without from_hf); MPTConfig's errors as ConfigErrors."""
     m = {k: v for k, v in cfg["model"].items() if k != "from_hf"}
-    # MPTConfig checks neither sizes (0 heads divides by zero in it) nor dropout probabilities
-    # (F.dropout would reject them mid-step)
+    # sizes and dropout probabilities, named as config keys ('model.n_heads'); MPTConfig checks
+    # them too, in its own words, for users of the Python API
     for k, v in [*m.items(), *(("attn_config." + a, b) for a, b in m["attn_config"].items())]:
         if isinstance(v, int) and not isinstance(v, bool) and v < 1:
             raise ConfigError(f"config: 'model.{k}' must be >= 1, got {v}")

@@ -50,29 +50,10 @@ class MPTConfig:
     norm_cast: str = "torch"
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MPTConfig: {name} must be an int >= 1, got {v!r}")
-        for name in ("expansion_ratio", "layer_norm_epsilon", "resid_pdrop", "emb_pdrop"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"MPTConfig: {name} must be a number >= 0, got {v!r}")
-        for name in ("resid_pdrop", "emb_pdrop"):
-            if not getattr(self, name) < 1:
-                raise ValueError(f"MPTConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.norm_cast not in ("torch", "mpt"):  # the LayerNorm roundings (llama/gemma are RMSNorm's)
-            raise ValueError(f"MPTConfig: norm_cast must be 'torch' or 'mpt', got {self.norm_cast!r}")
+        _check_values(vars(self), _FIELD_RULES, "")
         if self.ffn_hidden < 1:
             raise ValueError(f"MPTConfig: expansion_ratio {self.expansion_ratio} x d_model {self.d_model} leaves no "
                              "FFN width")
-        if not (self.logit_scale is None or self.logit_scale == "inv_sqrt_d_model"
-                or (isinstance(self.logit_scale, (int, float)) and not isinstance(self.logit_scale, bool))):
-            raise ValueError(f"MPTConfig: logit_scale must be None, a number or 'inv_sqrt_d_model', got "
-                             f"{self.logit_scale!r}")
-        for name in ("learned_pos_emb", "no_bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"MPTConfig: {name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.attn_config, dict):
             raise ValueError(f"MPTConfig: attn_config must be a dict, got {type(self.attn_config).__name__}")
         unknown = set(self.attn_config) - set(_ATTN_DEFAULTS) - {"attn_type", "attn_impl", "prefix_lm",
@@ -95,7 +76,7 @@ class MPTConfig:
             raise ValueError(f"MPTConfig: attn_config.attn_type {attn_type!r} is not supported (multihead_attention, "
                              "multiquery_attention or grouped_query_attention)")
         self.attn_config = {**_ATTN_DEFAULTS, **attn}
-        _check_attn_values(self.attn_config)
+        _check_values(self.attn_config, _ATTN_RULES, "attn_config.")
         if self.d_model % self.n_heads:
             raise ValueError(f"MPTConfig: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.kv_n_heads:
@@ -128,23 +109,39 @@ def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_attn_values(attn):
-    """Types and ranges of the attn_config values (after defaults), each named."""
-    rules = {
-        "attn_pdrop": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "alibi": (lambda v: isinstance(v, bool), "true or false"),
-        "rope": (lambda v: isinstance(v, bool), "true or false"),
-        "qk_ln": (lambda v: isinstance(v, bool), "true or false"),
-        "alibi_bias_max": (lambda v: _number(v) and v > 0, "a number > 0"),
-        "rope_theta": (lambda v: _number(v) and v > 0, "a number > 0"),
-        "clip_qkv": (lambda v: v is None or (_number(v) and v > 0), "null or a number > 0"),
-        "softmax_scale": (lambda v: v is None or (_number(v) and v > 0), "null or a number > 0"),
-        "kv_n_heads": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                       "null or an int >= 1"),
-    }
+def _int_at_least_1(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_bool(v):
+    return isinstance(v, bool)
+
+
+# (check, what it expects) per field, for MPTConfig's errors: "MPTConfig: <field> must be <what>"
+_FIELD_RULES = {
+    **dict.fromkeys(("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"), (_int_at_least_1, "an int >= 1")),
+    **dict.fromkeys(("expansion_ratio", "layer_norm_epsilon"), (lambda v: _number(v) and v >= 0, "a number >= 0")),
+    **dict.fromkeys(("resid_pdrop", "emb_pdrop"), (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")),
+    **dict.fromkeys(("learned_pos_emb", "no_bias"), (_is_bool, "true or false")),
+    "logit_scale": (lambda v: v is None or v == "inv_sqrt_d_model" or _number(v),
+                    "None, a number or 'inv_sqrt_d_model'"),
+    # the LayerNorm roundings (llama and gemma are RMSNorm's)
+    "norm_cast": (lambda v: v in ("torch", "mpt"), "'torch' or 'mpt'"),
+}  # attn_config: _ATTN_RULES, once its defaults are in
+_ATTN_RULES = {
+    "attn_pdrop": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    **dict.fromkeys(("alibi", "rope", "qk_ln"), (_is_bool, "true or false")),
+    **dict.fromkeys(("alibi_bias_max", "rope_theta"), (lambda v: _number(v) and v > 0, "a number > 0")),
+    **dict.fromkeys(("clip_qkv", "softmax_scale"), (lambda v: v is None or (_number(v) and v > 0),
+                                                    "null or a number > 0")),
+    "kv_n_heads": (lambda v: v is None or _int_at_least_1(v), "null or an int >= 1"),
+}
+
+
+def _check_values(values: dict, rules: dict, prefix: str):
     for key, (ok, what) in rules.items():
-        if not ok(attn[key]):
-            raise ValueError(f"MPTConfig: attn_config.{key} must be {what}, got {attn[key]!r}")
+        if not ok(values[key]):
+            raise ValueError(f"MPTConfig: {prefix}{key} must be {what}, got {values[key]!r}")
 
 
 class MPTBlock(torch.nn.Module):
@@ -355,11 +352,7 @@ class MPTForCausalLM(torch.nn.Module):
         if max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
         _check_sampling(temperature, top_k, top_p)
-        if input_ids.dtype not in (torch.int64, torch.int32) or (
-                input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size):
-            raise ValueError(f"generate: input_ids must be int64/int32 token ids in [0, {self.config.vocab_size}), got "
-                             f"{input_ids.dtype}" + (f" in [{int(input_ids.min())}, {int(input_ids.max())}]"
-                                                     if input_ids.numel() and not input_ids.is_floating_point() else ""))
+        _check_token_ids(input_ids, self.config.vocab_size)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lengths = mask.sum(1)
         if (lengths == 0).any():
@@ -568,12 +561,22 @@ def _load_state_dict(path):
     return state
 
 
+def _check_token_ids(ids, vocab):
+    """Prompt ids are int64/int32 in [0, vocab): an embedding lookup would fail deep inside
+    (or, on CUDA, assert) otherwise. One host read of their range per generate call."""
+    integral = ids.dtype in (torch.int64, torch.int32)
+    lo, hi = (int(t) for t in torch.aminmax(ids)) if integral and ids.numel() else (0, 0)
+    if not integral or lo < 0 or hi >= vocab:
+        raise ValueError(f"generate: input_ids must be int64/int32 token ids in [0, {vocab}), got {ids.dtype}"
+                         + (f" in [{lo}, {hi}]" if integral else ""))
+
+
 def _check_sampling(temperature, top_k, top_p):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+    if not (_number(temperature) and temperature >= 0):
         raise ValueError(f"generate: temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if not (top_k is None or _int_at_least_1(top_k)):
         raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if not (top_p is None or (_number(top_p) and 0 < top_p <= 1)):
         raise ValueError(f"generate: top_p must be None or a number in (0, 1], got {top_p!r}")
 
 

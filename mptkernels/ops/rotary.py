@@ -53,7 +53,7 @@ def _int32_offsets(seqlen_offsets, x, seqlen, rows):
     writes NaN)."""
     if (seqlen_offsets.device.type == "cpu" and seqlen_offsets.numel() and x.numel()
             and not torch.compiler.is_compiling()):
-        lo, hi = int(seqlen_offsets.min()), int(seqlen_offsets.max())
+        lo, hi = (int(t) for t in torch.aminmax(seqlen_offsets))  # one pass; q and k of each layer call this
         if lo < 0 or hi + seqlen > rows:
             bad = lo if lo < 0 else hi
             raise ValueError(f"apply_rotary: seqlen_offsets holds {bad}, which puts tokens at rows [{bad}, "
