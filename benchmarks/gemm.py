@@ -7,7 +7,8 @@ W8A8 path for int8_linear (quantise x per row, torch._int_mm, then the scales: t
 result as ours), and for weight-only int8 a dequantise-then-F.linear path. FLOPs 2·M·N·K;
 int8 rows report TOP/s against a measured int8 ceiling. Float linears of the int8 cases are
 shown for context, not ranked (another computation). Decoding rows (M = 1 linear, weight-only
-int8) report GB/s of weight bytes (what bounds them).
+int8) report GB/s of weight bytes (what bounds them). On the CPU (full runs) the linear+GELU
+and decoding cases also run in bf16, against PyTorch's bf16 path (oneDNN).
 """
 from __future__ import annotations
 
@@ -53,6 +54,25 @@ def run(device: str, quick: bool):
                       {"mptkernels": fwd_bwd(lambda x, w: ops.linear(x, w, activation="gelu"))},
                       {"F.gelu(F.linear) eager": fwd_bwd(lambda x, w: F.gelu(F.linear(x, w)))}, flops=3 * flops)
 
+    if not gpu and not quick:
+        # bf16 on the CPU: on CPUs with AVX512-BF16 PyTorch's bf16 matmul is oneDNN's native one
+        # (about twice the fp32 rate), the path to beat; rates against the bf16 matmul ceiling
+        xb, wb16, dyb = x.bfloat16(), w.bfloat16(), dy.bfloat16()
+        btag = f"{m}x{k}x{n} bfloat16"
+        rows += case_rows("gemm", f"linear+GELU {btag}", device, quick, None,
+                          {"mptkernels": lambda: ops.linear(xb, wb16, activation="gelu")},
+                          {"F.gelu(F.linear) eager": lambda: F.gelu(F.linear(xb, wb16))}, flops=flops,
+                          dtype=torch.bfloat16)
+        xbg, wbg = xb.clone().requires_grad_(), wb16.clone().requires_grad_()
+
+        def fwd_bwd16(fn):
+            return lambda: torch.autograd.grad(fn(xbg, wbg), (xbg, wbg), dyb)
+
+        rows += case_rows("gemm", f"linear+GELU fwd+bwd {btag}", device, quick, None,
+                          {"mptkernels": fwd_bwd16(lambda x, w: ops.linear(x, w, activation="gelu"))},
+                          {"F.gelu(F.linear) eager": fwd_bwd16(lambda x, w: F.gelu(F.linear(x, w)))},
+                          flops=3 * flops, dtype=torch.bfloat16)
+
     # int8: the exact GEMM core and W8A8 end to end (activation quantisation included)
     mi, ki, ni = (8192, 8192, 8192) if gpu else (512, 2048, 2048)
     a8 = torch.randint(-127, 128, (mi, ki), dtype=torch.int8, device=device)
@@ -85,6 +105,12 @@ def run(device: str, quick: bool):
     rows += case_rows("gemm", f"linear M=1 {kd}->{nd} {str(dt).replace('torch.', '')}", device, quick,
                       nd * kd * wf.element_size(), {"mptkernels": lambda: ops.linear(x1, wf)},
                       {"F.linear": lambda: F.linear(x1, wf)})
+    if not gpu and not quick:  # bf16 decoding on the CPU: 1 and 16 tokens (the dot tiles on vdpbf16ps)
+        wf16 = wf.bfloat16()
+        for md in (1, 16):
+            xd16 = torch.randn(md, kd, dtype=torch.bfloat16)
+            rows += case_rows("gemm", f"linear M={md} {kd}->{nd} bfloat16", device, quick, nd * kd * 2,
+                              {"mptkernels": lambda: ops.linear(xd16, wf16)}, {"F.linear": lambda: F.linear(xd16, wf16)})
     for md in (1,) if quick else (1, 16):
         xd = torch.randn(md, kd, device=device, dtype=dt)
         rows += case_rows("gemm", f"weight-only int8 M={md} {kd}->{nd} {str(dt).replace('torch.', '')}", device,

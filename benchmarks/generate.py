@@ -1,9 +1,9 @@
 """Greedy decoding speed of the MPT model on mptkernels against transformers' MptForCausalLM
 on the same weights (random; speed does not depend on them).
 
-    python benchmarks/generate.py [--device cpu|cuda] [--quick]
+    python benchmarks/generate.py [--device cpu|cuda] [--quick] [--dtype float32|bfloat16|float16]
 
-CPU: a 51M-parameter MPT (d_model 512, 8 layers, 8 heads, vocab 50432) in fp32, batch 1.
+CPU: a 51M-parameter MPT (d_model 512, 8 layers, 8 heads, vocab 50432) in fp32 (or --dtype), batch 1.
 GPU: MPT-1.3B's shape (d_model 2048, 24 layers, 16 heads, vocab 50432) in bf16, batch 1 and 8,
 and weight-only int8. Prompt 128 tokens; tokens/s counts new tokens over the whole generate
 call after a warm-up call. The roofline is the weight bytes read per decoded token at the
@@ -38,7 +38,7 @@ def _timed(fn, device, reps):
     return best
 
 
-def run(device: str, quick: bool):
+def run(device: str, quick: bool, dtype=None):
     import mptkernels
     from mptkernels.models import MPTForCausalLM
     from harness import setup
@@ -51,7 +51,7 @@ def run(device: str, quick: bool):
         transformers = None
     gpu = device == "cuda"
     d, layers, heads = (2048, 24, 16) if gpu else (512, 8, 8)
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
     new_tokens = 256 if gpu else (16 if quick else 64)
     cfg = transformers.MptConfig(d_model=d, n_heads=heads, n_layers=layers, max_seq_len=2048, vocab_size=50432,
                                  attn_config={"alibi": True}) if transformers else None
@@ -96,7 +96,7 @@ def run(device: str, quick: bool):
     else:
         from harness import matmul_ceiling_tflops
 
-        ideal = flops / (matmul_ceiling_tflops("cpu", True) * 1e12)
+        ideal = flops / (matmul_ceiling_tflops("cpu", True, dtype) * 1e12)
     rows.append((f"prefill {plen} tokens (ms)", t_pre * 1e3))
     print(f"greedy decode, {n_params / 1e6:.0f}M-parameter MPT (d{d} L{layers} H{heads}), "
           f"{str(dtype).replace('torch.', '')}, prompt 128, {new_tokens} new tokens, {device}, "
@@ -121,5 +121,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on the GPU, float32 on the CPU")
     a = p.parse_args()
-    run(a.device, a.quick)
+    run(a.device, a.quick, getattr(torch, a.dtype) if a.dtype else None)

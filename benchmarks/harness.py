@@ -77,15 +77,17 @@ def copy_ceiling_gbps(device: str, quick: bool) -> float:
     return _ceilings[device]
 
 
-def matmul_ceiling_tflops(device: str, quick: bool) -> float:
-    """Measured dense matmul throughput (bf16 8192^3 on the GPU, fp32 2048^3 on the CPU): the
-    faster of PyTorch's matmul and ours (on AMD CPUs MKL runs AVX2 code and our AVX-512 GEMM is
-    about twice as fast, so MKL alone would understate what the machine does)."""
-    key = device + ":mm"
+def matmul_ceiling_tflops(device: str, quick: bool, dtype=None) -> float:
+    """Measured dense matmul throughput (bf16 8192^3 on the GPU, fp32 2048^3 on the CPU, or the
+    dtype asked for): the faster of PyTorch's matmul and ours (on AMD CPUs MKL runs AVX2 code
+    and our AVX-512 GEMM is about twice as fast, so MKL alone would understate what the
+    machine does; bf16 on CPUs with AVX512-BF16 runs at about twice the fp32 rate)."""
+    dt = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    key = f"{device}:mm:{str(dt).replace('torch.', '')}"
     if key not in _ceilings:
         from mptkernels import ops
 
-        n, dt = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
+        n = 8192 if device == "cuda" else 2048
         a = torch.randn(n, n, device=device, dtype=dt)
         ms = min(bench(lambda: a @ a, device, quick), bench(lambda: ops.linear(a, a), device, quick))
         _ceilings[key] = 2 * n**3 / (ms * 1e-3) / 1e12
@@ -107,13 +109,14 @@ def int8_ceiling_tops(device: str, quick: bool) -> float:
 
 
 def case_rows(family, case, device, quick, nbytes, ours: dict, baselines: dict, flops=None, int8=False,
-              references=None) -> list[Row]:
+              references=None, dtype=None) -> list[Row]:
     """Time every implementation of one case; ours get the speedup vs the best baseline.
     nbytes: the traffic (rate in GB/s vs the copy ceiling); or flops: rate in TFLOP/s vs the
-    matmul ceiling (int8: TOP/s vs the int8 ceiling). references: timed and shown for context
-    but never ranked (they compute something else, e.g. without quantisation or bias)."""
+    matmul ceiling of `dtype` (the device's default when None; int8: TOP/s vs the int8
+    ceiling). references: timed and shown for context but never ranked (they compute
+    something else, e.g. without quantisation or bias)."""
     if flops:
-        ceiling = int8_ceiling_tops(device, quick) if int8 else matmul_ceiling_tflops(device, quick)
+        ceiling = int8_ceiling_tops(device, quick) if int8 else matmul_ceiling_tflops(device, quick, dtype)
     else:
         ceiling = copy_ceiling_gbps(device, quick)
     references = {f"{name} (not ranked)": fn for name, fn in (references or {}).items()}
@@ -175,15 +178,17 @@ def environment(device: str) -> dict:
         except Exception:
             pass
     env["copy_ceiling_GBps"] = round(copy_ceiling_gbps(device, True), 1)
-    if any(k.endswith(":mm") for k in _ceilings):
-        env["matmul_ceiling_TFLOPs"] = round(matmul_ceiling_tflops(device, True), 3)
+    for key, tflops in sorted(_ceilings.items()):  # every matmul ceiling the run measured
+        if key.startswith(device + ":mm:"):
+            env[f"matmul_ceiling_{key.rsplit(':', 1)[1]}_TFLOPs"] = round(tflops, 3)
     if any(k.endswith(":int8") for k in _ceilings):
         env["int8_ceiling_TOPs"] = round(int8_ceiling_tops(device, True), 3)
     return env
 
 
 def print_table(rows: list[Row], env: dict):
-    mm = f", matmul ceiling {env['matmul_ceiling_TFLOPs']} TFLOP/s" if "matmul_ceiling_TFLOPs" in env else ""
+    mm = "".join(f", {k.split('_')[2]} matmul ceiling {v} TFLOP/s" for k, v in env.items()
+                 if k.startswith("matmul_ceiling_"))
     mm += f", int8 ceiling {env['int8_ceiling_TOPs']} TOP/s" if "int8_ceiling_TOPs" in env else ""
     print(f"\nmptkernels benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}); "
           f"copy ceiling {env['copy_ceiling_GBps']} GB/s{mm}")

@@ -37,8 +37,9 @@ def test_cpu_linear_matches_reference(dtype, m, act):
         assert rel_err(got, want) <= TOL[dtype], (act, rel_err(got, want))
 
 
-# 16-bit linears on the CPU: few rows read the 16-bit weight in place (dot tiles); with
-# AVX512-BF16, bf16 from 16 rows runs vdpbf16ps panels (even K only; odd K widens to fp32)
+# 16-bit linears on the CPU: fewer than 40 rows read the 16-bit weight in place (dot tiles;
+# bf16 with vdpbf16ps where the CPU has AVX512-BF16); bf16 from 40 rows runs vdpbf16ps panels
+# (even K only; odd K widens to fp32)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m, k, n", [(1, 33, 17), (5, 130, 70), (20, 33, 70), (20, 130, 70), (200, 64, 130)])
 def test_cpu_linear_16bit_paths(dtype, m, k, n):
@@ -47,6 +48,21 @@ def test_cpu_linear_16bit_paths(dtype, m, k, n):
         got = ops.linear(x, w, b, act)
         want = reference.linear(x.double(), w.double(), b.double(), act)
         assert got.dtype == dtype and rel_err(got, want) <= TOL[dtype], (act, rel_err(got, want))
+
+
+# bf16 products are exact in fp32 and summed in fp32 (dot tiles and panels alike), so every
+# element is its fp64 value rounded once to bf16, give or take the fp32 sums' error: checked
+# element by element (a norm-wise error would hide one wrong or unwritten element). k: a
+# whole number of 32-element steps, and tails of 1, 2 and 8; n: tails of the 4-row tiles.
+@pytest.mark.parametrize("m", [1, 3, 5, 17, 39, 40, 64])
+@pytest.mark.parametrize("k, n", [(33, 17), (64, 70), (130, 40), (200, 6)])
+def test_cpu_bf16_linear_rounds_once(m, k, n):
+    x, w, b = _x(m, k, torch.bfloat16), _weight(n, k, torch.bfloat16), torch.randn(n, dtype=torch.bfloat16)
+    want = reference.linear(x.double(), w.double(), b.double(), None)
+    bound = 2.0 ** -8 * want.abs() + 1e-6 * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    got = ops.linear(x, w, b)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - want).abs() <= bound).all(), (got.double() - want).abs().max()
 
 
 # (m, k, n): from 16 rows the CPU GEMMs (forward, dx, dw) run our AVX-512 kernel; the second
@@ -68,6 +84,32 @@ def test_cpu_linear_gradients(dtype, act, m, k, n):
     for name, g, r in zip(("dx", "dw", "db"), got, want):
         assert g.dtype == dtype
         assert rel_err(g, r) <= GRAD_TOL[dtype], (name, rel_err(g, r))
+
+
+# bf16 backward on the CPU: dpre = dout * act'(h) is rounded to bf16 for the two GEMMs (as
+# PyTorch's bf16 autograd rounds it), but db is summed in fp32 from the unrounded products
+# (64-row blocks, then the blocks in order) and rounded once: element by element, within
+# half a bf16 ulp of the fp64 sum over the same saved h, plus the fp32 derivative's error
+# (~1e-7 absolute: 0.5 (1 + tanh u) cancels for negative h)
+@pytest.mark.parametrize("m", [1, 17, 64, 130])
+@pytest.mark.parametrize("act", ACTS)
+def test_cpu_bf16_linear_bias_grad_in_fp32(m, act):
+    k, n = 72, 70
+    x, w = _x(m, k, torch.bfloat16), _weight(n, k, torch.bfloat16)
+    b = torch.randn(n, dtype=torch.bfloat16).requires_grad_()
+    out = ops.linear(x, w, b, act)
+    dout = torch.randn_like(out)
+    (db,) = torch.autograd.grad(out, (b,), dout)
+    h = ops.linear(x, w, b.detach()).double()  # the saved pre-activation: the same rounding
+    if act == "relu":
+        h = out.detach().double()  # relu's derivative reads its output
+    h64 = h.detach().requires_grad_()
+    (dpre,) = torch.autograd.grad(reference.linear(h64, torch.eye(n, dtype=torch.float64), None, act), (h64,),
+                                  dout.double())
+    want = dpre.sum(0)
+    bound = 2.0 ** -8 * want.abs() + 1e-6 * dout.double().abs().sum(0)
+    assert db.dtype == torch.bfloat16
+    assert ((db.double() - want).abs() <= bound).all(), ((db.double() - want).abs() / bound).max()
 
 
 def test_linear_float64_gradcheck():

@@ -1,10 +1,13 @@
 // The GEMM family on the CPU: linear with a fused bias + activation epilogue, row-wise int8
 // quantisation, an exact int8 GEMM core, W8A8 and weight-only int8 linears.
 //
-// Floating GEMMs go through at::mm in fp32 (MKL/oneDNN sgemm): on these CPUs bf16 matmul is
-// ~350x slower than sgemm, so 16-bit inputs are widened to fp32 first and the result rounded
-// once in the epilogue. The epilogue (bias, activation, the pre-activation copy the gelus'
-// backward needs, the rounding) is one vectorised pass over the output.
+// Floating GEMMs are ours (MKL's sgemm runs AVX2 code on AMD CPUs): dot-product tiles for
+// few rows, AVX-512 panels for more, both in fp32 or, where the build host has AVX512-BF16,
+// on bf16 operands with vdpbf16ps. Other 16-bit inputs are widened to fp32 (on CPUs without
+// native bf16, PyTorch's bf16 matmul is ~350x slower than sgemm) and the result rounded once
+// in the epilogue (bias, activation, the pre-activation copy the gelus' backward needs),
+// vectorised, on each block of the product while it is in cache. The bf16 backward uses
+// oneDNN's native bf16 matmul where the CPU has it (see linear_bwd_bf16).
 //
 // int8: torch._int_mm runs 12-40x slower than sgemm on AVX2 machines, so the int8 product has
 // its own kernel, exact in int32 (the lanes overflow only past K ~ 130k, which is checked).
@@ -41,6 +44,10 @@ namespace {
 using Vf = Vectorized<float>;
 constexpr int64_t kWf = Vf::size();
 
+// the dtypes of x that the fp32-accumulating epilogues serve (float64 takes plain ATen)
+#define MPTK_DISPATCH_F32_F16_BF16(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(__VA_ARGS__))
+
 // ---------------------------------------------------------------- activations
 enum class Act { kNone, kRelu, kGelu, kGeluTanh };
 
@@ -61,9 +68,9 @@ inline Vf act_fwd(const Vf& h, Act a) {
   switch (a) {
     case Act::kRelu: return at::vec::clamp_min(h, Vf(0.f));
     case Act::kGelu: return h * Vf(0.5f) * (Vf(1.f) + (h * Vf(kInvSqrt2)).erf());
-    case Act::kGeluTanh: {
+    case Act::kGeluTanh: {  // h (1 + tanh u) / 2 = h sigmoid(2u): one exp, a third of tanh's cost
       const Vf u = Vf(kSqrt2OverPi) * (h + Vf(kTanhCoef) * h * h * h);
-      return h * Vf(0.5f) * (Vf(1.f) + u.tanh());
+      return h / (Vf(1.f) + (Vf(-2.f) * u).exp());
     }
     default: return h;
   }
@@ -132,33 +139,29 @@ at::Tensor wide(const at::Tensor& t) {
 
 // ---------------------------------------------------------------- linear
 // One row of N outputs: h (fp32, in place) += bias; preact (x's dtype) = h if wanted;
-// out = act(h) rounded to T.
+// out = act(h) rounded to T. A chunk (two fp32 vectors: one 16-bit vector) at a time, so
+// 16-bit outputs round in registers (element-wise scalar rounding cost 10x the GELU itself).
 template <typename T>
 inline void epilogue_row(float* h, const float* bias, Act act, T* out, T* preact, int64_t N) {
+  using IO = ChunkIO<T, float>;
   int64_t n = 0;
-  for (; n + kWf <= N; n += kWf) {
-    Vf v = Vf::loadu(h + n);
-    if (bias) v = v + Vf::loadu(bias + n);
-    if constexpr (std::is_same_v<T, float>) {
-      if (preact) v.store(preact + n);
-      act_fwd(v, act).store(out + n);
-    } else {
-      alignas(64) float tmp[kWf];
-      if (preact) {
-        v.store(tmp);
-        for (int64_t i = 0; i < kWf; ++i) preact[n + i] = static_cast<T>(tmp[i]);
-      }
-      act_fwd(v, act).store(tmp);
-      for (int64_t i = 0; i < kWf; ++i) out[n + i] = static_cast<T>(tmp[i]);
+  for (; n + IO::kChunk <= N; n += IO::kChunk) {
+    Vf lo = Vf::loadu(h + n), hi = Vf::loadu(h + n + kWf);
+    if (bias) {
+      lo = lo + Vf::loadu(bias + n);
+      hi = hi + Vf::loadu(bias + n + kWf);
     }
+    if (preact) IO::store(preact + n, lo, hi);
+    IO::store(out + n, act_fwd(lo, act), act_fwd(hi, act));
   }
-  if (n < N) {  // tail through a padded vector
+  for (; n < N; n += kWf) {  // the tail (< 2 vectors) through a padded vector
+    const int rem = static_cast<int>(std::min<int64_t>(kWf, N - n));
     alignas(64) float tmp[kWf] = {};
-    for (int64_t i = 0; n + i < N; ++i) tmp[i] = h[n + i] + (bias ? bias[n + i] : 0.f);
+    for (int i = 0; i < rem; ++i) tmp[i] = h[n + i] + (bias ? bias[n + i] : 0.f);
     if (preact)
-      for (int64_t i = 0; n + i < N; ++i) preact[n + i] = static_cast<T>(tmp[i]);
+      for (int i = 0; i < rem; ++i) preact[n + i] = static_cast<T>(tmp[i]);
     act_fwd(Vf::loadu(tmp), act).store(tmp);
-    for (int64_t i = 0; n + i < N; ++i) out[n + i] = static_cast<T>(tmp[i]);
+    for (int i = 0; i < rem; ++i) out[n + i] = static_cast<T>(tmp[i]);
   }
 }
 
@@ -178,8 +181,10 @@ void linear_epilogue(float* h, const float* bias, Act act, T* out, T* preact, in
 // weight is streamed once) and by the weight-only int8 linear on converted weight blocks.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kDotMR = 4, kDotNR = 4;  // 16 accumulators + 4 x + 1 w of 32 registers
+constexpr int kVecRegs = 32;
 #else
 constexpr int kDotMR = 2, kDotNR = 4;  // 8 + 2 + 1 of 16
+constexpr int kVecRegs = 16;
 #endif
 constexpr int64_t kDotMaxRows = 40;  // fp32 linears with fewer rows use the dot tiles (measured)
 
@@ -216,69 +221,121 @@ inline Vf load_w(const W* p, int rem) {
   return Vf::loadu(buf);
 }
 
-// rows [m0, m0 + MR) of x (fp32, stride ldx) against rows [0, NR) of w (fp32 or 16-bit,
-// stride ldw) over K; scale and bias may be null; the results go to out[m][n0 + c] (row
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#define MPTK_BF16_DOT 1  // the build host has AVX512-BF16 (CMakeLists.txt): vdpbf16ps
+#endif
+
+// The operands of the dot tiles: a k-step's vectors of x and w, and their multiply-add.
+// DotF32<W>: fp32 x against a weight of W (fp32, or 16-bit widened in registers), FMA.
+template <typename W>
+struct DotF32 {
+  using XE = float;
+  using WE = W;
+  using V = Vf;
+  static constexpr int64_t kStep = kWf;
+  static Vf zero() { return Vf(0.f); }
+  static Vf x(const float* p) { return Vf::loadu(p); }
+  static Vf x(const float* p, int rem) { return Vf::loadu(p, rem); }
+  static Vf w(const W* p) { return load_w(p); }
+  static Vf w(const W* p, int rem) { return load_w(p, rem); }
+  static Vf madd(const Vf& acc, const Vf& a, const Vf& b) { return at::vec::fmadd(a, b, acc); }
+  static float sum(const Vf& v) { return at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return a + b; }, v); }
+};
+#ifdef MPTK_BF16_DOT
+// DotBf16: bf16 x and weight as they are, 32 k per vdpbf16ps (exact products, fp32 sums, as
+// the bf16 panel GEMM): a quarter of the instructions of widening both to fp32, so a bf16
+// linear with few rows runs at the speed of reading its weight.
+struct DotBf16 {
+  using XE = c10::BFloat16;
+  using WE = c10::BFloat16;
+  using V = __m512;
+  static constexpr int64_t kStep = 32;
+  static __m512 zero() { return _mm512_setzero_ps(); }
+  static __m512 x(const c10::BFloat16* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
+  static __m512 x(const c10::BFloat16* p, int rem) {  // zero-filled past rem
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(_cvtu32_mask32((1u << rem) - 1u), p));
+  }
+  static __m512 w(const c10::BFloat16* p) { return x(p); }
+  static __m512 w(const c10::BFloat16* p, int rem) { return x(p, rem); }
+  static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  static float sum(__m512 v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+
+// rows [m0, m0 + MR) of x (stride ldx) against rows [0, NR) of w (stride ldw) over K, with
+// the operands of Ops; scale and bias may be null; the results go to out[m][n0 + c] (row
 // stride ldo)
-template <int MR, int NR, typename T, typename W = float>
-inline void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, int64_t m0, int64_t n0,
-                     const float* scale, const float* bias, T* out, int64_t ldo) {
-  Vf acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) acc[r][c] = Vf(0.f);
-  const float* xr = x + m0 * ldx;
+template <int MR, int NR, typename T, typename Ops>
+inline void dot_tile(const typename Ops::XE* x, int64_t ldx, const typename Ops::WE* w, int64_t ldw, int64_t K,
+                     int64_t m0, int64_t n0, const float* scale, const float* bias, T* out, int64_t ldo) {
+  // one or two rows of x give only NR or 2 NR independent sums: a second bank of accumulators
+  // for alternate k-steps keeps twice as many multiply-adds in flight (a single bf16 row was
+  // slower than 4 rows without it: latency-bound)
+  constexpr int kBanks = MR <= 2 && 2 * MR * NR + MR + 1 <= kVecRegs ? 2 : 1;
+  typename Ops::V acc[kBanks][MR][NR];
+  for (int b = 0; b < kBanks; ++b)
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NR; ++c) acc[b][r][c] = Ops::zero();
+  const auto* xr = x + m0 * ldx;
   int64_t k = 0;
-  for (; k + kWf <= K; k += kWf) {
-    Vf xv[MR];
-    for (int r = 0; r < MR; ++r) xv[r] = Vf::loadu(xr + r * ldx + k);
-    for (int c = 0; c < NR; ++c) {
-      const Vf wv = load_w(w + c * ldw + k);
-      for (int r = 0; r < MR; ++r) acc[r][c] = at::vec::fmadd(xv[r], wv, acc[r][c]);
+  for (; k + Ops::kStep <= K;) {
+#pragma GCC unroll 2
+    for (int b = 0; b < kBanks; ++b, k += Ops::kStep) {
+      if (kBanks > 1 && k + Ops::kStep > K) break;  // an odd number of whole steps
+      typename Ops::V xv[MR];
+      for (int r = 0; r < MR; ++r) xv[r] = Ops::x(xr + r * ldx + k);
+      for (int c = 0; c < NR; ++c) {
+        const auto wv = Ops::w(w + c * ldw + k);
+        for (int r = 0; r < MR; ++r) acc[b][r][c] = Ops::madd(acc[b][r][c], xv[r], wv);
+      }
     }
   }
-  if (k < K) {  // the last partial vector, zero-filled
+  if (k < K) {  // the last partial step, zero-filled
     const int rem = static_cast<int>(K - k);
-    Vf xv[MR];
-    for (int r = 0; r < MR; ++r) xv[r] = Vf::loadu(xr + r * ldx + k, rem);
+    typename Ops::V xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = Ops::x(xr + r * ldx + k, rem);
     for (int c = 0; c < NR; ++c) {
-      const Vf wv = load_w(w + c * ldw + k, rem);
-      for (int r = 0; r < MR; ++r) acc[r][c] = at::vec::fmadd(xv[r], wv, acc[r][c]);
+      const auto wv = Ops::w(w + c * ldw + k, rem);
+      for (int r = 0; r < MR; ++r) acc[0][r][c] = Ops::madd(acc[0][r][c], xv[r], wv);
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) {
-      const float sum = at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return a + b; }, acc[r][c]);
+      float sum = Ops::sum(acc[0][r][c]);
+      if constexpr (kBanks == 2) sum += Ops::sum(acc[1][r][c]);
       const int64_t n = n0 + c;
       out[(m0 + r) * ldo + n] = static_cast<T>(sum * (scale ? scale[n] : 1.f) + (bias ? bias[n] : 0.f));
     }
 }
 
 // rows [m0, m1) of x against NR rows of w (output columns n0 ..)
-template <int NR, typename T, typename W>
-inline void dot_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, int64_t m0, int64_t m1,
-                     int64_t n0, const float* scale, const float* bias, T* out, int64_t ldo) {
+template <int NR, typename T, typename Ops>
+inline void dot_rows(const typename Ops::XE* x, int64_t ldx, const typename Ops::WE* w, int64_t ldw, int64_t K,
+                     int64_t m0, int64_t m1, int64_t n0, const float* scale, const float* bias, T* out, int64_t ldo) {
   int64_t m = m0;
-  for (; m + kDotMR <= m1; m += kDotMR) dot_tile<kDotMR, NR, T, W>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
-  for (; m < m1; ++m) dot_tile<1, NR, T, W>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+  for (; m + kDotMR <= m1; m += kDotMR)
+    dot_tile<kDotMR, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+  // the last rows in one tile, so the weight rows are read once more, not once per row
+  if (kDotMR > 3 && m1 - m == 3) dot_tile<3, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+  else if (kDotMR > 2 && m1 - m == 2) dot_tile<2, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+  else if (m1 - m == 1) dot_tile<1, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
 }
 
-// out (M, N) fp32 = x (M, K, fp32) @ w (N, K)^T for few rows, parallel over blocks of w rows
-template <typename W>
-void dot_gemm(const float* x, const W* w, float* out, int64_t M, int64_t N, int64_t K) {
+// out (M, N) fp32 = x (M, K) @ w (N, K)^T for few rows, parallel over blocks of w rows
+template <typename Ops>
+void dot_gemm(const typename Ops::XE* x, const typename Ops::WE* w, float* out, int64_t M, int64_t N, int64_t K) {
   at::parallel_for(0, (N + kDotNR - 1) / kDotNR, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kDotNR, rows = std::min<int64_t>(kDotNR, N - n0);
       if (rows == kDotNR) {
-        dot_rows<kDotNR>(x, K, w + n0 * K, K, K, 0, M, n0, nullptr, nullptr, out, N);
+        dot_rows<kDotNR, float, Ops>(x, K, w + n0 * K, K, K, 0, M, n0, nullptr, nullptr, out, N);
       } else {
-        for (int64_t c = 0; c < rows; ++c) dot_rows<1>(x, K, w + (n0 + c) * K, K, K, 0, M, n0 + c, nullptr, nullptr, out, N);
+        for (int64_t c = 0; c < rows; ++c)
+          dot_rows<1, float, Ops>(x, K, w + (n0 + c) * K, K, K, 0, M, n0 + c, nullptr, nullptr, out, N);
       }
     }
   });
 }
-
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-#define MPTK_BF16_DOT 1  // the build host has AVX512-BF16 (CMakeLists.txt): vdpbf16ps
-#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 // r[i] (row i of a 16x16 matrix of 32-bit words) -> r[i] = column i
@@ -413,19 +470,35 @@ inline void sgemm_tile(const typename Dot::E* A, int64_t lda, const float* P, in
 
 // C (M, N) fp32 = A (M, K) @ op(B), A and B of Dot's element type and contiguous; op(B) =
 // B^T for a (N, K) B (b_nk), else (fp32 only) B (K, N). K a whole number of words.
+// With an epilogue epi(m0, m1, n0, cols, c, ldc) instead of a C, each finished block of the
+// product (rows [m0, m1), columns [n0, n0 + cols), c at its first element, row stride ldc) is
+// handed to epi while in cache: the sums live in a per-task block of kSgemmMChunk x 64, and
+// no fp32 (M, N) is written to memory and read back.
 template <typename Dot>
 void sgemm_split_k(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float* C, int64_t M, int64_t N,
                    int64_t K);
 
-template <typename Dot>
+template <typename Dot, typename Epi = std::nullptr_t>
 void sgemm(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float* C, int64_t M, int64_t N,
-           int64_t K) {
+           int64_t K, const Epi& epi = nullptr) {
+  constexpr bool kEpi = !std::is_same_v<Epi, std::nullptr_t>;
   const int64_t W = K / Dot::kPerWord;
-  if (W >= kSplitKRatio * std::max(M, N)) return sgemm_split_k<Dot>(A, B, b_nk, C, M, N, K);
+  if (W >= kSplitKRatio * std::max(M, N)) {
+    if constexpr (kEpi) {  // rare shapes: the whole product first, then the epilogue by rows
+      at::Tensor tmp = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
+      float* c = tmp.mutable_data_ptr<float>();
+      sgemm_split_k<Dot>(A, B, b_nk, c, M, N, K);
+      at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { epi(m0, m1, 0, N, c + m0 * N, N); });
+    } else {
+      sgemm_split_k<Dot>(A, B, b_nk, C, M, N, K);
+    }
+    return;
+  }
   const int64_t n_panels = (N + kSgemmPanel - 1) / kSgemmPanel, n_chunks = (M + kSgemmMChunk - 1) / kSgemmMChunk;
   // panel-major tasks: a thread packs a panel once for all the chunks of it that it runs
   at::parallel_for(0, n_panels * n_chunks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> P(W * kSgemmPanel);
+    std::vector<float> block(kEpi ? kSgemmMChunk * kSgemmPanel : 0);
     int64_t packed = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t panel = t / n_chunks, n0 = panel * kSgemmPanel, cols = std::min(kSgemmPanel, N - n0);
@@ -443,13 +516,16 @@ void sgemm(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float*
         mask[c] = static_cast<__mmask16>((1u << valid) - 1u);
       }
       const int64_t mb = t % n_chunks * kSgemmMChunk, me = std::min(M, mb + kSgemmMChunk);
+      float* Cb = kEpi ? block.data() : C + mb * N + n0;  // row mb, column n0
+      const int64_t ldc = kEpi ? kSgemmPanel : N;
       for (int64_t w0 = 0; w0 < W; w0 += kSgemmKc) {
         const int64_t w1 = std::min(W, w0 + kSgemmKc);
         int64_t m = mb;
         for (; m + kSgemmMR <= me; m += kSgemmMR)
-          sgemm_tile<kSgemmMR, Dot>(A + m * K, K, P.data(), w0, w1, C + m * N + n0, N, mask, w0 == 0);
-        for (; m < me; ++m) sgemm_tile<1, Dot>(A + m * K, K, P.data(), w0, w1, C + m * N + n0, N, mask, w0 == 0);
+          sgemm_tile<kSgemmMR, Dot>(A + m * K, K, P.data(), w0, w1, Cb + (m - mb) * ldc, ldc, mask, w0 == 0);
+        for (; m < me; ++m) sgemm_tile<1, Dot>(A + m * K, K, P.data(), w0, w1, Cb + (m - mb) * ldc, ldc, mask, w0 == 0);
       }
+      if constexpr (kEpi) epi(mb, me, n0, cols, block.data(), kSgemmPanel);
     }
   });
 }
@@ -520,7 +596,8 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool b_nk) {
   if (b_nk && M < kDotMaxRows && M > 0 && K > 0 && N > 0) {  // decoding: stream the weight once
     const at::Tensor ac = a.contiguous(), bc = b.contiguous();
     at::Tensor c = at::empty({M, N}, a.options());
-    dot_gemm<float>(ac.const_data_ptr<float>(), bc.const_data_ptr<float>(), c.mutable_data_ptr<float>(), M, N, K);
+    dot_gemm<DotF32<float>>(ac.const_data_ptr<float>(), bc.const_data_ptr<float>(), c.mutable_data_ptr<float>(), M,
+                            N, K);
     return c;
   }
 #if defined(CPU_CAPABILITY_AVX512)
@@ -534,6 +611,86 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool b_nk) {
 #endif
   return at::mm(a, b_nk ? b.t() : b);
 }
+
+#ifdef MPTK_BF16_DOT
+// 32 bf16 (masked) as two fp32 vectors
+inline void bf16x32_to_f32(__m512i v, __m512& lo, __m512& hi) {
+  lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+  hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+}
+
+// The backward of a bf16 linear where the CPU has AVX512-BF16, so that oneDNN's bf16 matmul
+// (at::mm) is native (0.9-1.0 TFLOP/s here, ahead of our panels in the (M, N) @ (N, K) and
+// transposed layouts of the backward). One pass over dout (and the saved tensor) makes dpre =
+// dout * act'(h) rounded to bf16, as PyTorch's bf16 autograd rounds it, and sums db in fp32
+// from the unrounded values: per fixed block of rows, then the blocks in order, so the result
+// does not depend on the thread count.
+template <Act A>
+void bf16_dpre_pass(const uint16_t* d, const uint16_t* s, uint16_t* dpre, float* part, int64_t M, int64_t N) {
+  constexpr int64_t kRows = 64;  // rows per block of db terms
+  at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      for (int64_t m = blk * kRows; m < std::min(M, (blk + 1) * kRows); ++m) {
+        for (int64_t n = 0; n < N; n += 32) {
+          const int64_t cols = std::min<int64_t>(32, N - n), off = m * N + n;
+          const __mmask32 mk = _cvtu32_mask32(static_cast<uint32_t>((uint64_t{1} << cols) - 1u));
+          __m512 lo, hi;
+          bf16x32_to_f32(_mm512_maskz_loadu_epi16(mk, d + off), lo, hi);
+          if constexpr (A != Act::kNone) {
+            __m512 slo, shi;
+            bf16x32_to_f32(_mm512_maskz_loadu_epi16(mk, s + off), slo, shi);
+            lo = _mm512_mul_ps(lo, act_grad(Vf(slo), A));
+            hi = _mm512_mul_ps(hi, act_grad(Vf(shi), A));
+            _mm512_mask_storeu_epi16(dpre + off, mk, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // nearest even
+          }
+          if (part) {  // masked-off lanes hold zeros
+            float* pr = part + blk * N + n;
+            const __mmask16 m_lo = static_cast<__mmask16>(mk), m_hi = static_cast<__mmask16>(mk >> 16);
+            _mm512_mask_storeu_ps(pr, m_lo, _mm512_add_ps(_mm512_maskz_loadu_ps(m_lo, pr), lo));
+            _mm512_mask_storeu_ps(pr + 16, m_hi, _mm512_add_ps(_mm512_maskz_loadu_ps(m_hi, pr + 16), hi));
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_bf16(const at::Tensor& dout, const at::Tensor& x,
+                                                               const at::Tensor& weight, const at::Tensor& saved,
+                                                               Act act, bool has_bias) {
+  const int64_t M = x.size(0), N = weight.size(0);
+  const at::Tensor d = dout.contiguous();
+  at::Tensor dpre = d, db = at::empty({0}, d.options().dtype(at::kFloat));
+  if (act != Act::kNone || has_bias) {
+    const at::Tensor sv = act == Act::kNone ? at::Tensor() : saved.contiguous();
+    if (act != Act::kNone) dpre = at::empty({M, N}, d.options());
+    const int64_t n_blocks = (M + 63) / 64;
+    at::Tensor part = at::zeros({has_bias ? n_blocks : 0, N}, d.options().dtype(at::kFloat));
+    const auto* dp = reinterpret_cast<const uint16_t*>(d.const_data_ptr<c10::BFloat16>());
+    const auto* sp = sv.defined() ? reinterpret_cast<const uint16_t*>(sv.const_data_ptr<c10::BFloat16>()) : nullptr;
+    auto* op = act == Act::kNone ? nullptr : reinterpret_cast<uint16_t*>(dpre.mutable_data_ptr<c10::BFloat16>());
+    float* pp = has_bias ? part.mutable_data_ptr<float>() : nullptr;
+    switch (act) {  // the activation a compile-time constant in the loop
+      case Act::kRelu: bf16_dpre_pass<Act::kRelu>(dp, sp, op, pp, M, N); break;
+      case Act::kGelu: bf16_dpre_pass<Act::kGelu>(dp, sp, op, pp, M, N); break;
+      case Act::kGeluTanh: bf16_dpre_pass<Act::kGeluTanh>(dp, sp, op, pp, M, N); break;
+      default: bf16_dpre_pass<Act::kNone>(dp, sp, op, pp, M, N);
+    }
+    if (has_bias) {
+      db = at::empty({N}, d.options().dtype(at::kFloat));
+      float* dbp = db.mutable_data_ptr<float>();
+      at::parallel_for(0, N, 1024, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          float acc = 0.f;
+          for (int64_t blk = 0; blk < n_blocks; ++blk) acc += pp[blk * N + n];
+          dbp[n] = acc;
+        }
+      });
+    }
+  }
+  return {at::mm(dpre, weight), at::mm(dpre.t(), x), db};
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias, c10::string_view activation) {
@@ -555,33 +712,63 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
                      : act == Act::kGeluTanh ? at::gelu(h, "tanh") : h.clone();
     return {out, keep_preact ? h : at::empty({0}, x.options())};
   }
-  at::Tensor h;  // fp32 (M, N)
+  const int64_t K = x.size(1);
+  const bool any = M > 0 && N > 0 && K > 0;
+  at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bias ? bias32.const_data_ptr<float>() : nullptr;
+  at::Tensor preact = keep_preact ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+#if defined(CPU_CAPABILITY_AVX512)
+  if (any && M >= kDotMaxRows) {
+    // the panel GEMM, whose epilogue writes out (and preact) from each finished block: bf16
+    // straight into vdpbf16ps (even K), else fp32 (16-bit inputs widened first)
+    at::Tensor out = at::empty({M, N}, x.options());
+    MPTK_DISPATCH_F32_F16_BF16(x.scalar_type(), "mptkernels_linear_fwd_panels", [&] {
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      scalar_t* pr = keep_preact ? preact.mutable_data_ptr<scalar_t>() : nullptr;
+      auto epi = [&](int64_t m0, int64_t m1, int64_t n0, int64_t cols, float* c, int64_t ldc) {
+        for (int64_t m = m0; m < m1; ++m)
+          epilogue_row<scalar_t>(c + (m - m0) * ldc, bp ? bp + n0 : nullptr, act, o + m * N + n0,
+                                 pr ? pr + m * N + n0 : nullptr, cols);
+      };
 #ifdef MPTK_BF16_DOT
-  if (x.scalar_type() == at::kBFloat16 && M >= kSgemmMinRows && x.size(1) % 2 == 0 && x.size(1) > 0 && N > 0) {
-    // bf16 straight into vdpbf16ps: no fp32 copies of x and the weight
-    const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-    h = at::empty({M, N}, x.options().dtype(at::kFloat));
-    sgemm<Bf16Dot>(xc.const_data_ptr<c10::BFloat16>(), wc.const_data_ptr<c10::BFloat16>(), /*b_nk=*/true,
-                   h.mutable_data_ptr<float>(), M, N, x.size(1));
+      if (x.scalar_type() == at::kBFloat16 && K % 2 == 0) {
+        const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+        sgemm<Bf16Dot>(xc.const_data_ptr<c10::BFloat16>(), wc.const_data_ptr<c10::BFloat16>(), /*b_nk=*/true, nullptr,
+                       M, N, K, epi);
+        return;
+      }
+#endif
+      const at::Tensor xf = wide(x), wf = wide(weight);
+      sgemm<F32Dot>(xf.const_data_ptr<float>(), wf.const_data_ptr<float>(), /*b_nk=*/true, nullptr, M, N, K, epi);
+    });
+    return {out, preact};
   }
 #endif
-  if (!h.defined() && x.scalar_type() != at::kFloat && M < kDotMaxRows && M > 0 && N > 0 && x.size(1) > 0) {
-    // decoding in 16 bits: the weight is widened in registers as the dot tiles read it
+  // few rows (dot tiles: the weight streamed once), or no AVX-512: the product in fp32, then
+  // the epilogue in one pass
+  at::Tensor h;  // fp32 (M, N)
+#ifdef MPTK_BF16_DOT
+  if (x.scalar_type() == at::kBFloat16 && any) {  // bf16 straight into vdpbf16ps
+    const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+    h = at::empty({M, N}, x.options().dtype(at::kFloat));
+    dot_gemm<DotBf16>(xc.const_data_ptr<c10::BFloat16>(), wc.const_data_ptr<c10::BFloat16>(),
+                      h.mutable_data_ptr<float>(), M, N, K);
+  }
+#endif
+  if (!h.defined() && x.scalar_type() != at::kFloat && M < kDotMaxRows && any) {
+    // 16-bit weights are widened in registers as the dot tiles read them
     const at::Tensor xf = wide(x), wc = weight.contiguous();
     h = at::empty({M, N}, x.options().dtype(at::kFloat));
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "mptkernels_linear_dot16", [&] {
-      dot_gemm<scalar_t>(xf.const_data_ptr<float>(), wc.const_data_ptr<scalar_t>(), h.mutable_data_ptr<float>(), M,
-                         N, x.size(1));
+      dot_gemm<DotF32<scalar_t>>(xf.const_data_ptr<float>(), wc.const_data_ptr<scalar_t>(),
+                                 h.mutable_data_ptr<float>(), M, N, K);
     });
   }
   if (!h.defined()) h = mm_f32(wide(x), wide(weight), /*b_nk=*/true);
-  at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = x.scalar_type() == at::kFloat ? h : at::empty({M, N}, x.options());
-  at::Tensor preact = keep_preact ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
-  if (x.scalar_type() == at::kFloat && !bias && act == Act::kNone) return {out, preact};  // sgemm's output is it
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_linear_fwd", [&] {
-    linear_epilogue<scalar_t>(h.mutable_data_ptr<float>(), bias ? bias32.const_data_ptr<float>() : nullptr, act,
-                              out.mutable_data_ptr<scalar_t>(),
+  if (x.scalar_type() == at::kFloat && !bias && act == Act::kNone) return {out, preact};  // the product is it
+  MPTK_DISPATCH_F32_F16_BF16(x.scalar_type(), "mptkernels_linear_fwd", [&] {
+    linear_epilogue<scalar_t>(h.mutable_data_ptr<float>(), bp, act, out.mutable_data_ptr<scalar_t>(),
                               keep_preact ? preact.mutable_data_ptr<scalar_t>() : nullptr, M, N);
   });
   return {out, preact};
@@ -598,11 +785,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
               "), got ", dout.sizes());
   const Act act = parse_activation(std::string_view(activation.data(), activation.size()), op);
   const bool is_double = x.scalar_type() == at::kDouble;
-  // dpre = dout * act'(h) in one pass into a new tensor; without an activation dout as is
-  at::Tensor dpre = is_double ? dout.contiguous() : dout.to(at::kFloat).contiguous();
   if (act != Act::kNone) {
     TORCH_CHECK(saved.dim() == 2 && saved.size(0) == M && saved.size(1) == N, op, ": saved must be (", M, ", ", N,
                 ") for activation ", activation, ", got ", saved.sizes());
+  }
+#ifdef MPTK_BF16_DOT
+  if (x.scalar_type() == at::kBFloat16) return linear_bwd_bf16(dout, x, weight, saved, act, has_bias);
+#endif
+  // dpre = dout * act'(h) in one pass into a new tensor; without an activation dout as is
+  at::Tensor dpre = is_double ? dout.contiguous() : dout.to(at::kFloat).contiguous();
+  if (act != Act::kNone) {
     const at::Tensor s = is_double ? saved.contiguous() : saved.to(at::kFloat).contiguous();
     const at::Tensor d_in = dpre;
     dpre = at::empty_like(d_in);
@@ -1086,7 +1278,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_int8, const 
   const float* wsp = ws.const_data_ptr<float>();
   at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias ? bias32.const_data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mptkernels_int8_linear", [&] {
+  MPTK_DISPATCH_F32_F16_BF16(x.scalar_type(), "mptkernels_int8_linear", [&] {
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     if (x.size(1) == 0) {  // no products: the epilogue of zeros
       std::vector<float> zeros(N, 0.f);
@@ -1118,6 +1310,40 @@ constexpr int64_t kWoMChunk = 64;
 template <typename T>
 void weight_only_gemm(const T* x, const int8_t* w, const float* scale, const float* bias, int64_t M, int64_t N,
                       int64_t K, T* out) {
+#ifdef MPTK_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // bf16 x as it is against the weight rows converted to bf16 (int8 values are exact in
+    // bf16): the vdpbf16ps dot tiles, a quarter of the instructions of the fp32 ones
+    at::parallel_for(0, (N + kDotNR - 1) / kDotNR, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<c10::BFloat16> wb(kDotNR * K);
+      for (int64_t mc = 0; mc < M; mc += kWoMChunk) {
+        const int64_t mc_end = std::min(M, mc + kWoMChunk);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t n0 = b * kDotNR, rows = std::min<int64_t>(kDotNR, N - n0);
+          for (int64_t c = 0; c < rows; ++c) {
+            const int8_t* src = w + (n0 + c) * K;
+            c10::BFloat16* dst = wb.data() + c * K;
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16) {
+              // an int8 value's fp32 has at most 7 significant bits: its top half is its bf16, exactly
+              const __m512i f = _mm512_castps_si512(
+                  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + k)))));
+              _mm256_storeu_si256((__m256i*)(dst + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(f, 16)));
+            }
+            for (; k < K; ++k) dst[k] = static_cast<c10::BFloat16>(static_cast<float>(src[k]));
+          }
+          if (rows == kDotNR) {
+            dot_rows<kDotNR, T, DotBf16>(x, K, wb.data(), K, K, mc, mc_end, n0, scale, bias, out, N);
+          } else {
+            for (int64_t c = 0; c < rows; ++c)
+              dot_rows<1, T, DotBf16>(x, K, wb.data() + c * K, K, K, mc, mc_end, n0 + c, scale, bias, out, N);
+          }
+        }
+      }
+    });
+    return;
+  }
+#endif
   const int64_t Kp = (K + kWf - 1) / kWf * kWf;
   at::Tensor xf_t = at::empty({M, Kp}, at::TensorOptions().dtype(at::kFloat));
   float* xf = xf_t.mutable_data_ptr<float>();  // x in fp32, rows padded with zeros
@@ -1136,10 +1362,10 @@ void weight_only_gemm(const T* x, const int8_t* w, const float* scale, const flo
         for (int64_t c = 0; c < rows; ++c)
           for (int64_t k = 0; k < K; ++k) wb[c * Kp + k] = static_cast<float>(w[(n0 + c) * K + k]);
         if (rows == kDotNR) {
-          dot_rows<kDotNR>(xf, Kp, wb.data(), Kp, Kp, mc, mc_end, n0, scale, bias, out, N);
+          dot_rows<kDotNR, T, DotF32<float>>(xf, Kp, wb.data(), Kp, Kp, mc, mc_end, n0, scale, bias, out, N);
         } else {
           for (int64_t c = 0; c < rows; ++c)
-            dot_rows<1>(xf, Kp, wb.data() + c * Kp, Kp, Kp, mc, mc_end, n0 + c, scale, bias, out, N);
+            dot_rows<1, T, DotF32<float>>(xf, Kp, wb.data() + c * Kp, Kp, Kp, mc, mc_end, n0 + c, scale, bias, out, N);
         }
       }
     }
