@@ -66,8 +66,9 @@ def _flex_alibi(q, k, v, slopes):
 
 def run(device: str, quick: bool):
     rows = []
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    for b, s, h, d in shapes(device, quick):
+    # the CPU: fp32, and in full runs bf16 too (vdpbf16ps tiles where the CPU has AVX512-BF16)
+    dtypes = [torch.bfloat16] if device == "cuda" else [torch.float32] + ([] if quick else [torch.bfloat16])
+    for dtype, (b, s, h, d) in ((dt, shape) for dt in dtypes for shape in shapes(device, quick)):
         q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # SDPA's (B, H, S, D)
         slopes = reference.alibi_slopes(h).to(device)
@@ -75,14 +76,14 @@ def run(device: str, quick: bool):
         tag = f"B{b} S{s} H{h} d{d} {str(dtype).replace('torch.', '')}"
         base = {name: (lambda be=be: _sdpa(be, qt, kt, vt, is_causal=True)) for name, be in _sdpa_backends(device).items()}
         rows += case_rows("attention", f"causal fwd {tag}", device, quick, None,
-                          {"mptkernels": lambda: ops.attention(q, k, v, causal=True)}, base, flops=flops)
+                          {"mptkernels": lambda: ops.attention(q, k, v, causal=True)}, base, flops=flops, dtype=dtype)
         mask = _alibi_mask(slopes, s, True, device, dtype)
         alibi_base = {"SDPA + bias tensor": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask),
                       # torch compiles FlexAttention for the CPU forward too (not its backward)
                       "FlexAttention (compiled)": _flex_alibi(qt, kt, vt, slopes)}
         rows += case_rows("attention", f"causal+ALiBi fwd {tag}", device, quick, None,
                           {"mptkernels": lambda: ops.attention(q, k, v, causal=True, alibi_slopes=slopes)},
-                          alibi_base, flops=flops)
+                          alibi_base, flops=flops, dtype=dtype)
         # forward + backward: 3.5x the forward's FLOPs (the backward's five matmuls recompute the scores)
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
         dout = torch.randn_like(q)
@@ -92,14 +93,14 @@ def run(device: str, quick: bool):
             "attention", f"causal+ALiBi fwd+bwd {tag}", device, quick, None,
             {"mptkernels": lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True, alibi_slopes=slopes),
                                                        (qg, kg, vg), dout)},
-            _fwd_bwd_baselines(device, qtg, ktg, vtg, doutt, mask, slopes), flops=3.5 * flops)
+            _fwd_bwd_baselines(device, qtg, ktg, vtg, doutt, mask, slopes), flops=3.5 * flops, dtype=dtype)
         if device == "cuda" or not quick:
             rows += case_rows(
                 "attention", f"causal fwd+bwd {tag}", device, quick, None,
                 {"mptkernels": lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True), (qg, kg, vg), dout)},
                 {name: (lambda be=be: torch.autograd.grad(_sdpa(be, qtg, ktg, vtg, is_causal=True), (qtg, ktg, vtg),
                                                           doutt))
-                 for name, be in _sdpa_backends(device).items()}, flops=3.5 * flops)
+                 for name, be in _sdpa_backends(device).items()}, flops=3.5 * flops, dtype=dtype)
     rows += _decode_rows(device, quick)
     return rows
 

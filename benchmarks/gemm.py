@@ -110,7 +110,8 @@ def run(device: str, quick: bool):
         for md in (1, 16):
             xd16 = torch.randn(md, kd, dtype=torch.bfloat16)
             rows += case_rows("gemm", f"linear M={md} {kd}->{nd} bfloat16", device, quick, nd * kd * 2,
-                              {"mptkernels": lambda: ops.linear(xd16, wf16)}, {"F.linear": lambda: F.linear(xd16, wf16)})
+                              {"mptkernels": lambda: ops.linear(xd16, wf16)},
+                              {"F.linear": lambda: F.linear(xd16, wf16)})
     for md in (1,) if quick else (1, 16):
         xd = torch.randn(md, kd, device=device, dtype=dt)
         rows += case_rows("gemm", f"weight-only int8 M={md} {kd}->{nd} {str(dt).replace('torch.', '')}", device,

@@ -52,6 +52,20 @@ def test_cpu_forward_matches_reference(dtype, shape, causal, alibi):
     assert torch.equal(ops.attention(q, k, v, causal=causal, alibi_slopes=slopes), out)
 
 
+# bf16 on the CPU (vdpbf16ps where the build host has AVX512-BF16): q K^T products exact in
+# fp32, P rounded to bf16 for P V, one rounding of the output: element by element within
+# 2^-8 of the fp64 result (relative) plus 2^-8 of the largest |v| (P's rounding), so a dropped
+# key (an odd last one of a pair) or head-dim column shows even where a norm would hide it
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal, alibi", [(False, None), (True, "heads"), (True, "batch")])
+def test_cpu_bf16_forward_elementwise(shape, causal, alibi):
+    q, k, v, slopes = _case(shape, torch.bfloat16, alibi=alibi)
+    out = ops.attention(q, k, v, causal=causal, alibi_slopes=slopes)
+    ref = _reference(q, k, v, slopes, causal)[0]
+    bound = 2.0 ** -8 * (ref.abs() + v.double().abs().max())
+    assert ((out.double() - ref).abs() <= bound).all(), ((out.double() - ref).abs() / bound).max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES[:5], ids=str)
 @pytest.mark.parametrize("causal", [False, True])

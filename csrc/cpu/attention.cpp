@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -46,42 +47,70 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // accumulators fit AVX-512's 32 registers; AVX2's 16 hold 2 x 4.
 constexpr int kRows = kW >= 16 ? 4 : 2;
 
-// C[R rows, NV*kW columns] (+)= A[R, K] @ B[K, those columns]; row-major fp32.
-template <int R, int NV>
-inline void gemm_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                      bool accumulate) {
+// The multiply-add of the tile GEMMs, per operand type. A k-step is a 32-bit word of B: one
+// fp32 value (FMA), or, where the build host has AVX512-BF16, a pair of bf16 values of
+// consecutive k (vdpbf16ps: both products exact in fp32, twice the FMA's work per
+// instruction); A's word k is then elements 2k and 2k + 1 of its row.
+struct F32Words {
+  using E = float;
+  static constexpr int64_t kPerWord = 1;
+  static Vf bcast(const float* a) { return Vf(*a); }
+  static Vf madd(const Vf& c, const Vf& a, const Vf& b) { return at::vec::fmadd(a, b, c); }
+};
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#define MPTK_ATTN_BF16 1
+struct Bf16Words {
+  using E = c10::BFloat16;
+  static constexpr int64_t kPerWord = 2;
+  static Vf bcast(const c10::BFloat16* a) {
+    int32_t word;
+    std::memcpy(&word, a, 4);
+    return Vf(_mm512_castsi512_ps(_mm512_set1_epi32(word)));
+  }
+  static Vf madd(const Vf& c, const Vf& a, const Vf& b) {
+    return Vf(_mm512_dpbf16_ps(c, (__m512bh)static_cast<__m512>(a), (__m512bh)static_cast<__m512>(b)));
+  }
+};
+#endif
+
+// C[R rows, NV*kW columns] (+)= A[R, W words] @ B[W, those columns]; row-major, C fp32.
+template <int R, int NV, typename Dot>
+inline void gemm_tile(int64_t W, const typename Dot::E* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, bool accumulate) {
   Vf c[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? Vf::loadu(C + r * ldc + v * kW) : Vf(0.f);
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < W; ++k) {
     Vf b[NV];
     for (int v = 0; v < NV; ++v) b[v] = Vf::loadu(B + k * ldb + v * kW);
     for (int r = 0; r < R; ++r) {
-      const Vf a(A[r * lda + k]);
-      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, b[v], c[r][v]);
+      const Vf a = Dot::bcast(A + r * lda + k * Dot::kPerWord);
+      for (int v = 0; v < NV; ++v) c[r][v] = Dot::madd(c[r][v], a, b[v]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * kW);
 }
 
-template <int NV>
-void gemm_cols(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+template <int NV, typename Dot>
+void gemm_cols(int64_t M, int64_t W, const typename Dot::E* A, int64_t lda, const float* B, int64_t ldb, float* C,
                int64_t ldc, bool accumulate) {
   int64_t i = 0;
-  for (; i + kRows <= M; i += kRows) gemm_tile<kRows, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-  for (; i < M; ++i) gemm_tile<1, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for (; i + kRows <= M; i += kRows)
+    gemm_tile<kRows, NV, Dot>(W, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for (; i < M; ++i) gemm_tile<1, NV, Dot>(W, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
 }
 
-// C[M, N] (+)= A[M, K] @ B[K, N], row-major fp32, N a multiple of kW.
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-          int64_t ldc, bool accumulate) {
+// C[M, N] (+)= A[M, W words] @ B[W, N] (B and C fp32 words, row-major), N a multiple of kW.
+template <typename Dot = F32Words>
+void gemm(int64_t M, int64_t N, int64_t W, const typename Dot::E* A, int64_t lda, const float* B, int64_t ldb,
+          float* C, int64_t ldc, bool accumulate) {
   int64_t n = 0;
-  for (; n + 4 * kW <= N; n += 4 * kW) gemm_cols<4>(M, K, A, lda, B + n, ldb, C + n, ldc, accumulate);
+  for (; n + 4 * kW <= N; n += 4 * kW) gemm_cols<4, Dot>(M, W, A, lda, B + n, ldb, C + n, ldc, accumulate);
   switch ((N - n) / kW) {
-    case 3: gemm_cols<3>(M, K, A, lda, B + n, ldb, C + n, ldc, accumulate); break;
-    case 2: gemm_cols<2>(M, K, A, lda, B + n, ldb, C + n, ldc, accumulate); break;
-    case 1: gemm_cols<1>(M, K, A, lda, B + n, ldb, C + n, ldc, accumulate); break;
+    case 3: gemm_cols<3, Dot>(M, W, A, lda, B + n, ldb, C + n, ldc, accumulate); break;
+    case 2: gemm_cols<2, Dot>(M, W, A, lda, B + n, ldb, C + n, ldc, accumulate); break;
+    case 1: gemm_cols<1, Dot>(M, W, A, lda, B + n, ldb, C + n, ldc, accumulate); break;
     default: break;
   }
 }
@@ -99,22 +128,41 @@ void load_rows(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, fl
 // Strips of 16 source rows: the strip stays in L1 while each of its columns is written as
 // one 64-byte run (a column-at-a-time walk over all rows misses the cache on every read once
 // rows * ld outgrows it: 20x slower for a 2048-row cache).
-template <typename T>
-void load_cols(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, int64_t cols, float* dst) {
+// (O = uint32_t with T = uint32_t moves 32-bit words as they are: bf16 pairs)
+template <typename T, typename O = float>
+void load_cols(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, int64_t cols, O* dst) {
   constexpr int64_t kStrip = 16;
   for (int64_t r0 = 0; r0 < cols; r0 += kStrip) {
     const int64_t r1 = std::min(r0 + kStrip, cols), live = std::min(r1, rows);
     for (int64_t d = 0; d < Dp; ++d) {
-      float* out = dst + d * cols;
+      O* out = dst + d * cols;
       if (d < D) {
-        for (int64_t r = r0; r < live; ++r) out[r] = static_cast<float>(src[r * ld + d]);
-        for (int64_t r = std::max(live, r0); r < r1; ++r) out[r] = 0.f;
+        for (int64_t r = r0; r < live; ++r) out[r] = static_cast<O>(src[r * ld + d]);
+        for (int64_t r = std::max(live, r0); r < r1; ++r) out[r] = O(0);
       } else {
-        for (int64_t r = r0; r < r1; ++r) out[r] = 0.f;
+        for (int64_t r = r0; r < r1; ++r) out[r] = O(0);
       }
     }
   }
 }
+
+#ifdef MPTK_ATTN_BF16
+// src bf16 [rows, D] (row stride ld) -> dst [ceil(cols / 2), Dp] words, rows 2u and 2u + 1
+// interleaved: dst[u][d] = (src[2u][d], src[2u + 1][d]), zeros past rows and D. The B of
+// P V on vdpbf16ps, whose k (the key) runs over word pairs.
+void load_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, int64_t cols,
+                    uint32_t* dst) {
+  const auto* s16 = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t u = 0; u < (cols + 1) / 2; ++u) {
+    const int64_t r = 2 * u;
+    for (int64_t d = 0; d < Dp; ++d) {
+      const uint32_t lo = r < rows && d < D ? s16[r * ld + d] : 0u;
+      const uint32_t hi = r + 1 < rows && d < D ? s16[(r + 1) * ld + d] : 0u;
+      dst[u * Dp + d] = lo | (hi << 16);
+    }
+  }
+}
+#endif
 
 // One sequence: its query rows [q0, q0 + Sq) and key rows [k0, k0 + Sk) in the token
 // dimension of q and of k/v, and where its lse lives (lse[lse0 + h * lse_head_stride + i]).
@@ -138,11 +186,12 @@ struct Geometry {
   }
 };
 
-// scores tile [bq, kBlockK] for query rows [i0, i0 + bq) and keys [j0, j0 + kBlockK): ALiBi
-// bias and masks (causal, padding past Sk) applied in place. The bias of row i is
-// slope * (j0 - i - offset) + slope * c: a scalar plus a fixed ramp over the tile's columns.
+// scores tile [bq, kBlockK] for query rows [i0, i0 + bq) and keys [j0, j0 + kBlockK): times
+// scale (1 where it is folded into q), then ALiBi bias and masks (causal, padding past Sk),
+// in place. The bias of row i is slope * (j0 - i - offset) + slope * c: a scalar plus a fixed
+// ramp over the tile's columns.
 inline void bias_and_mask(float* S, int64_t bq, int64_t i0, int64_t j0, const Geometry& g, const Seq& s,
-                          float slope) {
+                          float slope, float scale = 1.f) {
   alignas(64) static thread_local float ramp[kBlockK];
   const bool has_bias = slope != 0.f;
   if (has_bias)
@@ -150,6 +199,8 @@ inline void bias_and_mask(float* S, int64_t bq, int64_t i0, int64_t j0, const Ge
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t i = i0 + r, visible = g.key_end(s, i) - j0;  // columns [0, visible) are visible
     float* row = S + r * kBlockK;
+    if (scale != 1.f)
+      for (int64_t c = 0; c < kBlockK; c += kW) (Vf::loadu(row + c) * Vf(scale)).store(row + c);
     if (has_bias) {
       const Vf base(slope * static_cast<float>(j0 - i - s.offset()));
       for (int64_t c = 0; c < kBlockK; c += kW) (Vf::loadu(row + c) + base + Vf::loadu(ramp + c)).store(row + c);
@@ -294,9 +345,18 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
 template <typename T>
 void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slopes, bool slopes_per_batch,
                         const Geometry& g, T* op, float* lp) {
+  // bf16 where the build host has AVX512-BF16: both GEMMs on vdpbf16ps with bf16 operands as
+  // they are (q read in place, K^T and V as word pairs), P rounded to bf16 for P V, as
+  // FlashAttention does on GPUs; fp32 sums and softmax. Else everything in fp32.
+#ifdef MPTK_ATTN_BF16
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+#else
+  constexpr bool kBf16 = false;
+#endif
   const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
   const int64_t qrow = g.Hq * D, krow = g.Hk * D;
-  // K^T and V of every (sequence, kv head) in fp32, padded: [Dp, Skp_s] and [Skp_s, Dp]
+  // K^T and V of every (sequence, kv head), padded: fp32 [Dp, Skp_s] and [Skp_s, Dp], or
+  // bf16 pairs [Dp / 2, Skp_s] (k-steps along head_dim) and [Skp_s / 2, Dp] (along keys)
   const std::vector<int64_t> buf = kv_buffer_offsets(g);
   std::vector<float> kt(buf.back()), vv(buf.back());
   at::parallel_for(0, nseq * g.Hk, 1, [&](int64_t t0, int64_t t1) {
@@ -306,14 +366,24 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
       const int64_t src = (s.k0 * g.Hk + h) * D;  // k[k0, h, 0]
       float* ktp = kt.data() + buf[t / g.Hk] + h * Dp * Skp;
       float* vvp = vv.data() + buf[t / g.Hk] + h * Skp * Dp;
-      load_cols(kp + src, krow, s.Sk, D, Dp, Skp, ktp);
-      load_rows(vp + src, krow, s.Sk, D, Dp, 1.f, vvp);
-      std::fill(vvp + s.Sk * Dp, vvp + Skp * Dp, 0.f);
+      if constexpr (kBf16) {
+#ifdef MPTK_ATTN_BF16
+        // D is even (a multiple of 8): a row of k is D / 2 words
+        load_cols(reinterpret_cast<const uint32_t*>(kp + src), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
+                  reinterpret_cast<uint32_t*>(ktp));
+        load_row_pairs(vp + src, krow, s.Sk, D, Dp, Skp, reinterpret_cast<uint32_t*>(vvp));
+#endif
+      } else {
+        load_cols(kp + src, krow, s.Sk, D, Dp, Skp, ktp);
+        load_rows(vp + src, krow, s.Sk, D, Dp, 1.f, vvp);
+        std::fill(vvp + s.Sk * Dp, vvp + Skp * Dp, 0.f);
+      }
     }
   });
   const int64_t n_qblocks = (g.max_Sq + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, nseq * g.Hq * n_qblocks, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> qt(kBlockQ * Dp), S(kBlockQ * kBlockK), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
+    std::vector<float> qt(kBf16 ? 0 : kBlockQ * Dp), S(kBlockQ * kBlockK), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
+    std::vector<T> P(kBf16 ? kBlockQ * kBlockK : 0);  // the probabilities rounded for P V
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t qb = w % n_qblocks, h = (w / n_qblocks) % g.Hq, b = w / (n_qblocks * g.Hq);
       const Seq& s = g.seqs[b];
@@ -323,17 +393,30 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
       const float* ktp = kt.data() + buf[b] + (h / g.group) * Dp * Skp;
       const float* vvp = vv.data() + buf[b] + (h / g.group) * Skp * Dp;
       const float slope = slope_of(slopes, slopes_per_batch, g, b, h);
-      // the softmax scale is folded into q
-      load_rows(qp + ((s.q0 + i0) * g.Hq + h) * D, qrow, bq, D, Dp, g.scale, qt.data());
+      const T* qrows = qp + ((s.q0 + i0) * g.Hq + h) * D;
+      // fp32: the softmax scale is folded into q; bf16 reads q in place and scales the scores
+      if constexpr (!kBf16) load_rows(qrows, qrow, bq, D, Dp, g.scale, qt.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       const int64_t j_end = g.key_end(s, i0 + bq - 1);  // the block's last row sees the most keys
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
-        gemm(bq, kBlockK, Dp, qt.data(), Dp, ktp + j0, Skp, S.data(), kBlockK, false);
-        bias_and_mask(S.data(), bq, i0, j0, g, s, slope);
-        softmax_update(S.data(), bq, m.data(), l.data(), acc.data(), Dp);
-        gemm(bq, Dp, kBlockK, S.data(), kBlockK, vvp + j0 * Dp, Dp, acc.data(), Dp, true);
+        if constexpr (kBf16) {
+#ifdef MPTK_ATTN_BF16
+          gemm<Bf16Words>(bq, kBlockK, D / 2, qrows, qrow, ktp + j0, Skp, S.data(), kBlockK, false);
+          bias_and_mask(S.data(), bq, i0, j0, g, s, slope, g.scale);
+          softmax_update(S.data(), bq, m.data(), l.data(), acc.data(), Dp);
+          for (int64_t i = 0; i < bq * kBlockK; i += 32)  // round to nearest even, 32 at a time
+            _mm512_storeu_si512(P.data() + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(S.data() + i + 16),
+                                                                            _mm512_loadu_ps(S.data() + i)));
+          gemm<Bf16Words>(bq, Dp, kBlockK / 2, P.data(), kBlockK, vvp + (j0 / 2) * Dp, Dp, acc.data(), Dp, true);
+#endif
+        } else {
+          gemm(bq, kBlockK, Dp, qt.data(), Dp, ktp + j0, Skp, S.data(), kBlockK, false);
+          bias_and_mask(S.data(), bq, i0, j0, g, s, slope);
+          softmax_update(S.data(), bq, m.data(), l.data(), acc.data(), Dp);
+          gemm(bq, Dp, kBlockK, S.data(), kBlockK, vvp + j0 * Dp, Dp, acc.data(), Dp, true);
+        }
       }
       for (int64_t r = 0; r < bq; ++r)
         write_row(op + ((s.q0 + i0 + r) * g.Hq + h) * D, lp ? lp + s.lse0 + h * g.lse_head_stride + i0 + r : nullptr,

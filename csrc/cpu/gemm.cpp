@@ -45,8 +45,9 @@ using Vf = Vectorized<float>;
 constexpr int64_t kWf = Vf::size();
 
 // the dtypes of x that the fp32-accumulating epilogues serve (float64 takes plain ATen)
-#define MPTK_DISPATCH_F32_F16_BF16(TYPE, NAME, ...) \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(__VA_ARGS__))
+#define MPTK_DISPATCH_F32_F16_BF16(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(__VA_ARGS__))
 
 // ---------------------------------------------------------------- activations
 enum class Act { kNone, kRelu, kGelu, kGeluTanh };
