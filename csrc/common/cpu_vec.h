@@ -9,6 +9,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -137,5 +139,25 @@ template <typename T, typename A>
 inline A round_to(A v) {
   return static_cast<A>(static_cast<T>(v));
 }
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// The build host has AVX512-BF16 (CMakeLists.txt gives the GEMM and attention files the flag)
+#define MPTK_BF16_PAIRS 1
+// The multiply-add of the GEMM tiles (csrc/cpu/gemm.cpp, attention.cpp) on bf16 operands: a
+// k-step is a 32-bit word holding two bf16 values of consecutive k; A's word is broadcast,
+// and vdpbf16ps adds both exact products into fp32 lanes (bf16 subnormals read as zero).
+struct Bf16Pairs {
+  using E = c10::BFloat16;
+  static constexpr int64_t kPerWord = 2;
+  static inline __m512 bcast(const c10::BFloat16* a) {
+    int32_t word;
+    std::memcpy(&word, a, 4);
+    return _mm512_castsi512_ps(_mm512_set1_epi32(word));
+  }
+  static inline __m512 madd(__m512 acc, __m512 a, __m512 b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  }
+};
+#endif
 
 }  // namespace mptk::cpu

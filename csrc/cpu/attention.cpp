@@ -48,8 +48,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 constexpr int kRows = kW >= 16 ? 4 : 2;
 
 // The multiply-add of the tile GEMMs, per operand type. A k-step is a 32-bit word of B: one
-// fp32 value (FMA), or, where the build host has AVX512-BF16, a pair of bf16 values of
-// consecutive k (vdpbf16ps: both products exact in fp32, twice the FMA's work per
+// fp32 value (FMA, below), or, where the build host has AVX512-BF16, a pair of bf16 values of
+// consecutive k (Bf16Pairs in common/cpu_vec.h: vdpbf16ps, twice the FMA's work per
 // instruction); A's word k is then elements 2k and 2k + 1 of its row.
 struct F32Words {
   using E = float;
@@ -57,21 +57,6 @@ struct F32Words {
   static Vf bcast(const float* a) { return Vf(*a); }
   static Vf madd(const Vf& c, const Vf& a, const Vf& b) { return at::vec::fmadd(a, b, c); }
 };
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-#define MPTK_ATTN_BF16 1
-struct Bf16Words {
-  using E = c10::BFloat16;
-  static constexpr int64_t kPerWord = 2;
-  static Vf bcast(const c10::BFloat16* a) {
-    int32_t word;
-    std::memcpy(&word, a, 4);
-    return Vf(_mm512_castsi512_ps(_mm512_set1_epi32(word)));
-  }
-  static Vf madd(const Vf& c, const Vf& a, const Vf& b) {
-    return Vf(_mm512_dpbf16_ps(c, (__m512bh)static_cast<__m512>(a), (__m512bh)static_cast<__m512>(b)));
-  }
-};
-#endif
 
 // C[R rows, NV*kW columns] (+)= A[R, W words] @ B[W, those columns]; row-major, C fp32.
 template <int R, int NV, typename Dot>
@@ -146,7 +131,7 @@ void load_cols(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, in
   }
 }
 
-#ifdef MPTK_ATTN_BF16
+#ifdef MPTK_BF16_PAIRS
 // src bf16 [rows, D] (row stride ld) -> dst [ceil(cols / 2), Dp] words, rows 2u and 2u + 1
 // interleaved: dst[u][d] = (src[2u][d], src[2u + 1][d]), zeros past rows and D. The B of
 // P V on vdpbf16ps, whose k (the key) runs over word pairs.
@@ -348,7 +333,7 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
   // bf16 where the build host has AVX512-BF16: both GEMMs on vdpbf16ps with bf16 operands as
   // they are (q read in place, K^T and V as word pairs), P rounded to bf16 for P V, as
   // FlashAttention does on GPUs; fp32 sums and softmax. Else everything in fp32.
-#ifdef MPTK_ATTN_BF16
+#ifdef MPTK_BF16_PAIRS
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
 #else
   constexpr bool kBf16 = false;
@@ -367,7 +352,7 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
       float* ktp = kt.data() + buf[t / g.Hk] + h * Dp * Skp;
       float* vvp = vv.data() + buf[t / g.Hk] + h * Skp * Dp;
       if constexpr (kBf16) {
-#ifdef MPTK_ATTN_BF16
+#ifdef MPTK_BF16_PAIRS
         // D is even (a multiple of 8): a row of k is D / 2 words
         load_cols(reinterpret_cast<const uint32_t*>(kp + src), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
                   reinterpret_cast<uint32_t*>(ktp));
@@ -402,14 +387,14 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
       const int64_t j_end = g.key_end(s, i0 + bq - 1);  // the block's last row sees the most keys
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
         if constexpr (kBf16) {
-#ifdef MPTK_ATTN_BF16
-          gemm<Bf16Words>(bq, kBlockK, D / 2, qrows, qrow, ktp + j0, Skp, S.data(), kBlockK, false);
+#ifdef MPTK_BF16_PAIRS
+          gemm<Bf16Pairs>(bq, kBlockK, D / 2, qrows, qrow, ktp + j0, Skp, S.data(), kBlockK, false);
           bias_and_mask(S.data(), bq, i0, j0, g, s, slope, g.scale);
           softmax_update(S.data(), bq, m.data(), l.data(), acc.data(), Dp);
           for (int64_t i = 0; i < bq * kBlockK; i += 32)  // round to nearest even, 32 at a time
             _mm512_storeu_si512(P.data() + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(S.data() + i + 16),
                                                                             _mm512_loadu_ps(S.data() + i)));
-          gemm<Bf16Words>(bq, Dp, kBlockK / 2, P.data(), kBlockK, vvp + (j0 / 2) * Dp, Dp, acc.data(), Dp, true);
+          gemm<Bf16Pairs>(bq, Dp, kBlockK / 2, P.data(), kBlockK, vvp + (j0 / 2) * Dp, Dp, acc.data(), Dp, true);
 #endif
         } else {
           gemm(bq, kBlockK, Dp, qt.data(), Dp, ktp + j0, Skp, S.data(), kBlockK, false);

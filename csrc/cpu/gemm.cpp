@@ -222,9 +222,6 @@ inline Vf load_w(const W* p, int rem) {
   return Vf::loadu(buf);
 }
 
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-#define MPTK_BF16_DOT 1  // the build host has AVX512-BF16 (CMakeLists.txt): vdpbf16ps
-#endif
 
 // The operands of the dot tiles: a k-step's vectors of x and w, and their multiply-add.
 // DotF32<W>: fp32 x against a weight of W (fp32, or 16-bit widened in registers), FMA.
@@ -242,7 +239,7 @@ struct DotF32 {
   static Vf madd(const Vf& acc, const Vf& a, const Vf& b) { return at::vec::fmadd(a, b, acc); }
   static float sum(const Vf& v) { return at::vec::vec_reduce_all<float>([](Vf& a, Vf& b) { return a + b; }, v); }
 };
-#ifdef MPTK_BF16_DOT
+#ifdef MPTK_BF16_PAIRS
 // DotBf16: bf16 x and weight as they are, 32 k per vdpbf16ps (exact products, fp32 sums, as
 // the bf16 panel GEMM): a quarter of the instructions of widening both to fp32, so a bf16
 // linear with few rows runs at the speed of reading its weight.
@@ -422,26 +419,15 @@ void pack_panel_kn(const float* B, int64_t N, int64_t K, int64_t n0, float* P) {
 }
 
 // The multiply-add of a panel GEMM, per element type: fp32 (one k per word, FMA) and, where
-// the build has AVX512-BF16, bf16 (two k per word, vdpbf16ps: products exact in fp32, fp32
-// accumulation, so a bf16 linear is one rounding at the end, like the fp32 path).
+// the build has AVX512-BF16, bf16 (Bf16Pairs in common/cpu_vec.h: two k per word, vdpbf16ps,
+// products exact in fp32, fp32 accumulation, so a bf16 linear is one rounding at the end,
+// like the fp32 path).
 struct F32Dot {
   using E = float;
   static constexpr int64_t kPerWord = 1;
   static __m512 bcast(const float* a) { return _mm512_set1_ps(*a); }
   static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
 };
-#ifdef MPTK_BF16_DOT
-struct Bf16Dot {
-  using E = c10::BFloat16;
-  static constexpr int64_t kPerWord = 2;
-  static __m512 bcast(const c10::BFloat16* a) {
-    int32_t word;
-    std::memcpy(&word, a, 4);
-    return _mm512_castsi512_ps(_mm512_set1_epi32(word));
-  }
-  static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
-};
-#endif
 
 // C rows [0, MR) x 64 columns (only those `mask` keeps are stored) += A rows . P over words
 // [w0, w1) (A's row stride lda in elements); the first block starts from zero instead of C
@@ -613,7 +599,7 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool b_nk) {
   return at::mm(a, b_nk ? b.t() : b);
 }
 
-#ifdef MPTK_BF16_DOT
+#ifdef MPTK_BF16_PAIRS
 // 32 bf16 (masked) as two fp32 vectors
 inline void bf16x32_to_f32(__m512i v, __m512& lo, __m512& hi) {
   lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
@@ -731,10 +717,10 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
           epilogue_row<scalar_t>(c + (m - m0) * ldc, bp ? bp + n0 : nullptr, act, o + m * N + n0,
                                  pr ? pr + m * N + n0 : nullptr, cols);
       };
-#ifdef MPTK_BF16_DOT
+#ifdef MPTK_BF16_PAIRS
       if (x.scalar_type() == at::kBFloat16 && K % 2 == 0) {
         const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-        sgemm<Bf16Dot>(xc.const_data_ptr<c10::BFloat16>(), wc.const_data_ptr<c10::BFloat16>(), /*b_nk=*/true, nullptr,
+        sgemm<Bf16Pairs>(xc.const_data_ptr<c10::BFloat16>(), wc.const_data_ptr<c10::BFloat16>(), /*b_nk=*/true, nullptr,
                        M, N, K, epi);
         return;
       }
@@ -748,7 +734,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   // few rows (dot tiles: the weight streamed once), or no AVX-512: the product in fp32, then
   // the epilogue in one pass
   at::Tensor h;  // fp32 (M, N)
-#ifdef MPTK_BF16_DOT
+#ifdef MPTK_BF16_PAIRS
   if (x.scalar_type() == at::kBFloat16 && any) {  // bf16 straight into vdpbf16ps
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
     h = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -790,7 +776,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
     TORCH_CHECK(saved.dim() == 2 && saved.size(0) == M && saved.size(1) == N, op, ": saved must be (", M, ", ", N,
                 ") for activation ", activation, ", got ", saved.sizes());
   }
-#ifdef MPTK_BF16_DOT
+#ifdef MPTK_BF16_PAIRS
   if (x.scalar_type() == at::kBFloat16) return linear_bwd_bf16(dout, x, weight, saved, act, has_bias);
 #endif
   // dpre = dout * act'(h) in one pass into a new tensor; without an activation dout as is
@@ -1311,7 +1297,7 @@ constexpr int64_t kWoMChunk = 64;
 template <typename T>
 void weight_only_gemm(const T* x, const int8_t* w, const float* scale, const float* bias, int64_t M, int64_t N,
                       int64_t K, T* out) {
-#ifdef MPTK_BF16_DOT
+#ifdef MPTK_BF16_PAIRS
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // bf16 x as it is against the weight rows converted to bf16 (int8 values are exact in
     // bf16): the vdpbf16ps dot tiles, a quarter of the instructions of the fp32 ones
