@@ -381,6 +381,25 @@ def test_cpu_kvcache_matches_attention_over_the_prefix(dtype, shape, causal, ali
                    lambda *a: ops.attention_with_kvcache(*a[:4], k=a[4], v=a[5], causal=causal, alibi_slopes=slopes))
 
 
+# the CPU decode path (up to 4 query tokens per sequence): scores 16 keys at a time with
+# ragged ends (cache lengths around multiples of 16 and of the 64-key block), and the P V
+# accumulators in registers for every head_dim width (80-112: 5-7 vectors on AVX-512),
+# element by element against fp64
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 2.0 ** -8)])
+@pytest.mark.parametrize("d", [8, 64, 80, 96, 104, 112, 256])
+@pytest.mark.parametrize("sq", [1, 3])
+def test_cpu_decode_path_elementwise(dtype, tol, d, sq):
+    lens = [0, 1, 15, 16, 17, 63, 64, 65, 200]
+    q, kc, vc, cache_seqlens, k, v = _kvcache_case(len(lens), 220, 8, 2, d, sq, sq, dtype, lens=lens)
+    slopes = reference.alibi_slopes(8)
+    out = ops.attention_with_kvcache(q, kc, vc, cache_seqlens, k=k, v=v, alibi_slopes=slopes)
+    for b, n in enumerate(lens):
+        ref = reference.attention(q[b:b + 1].double(), kc[b:b + 1, :n + sq].double(), vc[b:b + 1, :n + sq].double(),
+                                  causal=True, alibi_slopes=slopes)
+        bound = tol * (ref.abs() + vc[b, :n + sq].double().abs().max())
+        assert ((out[b:b + 1].double() - ref).abs() <= bound).all(), (b, n, ((out[b:b + 1].double() - ref).abs() / bound).max())
+
+
 def test_cached_decoding_equals_full_recompute():
     """Prefill 5 tokens, then decode one at a time: each step equals full causal attention."""
     b, hq, hk, d, total = 2, 4, 2, 32, 23

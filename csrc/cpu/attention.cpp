@@ -103,9 +103,21 @@ void gemm(int64_t M, int64_t N, int64_t W, const typename Dot::E* A, int64_t lda
 // src [rows, D] (row stride ld) -> dst fp32 [rows, Dp] zero-padded, times scale
 template <typename T>
 void load_rows(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, float scale, float* dst) {
+  using IO = ChunkIO<std::conditional_t<std::is_same_v<T, double>, float, T>, float>;  // 2 vectors at a time
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t d = 0; d < D; ++d) dst[r * Dp + d] = static_cast<float>(src[r * ld + d]) * scale;
-    for (int64_t d = D; d < Dp; ++d) dst[r * Dp + d] = 0.f;
+    const T* in = src + r * ld;
+    float* out = dst + r * Dp;
+    int64_t d = 0;
+    if constexpr (!std::is_same_v<T, double>) {  // float64 inputs (the reference-precision path) go one by one
+      for (; d + IO::kChunk <= D; d += IO::kChunk) {
+        Vf lo, hi;
+        IO::load(in + d, lo, hi);
+        (lo * Vf(scale)).store(out + d);
+        (hi * Vf(scale)).store(out + d + kW);
+      }
+    }
+    for (; d < D; ++d) out[d] = static_cast<float>(in[d]) * scale;
+    for (; d < Dp; ++d) out[d] = 0.f;
   }
 }
 
@@ -248,8 +260,8 @@ inline void write_row(T* out, float* lse, const float* acc, float m, float l, in
 constexpr int64_t kDecodeMaxQ = 4;
 
 // rows [0, n) of a cache as fp32 rows of Dp floats: read in place when they already are
-// (fp32, head_dim a multiple of the vector width; ld stays the cache's row stride), else
-// converted into buf (ld becomes Dp)
+// (fp32, head_dim a multiple of the vector width; ld stays the cache's row stride: a copy
+// measured 1.1-1.8x slower), else converted into buf (ld becomes Dp)
 template <typename T>
 inline const float* cache_rows(const T* src, int64_t& ld, int64_t n, int64_t D, int64_t Dp, float* buf) {
   if constexpr (std::is_same_v<T, float>) {
@@ -258,6 +270,62 @@ inline const float* cache_rows(const T* src, int64_t& ld, int64_t n, int64_t D, 
   load_rows(src, ld, n, D, Dp, 1.f, buf);
   ld = Dp;
   return buf;
+}
+
+// S[r][c] = q_r . k_c for the rows q_r = q + r * Dp and the nk key rows k_c = krows + c * ld
+// (fp32, Dp wide; S rows kBlockK apart). On AVX-512 in groups of 16 keys, every row against
+// a group while it is in L1, whose 16 sums are reduced together by a transpose-add tree into
+// one vector (45 instructions for 16 scores, where a horizontal sum per score costs ~8 each).
+inline void decode_scores(const float* q, int64_t rows, const float* krows, int64_t ld, int64_t nk, int64_t Dp,
+                          float* S) {
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; c + 16 <= nk; c += 16)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * Dp;
+      float* srow = S + r * kBlockK;
+      __m512 a[16];
+      for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < Dp; d += 16) {
+        const __m512 qv = _mm512_loadu_ps(qr + d);
+        for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(krows + (c + i) * ld + d), a[i]);
+      }
+      __m512 t[8], u[4];
+      for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of keys 2i, 2i + 1
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+      for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of keys 4i .. 4i + 3
+        const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+      }
+      // add the four 128-bit lanes: lane j of the result holds keys 4j .. 4j + 3
+      const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+      const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+      const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xdd));
+      _mm512_storeu_ps(srow + c, sums);
+    }
+#endif
+  for (; c < nk; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* k = krows + c * ld;
+      Vf dot(0.f);
+      for (int64_t d = 0; d < Dp; d += kW) dot = at::vec::fmadd(Vf::loadu(q + r * Dp + d), Vf::loadu(k + d), dot);
+      S[r * kBlockK + c] = at::vec::vec_reduce_all<float>([](Vf& x, Vf& y) { return x + y; }, dot);
+    }
+}
+
+// a[0, NV kW) += sum over the nk keys of p[c] * v_c[0, NV kW): the accumulators stay in
+// registers for the whole block (one load and store of a, not one per key)
+constexpr int64_t kPvVecs = kW >= 16 ? 8 : 4;  // accumulators + a broadcast + a load within the registers
+template <int NV>
+inline void decode_pv(const float* p, const float* vrows, int64_t ld, int64_t nk, float* a) {
+  Vf acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = Vf::loadu(a + v * kW);
+  for (int64_t c = 0; c < nk; ++c) {
+    if (p[c] == 0.f) continue;  // masked keys (the causal edge, or nothing visible)
+    const Vf pc(p[c]);
+    for (int v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(pc, Vf::loadu(vrows + c * ld + v * kW), acc[v]);
+  }
+  for (int v = 0; v < NV; ++v) acc[v].store(a + v * kW);
 }
 
 template <typename T>
@@ -292,15 +360,9 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
         const int64_t nk = std::min(kBlockK, s.Sk - j0);
         int64_t ld = krow;
         const float* krows = cache_rows(kbase + j0 * krow, ld, nk, D, Dp, kv.data());
+        decode_scores(qt.data(), rows, krows, ld, nk, Dp, S.data());
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = S.data() + r * kBlockK;
-          const float* q = qt.data() + r * Dp;
-          for (int64_t c = 0; c < nk; ++c) {
-            const float* k = krows + c * ld;
-            Vf dot(0.f);
-            for (int64_t d = 0; d < Dp; d += kW) dot = at::vec::fmadd(Vf::loadu(q + d), Vf::loadu(k + d), dot);
-            srow[c] = at::vec::vec_reduce_all<float>([](Vf& a, Vf& bb) { return a + bb; }, dot);
-          }
           std::fill(srow + nk, srow + kBlockK, 0.f);  // masked below (past Sk)
           bias_and_mask(srow, 1, r / g.group, j0, g, s, slope[r]);
         }
@@ -308,13 +370,21 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
         ld = krow;
         const float* vrows = cache_rows(vbase + j0 * krow, ld, nk, D, Dp, kv.data());
         for (int64_t r = 0; r < rows; ++r) {
-          float* a = acc.data() + r * Dp;
-          const float* p = S.data() + r * kBlockK;
-          for (int64_t c = 0; c < nk; ++c) {
-            if (p[c] == 0.f) continue;  // masked keys (the causal edge, or nothing visible)
-            const Vf pc(p[c]);
-            const float* v = vrows + c * ld;
-            for (int64_t d = 0; d < Dp; d += kW) at::vec::fmadd(pc, Vf::loadu(v + d), Vf::loadu(a + d)).store(a + d);
+          for (int64_t d0 = 0; d0 < Dp; d0 += kPvVecs * kW) {
+            float* a = acc.data() + r * Dp + d0;
+            const float* p = S.data() + r * kBlockK;
+            switch (std::min<int64_t>(kPvVecs, (Dp - d0) / kW)) {
+              case 8: decode_pv<8>(p, vrows + d0, ld, nk, a); break;
+              case 4: decode_pv<4>(p, vrows + d0, ld, nk, a); break;
+              case 3: decode_pv<3>(p, vrows + d0, ld, nk, a); break;
+              case 2: decode_pv<2>(p, vrows + d0, ld, nk, a); break;
+              case 1: decode_pv<1>(p, vrows + d0, ld, nk, a); break;
+              default: {  // 5-7 vectors (AVX-512, head_dim 80-112)
+                const int64_t h = (Dp - d0) / kW - 4;
+                decode_pv<4>(p, vrows + d0, ld, nk, a);
+                for (int64_t e = 0; e < h; ++e) decode_pv<1>(p, vrows + d0 + (4 + e) * kW, ld, nk, a + (4 + e) * kW);
+              }
+            }
           }
         }
       }
