@@ -103,12 +103,12 @@ void gemm(int64_t M, int64_t N, int64_t W, const typename Dot::E* A, int64_t lda
 // src [rows, D] (row stride ld) -> dst fp32 [rows, Dp] zero-padded, times scale
 template <typename T>
 void load_rows(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, float scale, float* dst) {
-  using IO = ChunkIO<std::conditional_t<std::is_same_v<T, double>, float, T>, float>;  // 2 vectors at a time
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src + r * ld;
     float* out = dst + r * Dp;
     int64_t d = 0;
-    if constexpr (!std::is_same_v<T, double>) {  // float64 inputs (the reference-precision path) go one by one
+    if constexpr (!std::is_same_v<T, double>) {  // two vectors at a time (float64 goes one by one)
+      using IO = ChunkIO<T, float>;
       for (; d + IO::kChunk <= D; d += IO::kChunk) {
         Vf lo, hi;
         IO::load(in + d, lo, hi);
@@ -315,7 +315,7 @@ inline void decode_scores(const float* q, int64_t rows, const float* krows, int6
 
 // a[0, NV kW) += sum over the nk keys of p[c] * v_c[0, NV kW): the accumulators stay in
 // registers for the whole block (one load and store of a, not one per key)
-constexpr int64_t kPvVecs = kW >= 16 ? 8 : 4;  // accumulators + a broadcast + a load within the registers
+constexpr int kPvVecs = kW >= 16 ? 8 : 4;  // accumulators + a broadcast + a load within the registers
 template <int NV>
 inline void decode_pv(const float* p, const float* vrows, int64_t ld, int64_t nk, float* a) {
   Vf acc[NV];
@@ -370,21 +370,19 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
         ld = krow;
         const float* vrows = cache_rows(vbase + j0 * krow, ld, nk, D, Dp, kv.data());
         for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t d0 = 0; d0 < Dp; d0 += kPvVecs * kW) {
-            float* a = acc.data() + r * Dp + d0;
-            const float* p = S.data() + r * kBlockK;
-            switch (std::min<int64_t>(kPvVecs, (Dp - d0) / kW)) {
-              case 8: decode_pv<8>(p, vrows + d0, ld, nk, a); break;
-              case 4: decode_pv<4>(p, vrows + d0, ld, nk, a); break;
-              case 3: decode_pv<3>(p, vrows + d0, ld, nk, a); break;
-              case 2: decode_pv<2>(p, vrows + d0, ld, nk, a); break;
-              case 1: decode_pv<1>(p, vrows + d0, ld, nk, a); break;
-              default: {  // 5-7 vectors (AVX-512, head_dim 80-112)
-                const int64_t h = (Dp - d0) / kW - 4;
-                decode_pv<4>(p, vrows + d0, ld, nk, a);
-                for (int64_t e = 0; e < h; ++e) decode_pv<1>(p, vrows + d0 + (4 + e) * kW, ld, nk, a + (4 + e) * kW);
-              }
-            }
+          const float* p = S.data() + r * kBlockK;
+          float* a = acc.data() + r * Dp;
+          int64_t v0 = 0;  // in vectors of head_dim: kPvVecs at a time, then the rest at once
+          for (; v0 + kPvVecs <= Dp / kW; v0 += kPvVecs) decode_pv<kPvVecs>(p, vrows + v0 * kW, ld, nk, a + v0 * kW);
+          switch (Dp / kW - v0) {
+            case 7: decode_pv<7>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
+            case 6: decode_pv<6>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
+            case 5: decode_pv<5>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
+            case 4: decode_pv<4>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
+            case 3: decode_pv<3>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
+            case 2: decode_pv<2>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
+            case 1: decode_pv<1>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
+            default: break;
           }
         }
       }
