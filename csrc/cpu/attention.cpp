@@ -144,6 +144,12 @@ void load_cols(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, in
 }
 
 #ifdef MPTK_BF16_PAIRS
+// dst[0, n) = src rounded to bf16 (nearest even), 32 at a time; n a multiple of 32
+inline void round_to_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
+  for (int64_t i = 0; i < n; i += 32)
+    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i)));
+}
+
 // src bf16 [rows, D] (row stride ld) -> dst [ceil(cols / 2), Dp] words, rows 2u and 2u + 1
 // interleaved: dst[u][d] = (src[2u][d], src[2u + 1][d]), zeros past rows and D. The B of
 // P V on vdpbf16ps, whose k (the key) runs over word pairs.
@@ -459,9 +465,7 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
           gemm<Bf16Pairs>(bq, kBlockK, D / 2, qrows, qrow, ktp + j0, Skp, S.data(), kBlockK, false);
           bias_and_mask(S.data(), bq, i0, j0, g, s, slope, g.scale);
           softmax_update(S.data(), bq, m.data(), l.data(), acc.data(), Dp);
-          for (int64_t i = 0; i < bq * kBlockK; i += 32)  // round to nearest even, 32 at a time
-            _mm512_storeu_si512(P.data() + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(S.data() + i + 16),
-                                                                            _mm512_loadu_ps(S.data() + i)));
+          round_to_bf16(S.data(), bq * kBlockK, P.data());
           gemm<Bf16Pairs>(bq, Dp, kBlockK / 2, P.data(), kBlockK, vvp + (j0 / 2) * Dp, Dp, acc.data(), Dp, true);
 #endif
         } else {
@@ -481,22 +485,48 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
 template <typename T>
 void attention_bwd_impl(const T* dop, const T* qp, const T* kp, const T* vp, const T* op, const float* lp,
                         const float* slopes, bool slopes_per_batch, const Geometry& g, T* dqp, T* dkp, T* dvp) {
+  // bf16 where the build host has AVX512-BF16: the five tile GEMMs on vdpbf16ps, q and dO read
+  // in place as A, K^T / V^T / K as word pairs, P and dS rounded to bf16 (as FlashAttention
+  // does on GPUs), q and dO pairs per query block as the B of dK and dV; fp32 sums, softmax
+  // and delta. Else everything in fp32.
+#ifdef MPTK_BF16_PAIRS
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  using A16 = std::conditional_t<kBf16, c10::BFloat16, float>;  // the GEMMs' A operand type
+  using Dot = std::conditional_t<kBf16, Bf16Pairs, F32Words>;
+#else
+  constexpr bool kBf16 = false;
+  using A16 = float;
+  using Dot = F32Words;
+#endif
+  constexpr int64_t kPer = Dot::kPerWord;  // elements of a GEMM k-step
   const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
   const int64_t krow = g.Hk * D, qrow = g.Hq * D;
   at::parallel_for(0, nseq * g.Hk, 1, [&](int64_t t0, int64_t t1) {
     const int64_t maxp = g.max_Skp;
     std::vector<float> kt(Dp * maxp), kr(maxp * Dp), vt(Dp * maxp), dk_acc(maxp * Dp), dv_acc(maxp * Dp);
     std::vector<float> qt(kBlockQ * Dp), dot(kBlockQ * Dp), dq_acc(kBlockQ * Dp), S(kBlockQ * kBlockK),
-        dP(kBlockQ * kBlockK), sT(kBlockK * kBlockQ), delta(kBlockQ), lrow(kBlockQ);
+        dP(kBlockQ * kBlockK), delta(kBlockQ), lrow(kBlockQ);
+    // transposed tiles (P^T, dS^T: A of dV and dK) and dS (A of dQ), in the GEMMs' A type
+    std::vector<A16> sT(kBlockK * kBlockQ), dS16(kBf16 ? kBlockQ * kBlockK : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / g.Hk, hk = t % g.Hk;
       const Seq& s = g.seqs[b];
       const int64_t Skp = round_up(s.Sk, kBlockK);
       const int64_t kbase = (s.k0 * g.Hk + hk) * D;
-      load_cols(kp + kbase, krow, s.Sk, D, Dp, Skp, kt.data());
-      load_cols(vp + kbase, krow, s.Sk, D, Dp, Skp, vt.data());
-      load_rows(kp + kbase, krow, s.Sk, D, Dp, 1.f, kr.data());
-      std::fill(kr.begin() + s.Sk * Dp, kr.begin() + Skp * Dp, 0.f);
+      if constexpr (kBf16) {
+#ifdef MPTK_BF16_PAIRS
+        load_cols(reinterpret_cast<const uint32_t*>(kp + kbase), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
+                  reinterpret_cast<uint32_t*>(kt.data()));
+        load_cols(reinterpret_cast<const uint32_t*>(vp + kbase), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
+                  reinterpret_cast<uint32_t*>(vt.data()));
+        load_row_pairs(kp + kbase, krow, s.Sk, D, Dp, Skp, reinterpret_cast<uint32_t*>(kr.data()));
+#endif
+      } else {
+        load_cols(kp + kbase, krow, s.Sk, D, Dp, Skp, kt.data());
+        load_cols(vp + kbase, krow, s.Sk, D, Dp, Skp, vt.data());
+        load_rows(kp + kbase, krow, s.Sk, D, Dp, 1.f, kr.data());
+        std::fill(kr.begin() + s.Sk * Dp, kr.begin() + Skp * Dp, 0.f);
+      }
       std::fill(dk_acc.begin(), dk_acc.begin() + Skp * Dp, 0.f);
       std::fill(dv_acc.begin(), dv_acc.begin() + Skp * Dp, 0.f);
       for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
@@ -504,19 +534,36 @@ void attention_bwd_impl(const T* dop, const T* qp, const T* kp, const T* vp, con
         for (int64_t i0 = 0; i0 < s.Sq; i0 += kBlockQ) {
           const int64_t bq = std::min(kBlockQ, s.Sq - i0);
           const int64_t qoff = ((s.q0 + i0) * g.Hq + h) * D;
-          load_rows(qp + qoff, qrow, bq, D, Dp, g.scale, qt.data());  // scaled q: dK = dS^T q_scaled
-          load_rows(dop + qoff, qrow, bq, D, Dp, 1.f, dot.data());
+          // A and B operands of this query block: fp32 copies (q scaled: dK = dS^T q_scaled),
+          // or bf16 q and dO in place as A and their row pairs as B (q unscaled: dK scaled at the end)
+          const A16* qa;
+          const A16* da;
+          int64_t lda_q;
+          if constexpr (kBf16) {
+#ifdef MPTK_BF16_PAIRS
+            qa = qp + qoff, da = dop + qoff, lda_q = qrow;
+            load_row_pairs(qp + qoff, qrow, bq, D, Dp, kBlockQ, reinterpret_cast<uint32_t*>(qt.data()));
+            load_row_pairs(dop + qoff, qrow, bq, D, Dp, kBlockQ, reinterpret_cast<uint32_t*>(dot.data()));
+#endif
+          } else {
+            load_rows(qp + qoff, qrow, bq, D, Dp, g.scale, qt.data());
+            load_rows(dop + qoff, qrow, bq, D, Dp, 1.f, dot.data());
+            qa = reinterpret_cast<const A16*>(qt.data()), da = reinterpret_cast<const A16*>(dot.data()), lda_q = Dp;
+          }
           std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
           for (int64_t r = 0; r < bq; ++r) {  // delta_i = rowsum(dO * O)
             float sum = 0.f;
-            for (int64_t d = 0; d < D; ++d) sum += dot[r * Dp + d] * static_cast<float>(op[qoff + r * qrow + d]);
+            for (int64_t d = 0; d < D; ++d)
+              sum += static_cast<float>(dop[qoff + r * qrow + d]) * static_cast<float>(op[qoff + r * qrow + d]);
             delta[r] = sum;
             lrow[r] = lp[s.lse0 + h * g.lse_head_stride + i0 + r];
           }
           const int64_t j_end = g.key_end(s, i0 + bq - 1);
+          const int64_t wq = (bq + kPer - 1) / kPer;  // k-steps over the block's query rows
           for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
-            gemm(bq, kBlockK, Dp, qt.data(), Dp, kt.data() + j0, Skp, S.data(), kBlockK, false);
-            bias_and_mask(S.data(), bq, i0, j0, g, s, slope);
+            // S = q K^T (the bf16 path scales here, as the forward does)
+            gemm<Dot>(bq, kBlockK, kBf16 ? D / 2 : Dp, qa, lda_q, kt.data() + j0, Skp, S.data(), kBlockK, false);
+            bias_and_mask(S.data(), bq, i0, j0, g, s, slope, kBf16 ? g.scale : 1.f);
             for (int64_t r = 0; r < bq; ++r) {  // P = exp(S - lse); a row with lse = -inf has P = 0
               float* row = S.data() + r * kBlockK;
               if (lrow[r] == kNegInf) {
@@ -526,25 +573,41 @@ void attention_bwd_impl(const T* dop, const T* qp, const T* kp, const T* vp, con
               for (int64_t c = 0; c < kBlockK; c += kW) (Vf::loadu(row + c) - Vf(lrow[r])).exp_u20().store(row + c);
             }
             // dP = dO V^T; dS = P * (dP - delta), written over dP
-            gemm(bq, kBlockK, Dp, dot.data(), Dp, vt.data() + j0, Skp, dP.data(), kBlockK, false);
+            gemm<Dot>(bq, kBlockK, kBf16 ? D / 2 : Dp, da, lda_q, vt.data() + j0, Skp, dP.data(), kBlockK, false);
             for (int64_t r = 0; r < bq; ++r)
               for (int64_t c = 0; c < kBlockK; ++c) dP[r * kBlockK + c] = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]);
-            // dV += P^T dO and dK += dS^T q_scaled, through a transposed copy of each tile
-            for (int64_t r = 0; r < bq; ++r)
-              for (int64_t c = 0; c < kBlockK; ++c) sT[c * kBlockQ + r] = S[r * kBlockK + c];
-            gemm(kBlockK, Dp, bq, sT.data(), kBlockQ, dot.data(), Dp, dv_acc.data() + j0 * Dp, Dp, true);
-            for (int64_t r = 0; r < bq; ++r)
-              for (int64_t c = 0; c < kBlockK; ++c) sT[c * kBlockQ + r] = dP[r * kBlockK + c];
-            gemm(kBlockK, Dp, bq, sT.data(), kBlockQ, qt.data(), Dp, dk_acc.data() + j0 * Dp, Dp, true);
-            gemm(bq, Dp, kBlockK, dP.data(), kBlockK, kr.data() + j0 * Dp, Dp, dq_acc.data(), Dp, true);  // dQ += dS K
+            // dV += P^T dO and dK += dS^T q, through a transposed copy of each tile (the query
+            // columns past bq zero: a bf16 k-step pairs an odd last row with nothing)
+            for (int64_t c = 0; c < kBlockK; ++c) {
+              for (int64_t r = 0; r < bq; ++r) sT[c * kBlockQ + r] = static_cast<A16>(S[r * kBlockK + c]);
+              for (int64_t r = bq; r < wq * kPer; ++r) sT[c * kBlockQ + r] = A16(0);
+            }
+            gemm<Dot>(kBlockK, Dp, wq, sT.data(), kBlockQ, dot.data(), Dp, dv_acc.data() + j0 * Dp, Dp, true);
+            for (int64_t c = 0; c < kBlockK; ++c) {
+              for (int64_t r = 0; r < bq; ++r) sT[c * kBlockQ + r] = static_cast<A16>(dP[r * kBlockK + c]);
+              for (int64_t r = bq; r < wq * kPer; ++r) sT[c * kBlockQ + r] = A16(0);
+            }
+            gemm<Dot>(kBlockK, Dp, wq, sT.data(), kBlockQ, qt.data(), Dp, dk_acc.data() + j0 * Dp, Dp, true);
+            // dQ += dS K
+            if constexpr (kBf16) {
+#ifdef MPTK_BF16_PAIRS
+              round_to_bf16(dP.data(), bq * kBlockK, dS16.data());
+#endif
+              gemm<Dot>(bq, Dp, kBlockK / 2, dS16.data(), kBlockK, kr.data() + (j0 / 2) * Dp, Dp, dq_acc.data(), Dp,
+                        true);
+            } else {
+              gemm<Dot>(bq, Dp, kBlockK, reinterpret_cast<const A16*>(dP.data()), kBlockK, kr.data() + j0 * Dp, Dp,
+                        dq_acc.data(), Dp, true);
+            }
           }
           for (int64_t r = 0; r < bq; ++r)
             for (int64_t d = 0; d < D; ++d) dqp[qoff + r * qrow + d] = static_cast<T>(dq_acc[r * Dp + d] * g.scale);
         }
       }
+      const float dk_scale = kBf16 ? g.scale : 1.f;  // the bf16 path multiplied by unscaled q
       for (int64_t j = 0; j < s.Sk; ++j)
         for (int64_t d = 0; d < D; ++d) {
-          dkp[kbase + j * krow + d] = static_cast<T>(dk_acc[j * Dp + d]);
+          dkp[kbase + j * krow + d] = static_cast<T>(dk_acc[j * Dp + d] * dk_scale);
           dvp[kbase + j * krow + d] = static_cast<T>(dv_acc[j * Dp + d]);
         }
     }
