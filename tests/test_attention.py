@@ -106,6 +106,26 @@ def test_cpu_bf16_gradients_per_row(shape, causal, alibi):
         assert (err <= 3e-2 * ref + 1e-3 * ref.max()).all(), (name, (err / (ref + 1e-9)).max())
 
 
+def test_cpu_bf16_inputs_only_2_byte_aligned():
+    # the bf16 CPU kernels read head_dim in 4-byte pairs: a contiguous view at an odd element
+    # offset must give the same bits as an aligned copy, forward and backward
+    def odd(t):
+        base = torch.empty(t.numel() + 1, dtype=t.dtype)
+        view = base[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    q, k, v, slopes = _case((1, 33, 33, 4, 2, 40), torch.bfloat16, alibi="heads")
+    dout = torch.randn_like(q)
+    results = []
+    for make in (lambda t: t.clone(), odd):
+        args = [make(t).requires_grad_() for t in (q, k, v)]
+        assert make is not odd or all(a.data_ptr() % 4 == 2 for a in args)
+        out = ops.attention(*args, causal=True, alibi_slopes=slopes)
+        results.append((out, *torch.autograd.grad(out, args, make(dout))))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_backward_is_bitwise_deterministic():
     q, k, v, slopes = _case((2, 70, 70, 8, 2, 32), torch.float32, alibi="heads")
     q, k, v = (t.requires_grad_() for t in (q, k, v))

@@ -125,7 +125,19 @@ void load_rows(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, fl
 // Strips of 16 source rows: the strip stays in L1 while each of its columns is written as
 // one 64-byte run (a column-at-a-time walk over all rows misses the cache on every read once
 // rows * ld outgrows it: 20x slower for a 2048-row cache).
-// (O = uint32_t with T = uint32_t moves 32-bit words as they are: bf16 pairs)
+// (O = uint32_t with T = uint32_t moves 32-bit words as they are: bf16 pairs, read with
+// memcpy since a bf16 tensor need only be 2-byte aligned)
+template <typename T, typename O>
+inline O load_elem(const T* p) {
+  if constexpr (std::is_same_v<T, uint32_t>) {
+    uint32_t w;
+    std::memcpy(&w, p, sizeof w);
+    return w;
+  } else {
+    return static_cast<O>(*p);
+  }
+}
+
 template <typename T, typename O = float>
 void load_cols(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, int64_t cols, O* dst) {
   constexpr int64_t kStrip = 16;
@@ -134,7 +146,7 @@ void load_cols(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, in
     for (int64_t d = 0; d < Dp; ++d) {
       O* out = dst + d * cols;
       if (d < D) {
-        for (int64_t r = r0; r < live; ++r) out[r] = static_cast<O>(src[r * ld + d]);
+        for (int64_t r = r0; r < live; ++r) out[r] = load_elem<T, O>(src + r * ld + d);
         for (int64_t r = std::max(live, r0); r < r1; ++r) out[r] = O(0);
       } else {
         for (int64_t r = r0; r < r1; ++r) out[r] = O(0);
