@@ -1,12 +1,13 @@
 """Training-step speed of the MPT model on mptkernels against transformers' MptForCausalLM.
 
     python benchmarks/train.py [--device cpu|cuda] [--model 1.3b|125m|tiny] [--batch B] [--seq S] [--steps N]
+                               [--dtype float32|bfloat16]
 
 One process, one device: forward + backward + AdamW on the same shape and random weights for
-both (bf16 weights and compute on the GPU, fp32 on the CPU). MFU counts the llm-foundry way:
-6 * params + 12 * n_layers * d_model * seq FLOPs per token (the attention term at full,
-non-causal cost), against 989 TFLOP/s on the GPU (H100 bf16 dense) or the fp32 matmul ceiling
-measured here on the CPU. Reports tokens/s, MFU and peak memory.
+both (bf16 weights and compute on the GPU, fp32 on the CPU, or --dtype). MFU counts the
+llm-foundry way: 6 * params + 12 * n_layers * d_model * seq FLOPs per token (the attention
+term at full, non-causal cost), against 989 TFLOP/s on the GPU (H100 bf16 dense) or the
+matmul ceiling of the dtype measured here on the CPU. Reports tokens/s, MFU and peak memory.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _time(step, device, steps):
     return sorted(times)[len(times) // 2], mem
 
 
-def run(device, model_name, batch, seq, steps):
+def run(device, model_name, batch, seq, steps, dtype=None):
     import transformers
 
     from mptkernels.models import MPTForCausalLM
@@ -62,7 +63,7 @@ def run(device, model_name, batch, seq, steps):
     setup(device)  # on the CPU: glibc keeps freed memory, as in run.py (see harness.keep_freed_memory)
 
     d, layers, heads = SHAPES[model_name]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     cfg = transformers.MptConfig(d_model=d, n_heads=heads, n_layers=layers, max_seq_len=seq, vocab_size=50368,
                                  attn_config={"alibi": True})
     torch.manual_seed(0)
@@ -74,7 +75,7 @@ def run(device, model_name, batch, seq, steps):
     else:
         from harness import matmul_ceiling_tflops
 
-        peak = matmul_ceiling_tflops("cpu", True) * 1e12
+        peak = matmul_ceiling_tflops("cpu", True, dtype) * 1e12
     ids = torch.randint(0, 50368, (batch, seq), device=device)
     rows = []
     for name in ("transformers", "mptkernels"):
@@ -106,7 +107,9 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: bfloat16 on the GPU, float32 on the CPU")
     a = p.parse_args()
     gpu = a.device == "cuda"
     run(a.device, a.model or ("1.3b" if gpu else "tiny"), a.batch or (4 if gpu else 2), a.seq or (2048 if gpu else 256),
-        a.steps)
+        a.steps, getattr(torch, a.dtype) if a.dtype else None)
