@@ -161,7 +161,7 @@ def environment(device: str) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "mptkernels": mptkernels.__version__,
-        "cpu_isa": mptkernels.build_info.cpu_isa,
+        "cpu_isa": " + ".join([mptkernels.build_info.cpu_isa, *getattr(mptkernels.build_info, "cpu_extensions", [])]),
     }
     if device == "cpu":
         env["glibc_keeps_freed_memory"] = _kept

@@ -53,7 +53,7 @@ def info(file=None) -> dict:
         "triton": triton_version() or "not installed",
         "python": platform.python_version(),
         "built against torch": build_info.torch_version,
-        "CPU kernels ISA": build_info.cpu_isa,
+        "CPU kernels ISA": " + ".join([build_info.cpu_isa, *getattr(build_info, "cpu_extensions", [])]),
         "CUDA kernels": (f"yes, archs {', '.join(build_info.cuda_archs)}" if build_info.with_cuda else "no"),
         "GPU": torch.cuda.get_device_name() if cuda_ok else "none visible",
         "backend": _backend.current() + " (MPTK_BACKEND or mptkernels.backend())",

@@ -33,6 +33,13 @@ def test_info_reports_build_and_backends(capsys):
     facts = mptkernels.info()
     printed = capsys.readouterr().out
     assert facts["torch"] == torch.__version__ and "CPU kernels ISA" in printed
+    # the extensions the kernels were built to use (auto ISA: those of the build host, here)
+    ext = mptkernels.build_info.cpu_extensions
+    assert facts["CPU kernels ISA"] == " + ".join([mptkernels.build_info.cpu_isa, *ext])
+    assert set(ext) <= {"avx512_vnni", "avx512_bf16"} and (not ext or mptkernels.build_info.cpu_isa == "avx512")
+    if ext and os.path.exists("/proc/cpuinfo"):
+        flags = open("/proc/cpuinfo").read().split()
+        assert all(e in flags for e in ext), (ext, "the CPU lacks an extension the build claims")
     assert facts["ops"]["layer_norm / rms_norm"]["cpu"] == "cpu (C++)"
     assert set(facts["ops"]) == {"layer_norm / rms_norm", "apply_rotary", "attention / attention_varlen / attention_with_kvcache",
                                  "linear / int8_linear / weight_only_int8_linear", "quantize_rowwise"}
