@@ -140,6 +140,35 @@ inline A round_to(A v) {
   return static_cast<A>(static_cast<T>(v));
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// (used by the GEMM's panel packing and the attention backward's transposed tiles)
+// r[i] (row i of a 16x16 matrix of 32-bit words) -> r[i] = column i
+inline void transpose_16x16_words(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 8; ++i) {  // 128-bit lanes: first pairs of 4 rows, then of 8
+    const int j = (i / 4) * 8 + i % 4;
+    t[j] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0x88);
+    t[j + 4] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 // The build host has AVX512-BF16 (CMakeLists.txt gives the GEMM and attention files the flag)
 #define MPTK_BF16_PAIRS 1

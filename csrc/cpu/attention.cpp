@@ -494,6 +494,39 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
   });
 }
 
+// t[c][r] = s[r][c] in O (float, or bf16 rounded to nearest even) for the tile's kBlockK
+// columns and its rows r < bq, zeros for bq <= r < rows (rows <= kBlockQ; s rows kBlockK
+// apart, t rows kBlockQ apart). AVX-512: 16 x 16 blocks through registers (a scalar copy took
+// about as long as the backward's GEMMs).
+template <typename O>
+inline void transpose_tile(const float* src, int64_t bq, int64_t rows, O* t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    for (int64_t c0 = 0; c0 < kBlockK; c0 += 16) {
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i)
+        v[i] = r0 + i < bq ? _mm512_loadu_si512(src + (r0 + i) * kBlockK + c0) : _mm512_setzero_si512();
+      transpose_16x16_words(v);  // v[j]: column c0 + j, rows r0 .. r0 + 15
+      for (int j = 0; j < 16; ++j) {
+        O* dst = t + (c0 + j) * kBlockQ + r0;
+        if constexpr (std::is_same_v<O, float>) {
+          _mm512_storeu_ps(dst, _mm512_castsi512_ps(v[j]));
+        } else {
+#ifdef MPTK_BF16_PAIRS
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(v[j])));
+#endif
+        }
+      }
+    }
+  }
+#else
+  for (int64_t c = 0; c < kBlockK; ++c) {
+    for (int64_t r = 0; r < bq; ++r) t[c * kBlockQ + r] = static_cast<O>(src[r * kBlockK + c]);
+    for (int64_t r = bq; r < rows; ++r) t[c * kBlockQ + r] = O(0);
+  }
+#endif
+}
+
 template <typename T>
 void attention_bwd_impl(const T* dop, const T* qp, const T* kp, const T* vp, const T* op, const float* lp,
                         const float* slopes, bool slopes_per_batch, const Geometry& g, T* dqp, T* dkp, T* dvp) {
@@ -590,15 +623,9 @@ void attention_bwd_impl(const T* dop, const T* qp, const T* kp, const T* vp, con
               for (int64_t c = 0; c < kBlockK; ++c) dP[r * kBlockK + c] = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]);
             // dV += P^T dO and dK += dS^T q, through a transposed copy of each tile (the query
             // columns past bq zero: a bf16 k-step pairs an odd last row with nothing)
-            for (int64_t c = 0; c < kBlockK; ++c) {
-              for (int64_t r = 0; r < bq; ++r) sT[c * kBlockQ + r] = static_cast<A16>(S[r * kBlockK + c]);
-              for (int64_t r = bq; r < wq * kPer; ++r) sT[c * kBlockQ + r] = A16(0);
-            }
+            transpose_tile(S.data(), bq, wq * kPer, sT.data());
             gemm<Dot>(kBlockK, Dp, wq, sT.data(), kBlockQ, dot.data(), Dp, dv_acc.data() + j0 * Dp, Dp, true);
-            for (int64_t c = 0; c < kBlockK; ++c) {
-              for (int64_t r = 0; r < bq; ++r) sT[c * kBlockQ + r] = static_cast<A16>(dP[r * kBlockK + c]);
-              for (int64_t r = bq; r < wq * kPer; ++r) sT[c * kBlockQ + r] = A16(0);
-            }
+            transpose_tile(dP.data(), bq, wq * kPer, sT.data());
             gemm<Dot>(kBlockK, Dp, wq, sT.data(), kBlockQ, qt.data(), Dp, dk_acc.data() + j0 * Dp, Dp, true);
             // dQ += dS K
             if constexpr (kBf16) {

@@ -336,31 +336,6 @@ void dot_gemm(const typename Ops::XE* x, const typename Ops::WE* w, float* out, 
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// r[i] (row i of a 16x16 matrix of 32-bit words) -> r[i] = column i
-inline void transpose_16x16_words(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 8; ++i) {  // 128-bit lanes: first pairs of 4 rows, then of 8
-    const int j = (i / 4) * 8 + i % 4;
-    t[j] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0x88);
-    t[j + 4] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
 
 // A panel of 64 rows of a row-major matrix of 4-byte words (fp32 values, or 4 int8 k-steps)
 // -> P[w][64], word-major, for words [0, words) (a multiple of 16), 16x16 transposes at a
