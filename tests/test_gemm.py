@@ -121,9 +121,12 @@ def test_linear_float64_gradcheck():
 
 
 # the CPU GEMM's other paths: bf16 panels over several K blocks, fp32/fp16 split-K in the
-# forward (M >= 40, K >= 16 max(M, N)), bf16 with odd K at M >= 40
+# forward (M >= 40, K >= 16 max(M, N)), bf16 with odd K at M >= 40, and chunk-major order
+# (more 192-row chunks of x than 64-column panels, the packed weight small) over several
+# panels with a column tail
 @pytest.mark.parametrize("m, k, n, dtype", [(40, 520, 70, torch.bfloat16), (40, 1300, 40, torch.float32),
-                                            (40, 1300, 40, torch.float16), (50, 33, 20, torch.bfloat16)])
+                                            (40, 1300, 40, torch.float16), (50, 33, 20, torch.bfloat16),
+                                            (1000, 72, 130, torch.float32), (1000, 72, 130, torch.bfloat16)])
 def test_cpu_linear_more_gemm_paths(m, k, n, dtype):
     x, w, b = _x(m, k, dtype), _weight(n, k, dtype), torch.randn(n, dtype=dtype)
     got = ops.linear(x, w, b, "gelu")

@@ -365,6 +365,7 @@ constexpr int64_t kSgemmPanel = 64;    // pack_words_x64's width
 constexpr int kSgemmMR = 6;
 constexpr int64_t kSgemmKc = 128;      // words per block: 32 KB of panel (256 and 512 measured no faster)
 constexpr int64_t kSgemmMChunk = 192;
+constexpr int64_t kSgemmBResident = 1 << 20;  // packed B up to this many bytes: chunk-major (L2 is 1 MB here)
 constexpr int64_t kSgemmMinRows = 16;  // fewer rows: dot tiles or at::mm (packing B costs more than it saves)
 constexpr int64_t kSplitKRatio = 16;   // K words >= this x max(M, N): sgemm_split_k
 constexpr int64_t kSplitKParts = 8;    // its K ranges (threads share them out)
@@ -457,35 +458,43 @@ void sgemm(const typename Dot::E* A, const typename Dot::E* B, bool b_nk, float*
     return;
   }
   const int64_t n_panels = (N + kSgemmPanel - 1) / kSgemmPanel, n_chunks = (M + kSgemmMChunk - 1) / kSgemmMChunk;
-  // panel-major tasks: a thread packs a panel once for all the chunks of it that it runs
+  // Panel-major tasks: a thread packs a panel once for all the chunks of it that it runs, and
+  // streams A once per panel. When B is small and A tall (an LM head's dw: A = dpre^T, 50k
+  // rows), chunk-major instead: each thread packs every panel once (all of them stay in L2)
+  // and reads each chunk of A from memory once, for all the panels.
+  const bool a_major = n_chunks > n_panels && W * n_panels * kSgemmPanel * 4 <= kSgemmBResident;
   at::parallel_for(0, n_panels * n_chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> P(W * kSgemmPanel);
+    std::vector<float> P((a_major ? n_panels : 1) * W * kSgemmPanel);
     std::vector<float> block(kEpi ? kSgemmMChunk * kSgemmPanel : 0);
-    int64_t packed = -1;
+    std::vector<char> packed(a_major ? n_panels : 1, 0);
+    int64_t last = -1;  // panel-major: the panel P holds
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t panel = t / n_chunks, n0 = panel * kSgemmPanel, cols = std::min(kSgemmPanel, N - n0);
-      if (panel != packed) {
+      const int64_t panel = a_major ? t % n_panels : t / n_chunks, chunk = a_major ? t / n_panels : t % n_chunks;
+      const int64_t n0 = panel * kSgemmPanel, cols = std::min(kSgemmPanel, N - n0);
+      float* Pp = P.data() + (a_major ? panel * W * kSgemmPanel : 0);
+      if (a_major ? !packed[panel] : panel != last) {
         if (b_nk) {
-          pack_panel_nk(reinterpret_cast<const char*>(B), W, N, W, n0, P.data());
+          pack_panel_nk(reinterpret_cast<const char*>(B), W, N, W, n0, Pp);
         } else {
-          if constexpr (std::is_same_v<typename Dot::E, float>) pack_panel_kn(B, N, K, n0, P.data());
+          if constexpr (std::is_same_v<typename Dot::E, float>) pack_panel_kn(B, N, K, n0, Pp);
         }
-        packed = panel;
+        if (a_major) packed[panel] = 1;
+        last = panel;
       }
       __mmask16 mask[4];
       for (int c = 0; c < 4; ++c) {
         const int64_t valid = std::clamp<int64_t>(cols - c * 16, 0, 16);
         mask[c] = static_cast<__mmask16>((1u << valid) - 1u);
       }
-      const int64_t mb = t % n_chunks * kSgemmMChunk, me = std::min(M, mb + kSgemmMChunk);
+      const int64_t mb = chunk * kSgemmMChunk, me = std::min(M, mb + kSgemmMChunk);
       float* Cb = kEpi ? block.data() : C + mb * N + n0;  // row mb, column n0
       const int64_t ldc = kEpi ? kSgemmPanel : N;
       for (int64_t w0 = 0; w0 < W; w0 += kSgemmKc) {
         const int64_t w1 = std::min(W, w0 + kSgemmKc);
         int64_t m = mb;
         for (; m + kSgemmMR <= me; m += kSgemmMR)
-          sgemm_tile<kSgemmMR, Dot>(A + m * K, K, P.data(), w0, w1, Cb + (m - mb) * ldc, ldc, mask, w0 == 0);
-        for (; m < me; ++m) sgemm_tile<1, Dot>(A + m * K, K, P.data(), w0, w1, Cb + (m - mb) * ldc, ldc, mask, w0 == 0);
+          sgemm_tile<kSgemmMR, Dot>(A + m * K, K, Pp, w0, w1, Cb + (m - mb) * ldc, ldc, mask, w0 == 0);
+        for (; m < me; ++m) sgemm_tile<1, Dot>(A + m * K, K, Pp, w0, w1, Cb + (m - mb) * ldc, ldc, mask, w0 == 0);
       }
       if constexpr (kEpi) epi(mb, me, n0, cols, block.data(), kSgemmPanel);
     }
