@@ -156,10 +156,10 @@ void load_cols(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, in
 }
 
 #ifdef MPTK_BF16_PAIRS
-// dst[0, n) = src rounded to bf16 (nearest even), 32 at a time; n a multiple of 32
+// dst[0, n) = src rounded to bf16 (nearest even), a chunk at a time; n a multiple of the chunk
 inline void round_to_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
-  for (int64_t i = 0; i < n; i += 32)
-    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i)));
+  using IO = ChunkIO<c10::BFloat16, float>;
+  for (int64_t i = 0; i < n; i += IO::kChunk) IO::store(dst + i, Vf::loadu(src + i), Vf::loadu(src + i + kW));
 }
 
 // src bf16 [rows, D] (row stride ld) -> dst [ceil(cols / 2), Dp] words, rows 2u and 2u + 1

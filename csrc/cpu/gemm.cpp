@@ -222,7 +222,6 @@ inline Vf load_w(const W* p, int rem) {
   return Vf::loadu(buf);
 }
 
-
 // The operands of the dot tiles: a k-step's vectors of x and w, and their multiply-add.
 // DotF32<W>: fp32 x against a weight of W (fp32, or 16-bit widened in registers), FMA.
 template <typename W>
@@ -255,7 +254,7 @@ struct DotBf16 {
   }
   static __m512 w(const c10::BFloat16* p) { return x(p); }
   static __m512 w(const c10::BFloat16* p, int rem) { return x(p, rem); }
-  static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  static __m512 madd(__m512 acc, __m512 a, __m512 b) { return Bf16Pairs::madd(acc, a, b); }
   static float sum(__m512 v) { return _mm512_reduce_add_ps(v); }
 };
 #endif
@@ -618,10 +617,12 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool b_nk) {
 }
 
 #ifdef MPTK_BF16_PAIRS
-// 32 bf16 (masked) as two fp32 vectors
+// 32 bf16 (a masked load) as two fp32 vectors, and back rounded to nearest even: ATen's conversions
 inline void bf16x32_to_f32(__m512i v, __m512& lo, __m512& hi) {
-  lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-  hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+  std::tie(lo, hi) = at::vec::convert_to_float<c10::BFloat16>(Vectorized<c10::BFloat16>(v));
+}
+inline __m512i f32_to_bf16x32(__m512 lo, __m512 hi) {
+  return at::vec::convert_from_float<c10::BFloat16>(Vf(lo), Vf(hi));
 }
 
 // The backward of a bf16 linear where the CPU has AVX512-BF16, so that oneDNN's bf16 matmul
@@ -646,7 +647,7 @@ void bf16_dpre_pass(const uint16_t* d, const uint16_t* s, uint16_t* dpre, float*
             bf16x32_to_f32(_mm512_maskz_loadu_epi16(mk, s + off), slo, shi);
             lo = _mm512_mul_ps(lo, act_grad(Vf(slo), A));
             hi = _mm512_mul_ps(hi, act_grad(Vf(shi), A));
-            _mm512_mask_storeu_epi16(dpre + off, mk, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // nearest even
+            _mm512_mask_storeu_epi16(dpre + off, mk, f32_to_bf16x32(lo, hi));
           }
           if (part) {  // masked-off lanes hold zeros
             float* pr = part + blk * N + n;
