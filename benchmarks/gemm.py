@@ -47,8 +47,8 @@ def run(device: str, quick: bool):
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     dy = torch.randn(m, n, device=device, dtype=dt)
 
-    def fwd_bwd(fn):
-        return lambda: torch.autograd.grad(fn(xg, wg), (xg, wg), dy)
+    def fwd_bwd(fn, x=xg, w=wg, dy=dy):  # dx and dw of fn(x, w) for the upstream gradient dy
+        return lambda: torch.autograd.grad(fn(x, w), (x, w), dy)
 
     rows += case_rows("gemm", f"linear+GELU fwd+bwd {tag}", device, quick, None,
                       {"mptkernels": fwd_bwd(lambda x, w: ops.linear(x, w, activation="gelu"))},
@@ -63,14 +63,10 @@ def run(device: str, quick: bool):
                           {"mptkernels": lambda: ops.linear(xb, wb16, activation="gelu")},
                           {"F.gelu(F.linear) eager": lambda: F.gelu(F.linear(xb, wb16))}, flops=flops,
                           dtype=torch.bfloat16)
-        xbg, wbg = xb.clone().requires_grad_(), wb16.clone().requires_grad_()
-
-        def fwd_bwd16(fn):
-            return lambda: torch.autograd.grad(fn(xbg, wbg), (xbg, wbg), dyb)
-
+        grads16 = dict(x=xb.clone().requires_grad_(), w=wb16.clone().requires_grad_(), dy=dyb)
         rows += case_rows("gemm", f"linear+GELU fwd+bwd {btag}", device, quick, None,
-                          {"mptkernels": fwd_bwd16(lambda x, w: ops.linear(x, w, activation="gelu"))},
-                          {"F.gelu(F.linear) eager": fwd_bwd16(lambda x, w: F.gelu(F.linear(x, w)))},
+                          {"mptkernels": fwd_bwd(lambda x, w: ops.linear(x, w, activation="gelu"), **grads16)},
+                          {"F.gelu(F.linear) eager": fwd_bwd(lambda x, w: F.gelu(F.linear(x, w)), **grads16)},
                           flops=3 * flops, dtype=torch.bfloat16)
 
     # int8: the exact GEMM core and W8A8 end to end (activation quantisation included)

@@ -6,6 +6,7 @@ medians (blocked_autorange). Every family script returns Rows; run.py prints the
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -161,7 +162,7 @@ def environment(device: str) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "mptkernels": mptkernels.__version__,
-        "cpu_isa": " + ".join([mptkernels.build_info.cpu_isa, *getattr(mptkernels.build_info, "cpu_extensions", [])]),
+        "cpu_isa": mptkernels.info(file=io.StringIO())["CPU kernels ISA"],
     }
     if device == "cpu":
         env["glibc_keeps_freed_memory"] = _kept
