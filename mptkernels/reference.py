@@ -239,6 +239,11 @@ def int8_mm(a, b):
     return (a.double() @ b.double().t()).to(torch.int32)
 
 
+def dequantize(w_int8, w_scale):
+    """The float32 weight that (w_int8, w_scale) = quantize_rowwise(weight) stands for."""
+    return w_int8.float() * w_scale.float().unsqueeze(1)
+
+
 def int8_linear(x, w_int8, w_scale, bias=None, activation_name=None):
     """W8A8: x quantised per row, the int8 product, then act(acc * x_scale * w_scale + bias).
     Gradient in x straight-through the rounding: that of x @ (w_int8 * w_scale[:, None])^T."""
@@ -249,7 +254,7 @@ def int8_linear(x, w_int8, w_scale, bias=None, activation_name=None):
     if x.requires_grad and torch.is_grad_enabled():
         # adds exactly zero to the value (finite x); carries the straight-through gradient
         xf = x2.float()
-        acc = acc + (xf - xf.detach()) @ (w_int8.float() * w_scale.float().unsqueeze(1)).t()
+        acc = acc + (xf - xf.detach()) @ dequantize(w_int8, w_scale).t()
     if bias is not None:
         acc = acc + bias.float()
     return activation(acc, activation_name).to(x.dtype).reshape(*shape[:-1], w_int8.shape[0])
@@ -257,6 +262,5 @@ def int8_linear(x, w_int8, w_scale, bias=None, activation_name=None):
 
 def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
     """x @ (w_int8 * w_scale[:, None])^T + bias in float32, rounded to x's dtype."""
-    w = w_int8.float() * w_scale.float().unsqueeze(1)
-    out = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    out = torch.nn.functional.linear(x.float(), dequantize(w_int8, w_scale), None if bias is None else bias.float())
     return out.to(x.dtype)

@@ -440,8 +440,7 @@ class MPTForCausalLM(torch.nn.Module):
         if any(isinstance(m, mnn.Int8Linear) for m in self.modules()):
             raise ValueError("save_pretrained: the model holds int8 layers (quantize_); the HF format stores float "
                              "weights: save before quantising, and quantise again after loading")
-        if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
-                                            or max_shard_bytes < 1):
+        if max_shard_bytes is not None and not _int_at_least_1(max_shard_bytes):
             raise ValueError(f"save_pretrained: max_shard_bytes must be None or an int >= 1, got {max_shard_bytes!r}")
         os.makedirs(path, exist_ok=True)
         hf = dict(model_type="mpt", architectures=["MptForCausalLM"], d_model=cfg.d_model, n_heads=cfg.n_heads,
@@ -457,9 +456,10 @@ class MPTForCausalLM(torch.nn.Module):
         for f in os.listdir(path):  # a shard left by an earlier save would be loaded beside these
             if f.startswith("model") and (f.endswith(".safetensors") or f == "model.safetensors.index.json"):
                 os.remove(os.path.join(path, f))
-        shards, size = [{}], 0  # in state order, a new shard where the next tensor would overflow
+        shards, size, total = [{}], 0, 0  # in state order, a new shard where the next tensor would overflow
         for k, v in state.items():
             n = v.numel() * v.element_size()
+            total += n
             if max_shard_bytes is not None and shards[-1] and size + n > max_shard_bytes:
                 shards.append({})
                 size = 0
@@ -473,7 +473,6 @@ class MPTForCausalLM(torch.nn.Module):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             safetensors_io.save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, name))
-        total = sum(v.numel() * v.element_size() for v in state.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
@@ -534,7 +533,6 @@ def _config_from_hf(hf: dict) -> MPTConfig:
     # default kv_n_heads=1 beside multihead_attention is no MQA), has no learned position
     # embedding and no biases, and its FFN is always 4x wide, whatever the config says
     attn.update(alibi=True, alibi_bias_max=8, rope=False, kv_n_heads=None)
-    attn.pop("attn_type", None)
     d = {k: hf[k] for k in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "layer_norm_epsilon")
          if k in hf}
     return MPTConfig(**d, expansion_ratio=4, learned_pos_emb=False, logit_scale=None, no_bias=True,
@@ -591,10 +589,10 @@ def _sample(logits, temperature, top_k, top_p, generator):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
         sorted_logits, idx = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        p = sorted_logits.softmax(-1)
         # keep the smallest set whose mass reaches top_p (HF's rule: a token whose predecessors
         # already hold top_p is dropped; the first token is always kept)
-        drop = cum - sorted_logits.softmax(-1) >= top_p
+        drop = p.cumsum(-1) - p >= top_p
         drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import ops
+from .. import ops, reference
 
 
 def _apply(module, x, residual, norm):
@@ -54,8 +54,7 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x, residual=None):
         # torch.nn.RMSNorm's eps=None means the machine epsilon of the dtype it computes in
         # (ATen's opmath type: fp32 for 16-bit inputs), not of x's dtype
-        eps = self.eps if self.eps is not None else torch.finfo(torch.float64 if x.dtype == torch.float64
-                                                                 else torch.float32).eps
+        eps = self.eps if self.eps is not None else torch.finfo(reference._acc_dtype(x.dtype)).eps
         return _apply(self, x, residual, lambda x, w, r: ops.rms_norm(x, w, eps, r, cast=self.cast))
 
     def extra_repr(self):

@@ -251,7 +251,7 @@ def _int8_backward(ctx, dout):
         dpre = dout
     dx = db = None
     if ctx.needs_input_grad[0]:
-        dx = dpre @ (w_int8.float() * w_scale.unsqueeze(1)).to(dpre.dtype)
+        dx = dpre @ reference.dequantize(w_int8, w_scale).to(dpre.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         db = dpre.float().sum(0).to(ctx.bias_dtype)
     return (dx, None, None, db) + ((None,) if len(ctx.needs_input_grad) == 5 else ())
