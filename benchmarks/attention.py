@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from mptkernels import ops, reference
 
 try:
-    from .harness import case_rows
+    from .harness import case_rows, ours
 except ImportError:
-    from harness import case_rows
+    from harness import case_rows, ours
 
 
 def shapes(device: str, quick: bool):
@@ -76,13 +76,13 @@ def run(device: str, quick: bool):
         tag = f"B{b} S{s} H{h} d{d} {str(dtype).replace('torch.', '')}"
         base = {name: (lambda be=be: _sdpa(be, qt, kt, vt, is_causal=True)) for name, be in _sdpa_backends(device).items()}
         rows += case_rows("attention", f"causal fwd {tag}", device, quick, None,
-                          {"mptkernels": lambda: ops.attention(q, k, v, causal=True)}, base, flops=flops, dtype=dtype)
+                          ours("attention", lambda: ops.attention(q, k, v, causal=True), device), base, flops=flops, dtype=dtype)
         mask = _alibi_mask(slopes, s, True, device, dtype)
         alibi_base = {"SDPA + bias tensor": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask),
                       # torch compiles FlexAttention for the CPU forward too (not its backward)
                       "FlexAttention (compiled)": _flex_alibi(qt, kt, vt, slopes)}
         rows += case_rows("attention", f"causal+ALiBi fwd {tag}", device, quick, None,
-                          {"mptkernels": lambda: ops.attention(q, k, v, causal=True, alibi_slopes=slopes)},
+                          ours("attention", lambda: ops.attention(q, k, v, causal=True, alibi_slopes=slopes), device),
                           alibi_base, flops=flops, dtype=dtype)
         # forward + backward: 3.5x the forward's FLOPs (the backward's five matmuls recompute the scores)
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
@@ -91,13 +91,14 @@ def run(device: str, quick: bool):
         doutt = dout.transpose(1, 2).contiguous()
         rows += case_rows(
             "attention", f"causal+ALiBi fwd+bwd {tag}", device, quick, None,
-            {"mptkernels": lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True, alibi_slopes=slopes),
-                                                       (qg, kg, vg), dout)},
+            ours("attention", lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True, alibi_slopes=slopes),
+                                                          (qg, kg, vg), dout), device),
             _fwd_bwd_baselines(device, qtg, ktg, vtg, doutt, mask, slopes), flops=3.5 * flops, dtype=dtype)
         if device == "cuda" or not quick:
             rows += case_rows(
                 "attention", f"causal fwd+bwd {tag}", device, quick, None,
-                {"mptkernels": lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True), (qg, kg, vg), dout)},
+                ours("attention", lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True), (qg, kg, vg), dout),
+                     device),
                 {name: (lambda be=be: torch.autograd.grad(_sdpa(be, qtg, ktg, vtg, is_causal=True), (qtg, ktg, vtg),
                                                           doutt))
                  for name, be in _sdpa_backends(device).items()}, flops=3.5 * flops, dtype=dtype)
@@ -137,18 +138,19 @@ def _decode_rows(device, quick):
         slopes = reference.alibi_slopes(hq).to(device)
         qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)  # SDPA's layout, as views
         gqa = {"enable_gqa": True} if hq != hk else {}
-        ours = {"mptkernels": lambda: ops.attention_with_kvcache(q, kc, vc, lens, alibi_slopes=slopes)}
+        mine = ours("attention_with_kvcache", lambda: ops.attention_with_kvcache(q, kc, vc, lens, alibi_slopes=slopes),
+                    device)
         bias = (slopes.view(1, hq, 1, 1) * (torch.arange(s, device=device) - (s - 1))).to(dtype)
         base = {"SDPA + bias tensor": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, **gqa)}
         refs = {}
         if device == "cuda":
-            ours = {k: _graphed(f) for k, f in ours.items()}
+            mine = {k: _graphed(f) for k, f in mine.items()}
             base = {k: _graphed(f) for k, f in base.items()}
             # without ALiBi: another computation, shown for the bandwidth it reaches
             refs["SDPA (no bias)"] = _graphed(lambda: F.scaled_dot_product_attention(qt, kt, vt, **gqa))
         nbytes = 2 * b * s * hk * d * kc.element_size()
         tag = f"B{b} cache{s} Hq{hq} Hkv{hk} d{d} {str(dtype).replace('torch.', '')}"
-        rows += case_rows("attention", f"ALiBi decode 1 token {tag}", device, quick, nbytes, ours, base,
+        rows += case_rows("attention", f"ALiBi decode 1 token {tag}", device, quick, nbytes, mine, base,
                           references=refs)
     return rows
 

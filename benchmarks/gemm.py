@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from mptkernels import ops
 
 try:
-    from .harness import case_rows, compiled
+    from .harness import case_rows, compiled, ours
 except ImportError:
-    from harness import case_rows, compiled
+    from harness import case_rows, compiled, ours
 
 
 def run(device: str, quick: bool):
@@ -36,11 +36,11 @@ def run(device: str, quick: bool):
     flops = 2 * m * n * k
     tag = f"{m}x{k}x{n} {str(dt).replace('torch.', '')}"
     rows += case_rows("gemm", f"linear {tag}", device, quick, None,
-                      {"mptkernels": lambda: ops.linear(x, w)}, {"F.linear": lambda: F.linear(x, w)},
+                      ours("linear", lambda: ops.linear(x, w), device), {"F.linear": lambda: F.linear(x, w)},
                       flops=flops)
     gelu_compiled = compiled(lambda x, w: F.gelu(F.linear(x, w)))
     rows += case_rows("gemm", f"linear+GELU {tag}", device, quick, None,
-                      {"mptkernels": lambda: ops.linear(x, w, activation="gelu")},
+                      ours("linear", lambda: ops.linear(x, w, activation="gelu"), device),
                       {"F.gelu(F.linear) eager": lambda: F.gelu(F.linear(x, w)),
                        "torch.compile": lambda: gelu_compiled(x, w)}, flops=flops)
     # training: forward and backward (dx, dw: two more GEMMs of the same size)
@@ -51,7 +51,7 @@ def run(device: str, quick: bool):
         return lambda: torch.autograd.grad(fn(x, w), (x, w), dy)
 
     rows += case_rows("gemm", f"linear+GELU fwd+bwd {tag}", device, quick, None,
-                      {"mptkernels": fwd_bwd(lambda x, w: ops.linear(x, w, activation="gelu"))},
+                      ours("linear", fwd_bwd(lambda x, w: ops.linear(x, w, activation="gelu")), device),
                       {"F.gelu(F.linear) eager": fwd_bwd(lambda x, w: F.gelu(F.linear(x, w)))}, flops=3 * flops)
 
     if not gpu and not quick:
@@ -60,12 +60,12 @@ def run(device: str, quick: bool):
         xb, wb16, dyb = x.bfloat16(), w.bfloat16(), dy.bfloat16()
         btag = f"{m}x{k}x{n} bfloat16"
         rows += case_rows("gemm", f"linear+GELU {btag}", device, quick, None,
-                          {"mptkernels": lambda: ops.linear(xb, wb16, activation="gelu")},
+                          ours("linear", lambda: ops.linear(xb, wb16, activation="gelu"), device),
                           {"F.gelu(F.linear) eager": lambda: F.gelu(F.linear(xb, wb16))}, flops=flops,
                           dtype=torch.bfloat16)
         grads16 = dict(x=xb.clone().requires_grad_(), w=wb16.clone().requires_grad_(), dy=dyb)
         rows += case_rows("gemm", f"linear+GELU fwd+bwd {btag}", device, quick, None,
-                          {"mptkernels": fwd_bwd(lambda x, w: ops.linear(x, w, activation="gelu"), **grads16)},
+                          ours("linear", fwd_bwd(lambda x, w: ops.linear(x, w, activation="gelu"), **grads16), device),
                           {"F.gelu(F.linear) eager": fwd_bwd(lambda x, w: F.gelu(F.linear(x, w)), **grads16)},
                           flops=3 * flops, dtype=torch.bfloat16)
 
@@ -76,7 +76,7 @@ def run(device: str, quick: bool):
     itag = f"{mi}x{ki}x{ni}"
     ab, wb = a8.to(dt), w8.to(dt)
     rows += case_rows("gemm", f"int8 GEMM core {itag}", device, quick, None,
-                      {"mptkernels int8_mm": lambda: torch.ops.mptkernels.int8_mm(a8, w8)},
+                      ours("int8_mm", lambda: torch.ops.mptkernels.int8_mm(a8, w8), device),
                       {"torch._int_mm (w^T)": lambda: torch._int_mm(a8, w8.t())}, flops=2 * mi * ni * ki, int8=True,
                       references={f"{'bf16' if gpu else 'fp32'} F.linear": lambda: F.linear(ab, wb)})
     xf = torch.randn(mi, ki, device=device, dtype=dt)
@@ -88,7 +88,7 @@ def run(device: str, quick: bool):
         return (torch._int_mm(xq, wq.t()).float() * xs[:, None] * ws).to(dt)
 
     rows += case_rows("gemm", f"int8_linear W8A8 {itag} {str(dt).replace('torch.', '')}", device, quick, None,
-                      {"mptkernels": lambda: ops.int8_linear(xf, wq, ws)},
+                      ours("int8_linear", lambda: ops.int8_linear(xf, wq, ws), device),
                       {"quantize_rowwise + torch._int_mm + scales": torch_w8a8}, flops=2 * mi * ni * ki, int8=True,
                       references={"F.linear (float weight)": lambda: F.linear(xf, wd)})
 
@@ -99,20 +99,20 @@ def run(device: str, quick: bool):
     wf = (torch.randn(nd, kd, device=device) * kd ** -0.5).to(dt)
     x1 = torch.randn(1, kd, device=device, dtype=dt)
     rows += case_rows("gemm", f"linear M=1 {kd}->{nd} {str(dt).replace('torch.', '')}", device, quick,
-                      nd * kd * wf.element_size(), {"mptkernels": lambda: ops.linear(x1, wf)},
+                      nd * kd * wf.element_size(), ours("linear", lambda: ops.linear(x1, wf), device),
                       {"F.linear": lambda: F.linear(x1, wf)})
     if not gpu and not quick:  # bf16 decoding on the CPU: 1 and 16 tokens (the dot tiles on vdpbf16ps)
         wf16 = wf.bfloat16()
         for md in (1, 16):
             xd16 = torch.randn(md, kd, dtype=torch.bfloat16)
             rows += case_rows("gemm", f"linear M={md} {kd}->{nd} bfloat16", device, quick, nd * kd * 2,
-                              {"mptkernels": lambda: ops.linear(xd16, wf16)},
+                              ours("linear", lambda: ops.linear(xd16, wf16), device),
                               {"F.linear": lambda: F.linear(xd16, wf16)})
     for md in (1,) if quick else (1, 16):
         xd = torch.randn(md, kd, device=device, dtype=dt)
         rows += case_rows("gemm", f"weight-only int8 M={md} {kd}->{nd} {str(dt).replace('torch.', '')}", device,
                           quick, nd * kd,
-                          {"mptkernels": lambda: ops.weight_only_int8_linear(xd, wq, ws)},
+                          ours("weight_only_int8_linear", lambda: ops.weight_only_int8_linear(xd, wq, ws), device),
                           {"F.linear (float weight)": lambda: F.linear(xd, wd),
                            "dequantise + F.linear": lambda: F.linear(xd, (wq.to(dt) * ws[:, None].to(dt)))})
     return rows

@@ -139,6 +139,25 @@ def case_rows(family, case, device, quick, nbytes, ours: dict, baselines: dict, 
     return rows
 
 
+def ours(op: str, fn, device: str) -> dict:
+    """The rows of mptkernels for one case: what ``auto`` runs, and, where the device has more
+    than one kernel language for the op (the GPU), each one forced with mptkernels.backend, so
+    the table shows every implementation beside auto. PyTorch's own op is a baseline row."""
+    import mptkernels
+    from mptkernels import _dispatch
+
+    langs = _dispatch.available_kernels(op, device)
+    if len(langs) <= 1:  # nothing to choose: auto runs this one
+        return {f"mptkernels ({langs[0] if langs else 'auto'})": fn}
+    out = {"mptkernels (auto)": fn}
+    for lang in langs:
+        def forced(lang=lang):
+            with mptkernels.backend(**{op: lang}):
+                return fn()
+        out[f"mptkernels ({lang})"] = forced
+    return out
+
+
 def compiled(fn):
     """torch.compile of fn, compiled on first call (the harness's warm-up)."""
     return torch.compile(fn, fullgraph=True)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import mptkernels
 from mptkernels import ops
 
 try:
-    from .harness import case_rows, compiled
+    from .harness import case_rows, compiled, ours
 except ImportError:  # run as a script
-    from harness import case_rows, compiled
+    from harness import case_rows, compiled, ours
 
 
 def _add_ln(x, r, w, b):
@@ -27,19 +26,6 @@ def _add_ln(x, r, w, b):
 def _add_rms(x, r, w):
     s = x + r
     return F.rms_norm(s, (s.shape[-1],), w, 1e-6), s
-
-
-def _ours_variants(device, fn):
-    """On the GPU, time the default (auto) and each language, so the table shows all."""
-    if device != "cuda":
-        return {"mptkernels": fn}
-    out = {"mptkernels (auto)": fn}
-    for lang in ("cuda", "triton"):
-        def run(lang=lang):
-            with mptkernels.backend(lang):
-                return fn()
-        out[f"mptkernels ({lang})"] = run
-    return out
 
 
 def shapes(device: str, quick: bool):
@@ -59,13 +45,13 @@ def run(device: str, quick: bool):
         tag = f"{m}x{n} {str(dtype).replace('torch.', '')}"
         add_ln_c, add_rms_c = compiled(_add_ln), compiled(_add_rms)
         rows += case_rows("layer_norm", f"add+LayerNorm fwd {tag}", device, quick, 4 * m * n * e,
-                          _ours_variants(device, lambda: ops.layer_norm(x, w, b, 1e-5, r)),
+                          ours("layer_norm", lambda: ops.layer_norm(x, w, b, 1e-5, r), device),
                           {"eager": lambda: _add_ln(x, r, w, b), "torch.compile": lambda: add_ln_c(x, r, w, b)})
         rows += case_rows("layer_norm", f"add+RMSNorm fwd {tag}", device, quick, 4 * m * n * e,
-                          _ours_variants(device, lambda: ops.rms_norm(x, w, 1e-6, r)),
+                          ours("rms_norm", lambda: ops.rms_norm(x, w, 1e-6, r), device),
                           {"eager": lambda: _add_rms(x, r, w), "torch.compile": lambda: add_rms_c(x, r, w)})
         rows += case_rows("layer_norm", f"LayerNorm fwd {tag}", device, quick, 2 * m * n * e,
-                          _ours_variants(device, lambda: ops.layer_norm(x, w, b)),
+                          ours("layer_norm", lambda: ops.layer_norm(x, w, b), device),
                           {"eager": lambda: F.layer_norm(x, (n,), w, b)})
         # forward + backward (dx, dweight, dbias)
         xg, wg, bg = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
@@ -78,7 +64,7 @@ def run(device: str, quick: bool):
             return step
 
         rows += case_rows("layer_norm", f"LayerNorm fwd+bwd {tag}", device, quick, 5 * m * n * e,
-                          _ours_variants(device, fb(lambda: ops.layer_norm(xg, wg, bg))),
+                          ours("layer_norm", fb(lambda: ops.layer_norm(xg, wg, bg)), device),
                           {"eager": fb(lambda: F.layer_norm(xg, (n,), wg, bg))})
     return rows
 

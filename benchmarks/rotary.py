@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from mptkernels import ops, reference
+from mptkernels import ops
 
 try:
-    from .harness import case_rows, compiled
+    from .harness import case_rows, compiled, ours
 except ImportError:
-    from harness import case_rows, compiled
+    from harness import case_rows, compiled, ours
 
 
 def _rotate_half(x):
@@ -36,14 +36,15 @@ def run(device: str, quick: bool):
     for b, s, h, d, dtype in shapes(device, quick):
         q = torch.randn(b, s, h, d, device=device, dtype=dtype)
         k = torch.randn_like(q)
-        cos, sin = reference.rotary_cos_sin(s, d, device=device)
+        cos, sin = ops.rotary_cos_sin(s, d, device=device)
         # the eager form uses full-width (seqlen, head_dim) tables in the activation dtype
         cos_full, sin_full = torch.cat((cos, cos), -1).to(dtype), torch.cat((sin, sin), -1).to(dtype)
         eager_c = compiled(eager_rotary)
         e = torch.finfo(dtype).bits // 8
         rows += case_rows("rotary", f"rotary q,k ({b},{s},{h},{d}) {str(dtype).replace('torch.', '')}", device, quick,
                           4 * q.numel() * e,
-                          {"mptkernels": lambda: (ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin))},
+                          ours("apply_rotary", lambda: (ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin)),
+                               device),
                           {"eager": lambda: eager_rotary(q, k, cos_full, sin_full),
                            "torch.compile": lambda: eager_c(q, k, cos_full, sin_full)})
     return rows

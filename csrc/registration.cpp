@@ -1,99 +1,127 @@
-// Every op schema of mptkernels, in one place. Kernels register their implementations
-// beside their code: csrc/cpu/<family>.cpp (CPU key), csrc/cuda/<family>.cu (CUDA key or
-// the cuda_* ops below), mptkernels/ops/<family>.py (Python CUDA-key kernels that choose
-// between the CUDA C++ and Triton implementations, fake kernels, autograd).
+// Every op schema of mptkernels, in one place.
+//
+// Three namespaces share these schemas (one string per op, so they cannot drift):
+//   mptkernels::<op>       the public op: what torch.compile, autograd and users see. Its CPU and
+//                          CUDA kernels are Python functions made by mptkernels/_dispatch.py from
+//                          the dispatch table: they choose an implementation and call it.
+//   mptkernels_cpu::<op>   the C++ CPU kernel of the op (csrc/cpu/<family>.cpp). Every op has one.
+//   mptkernels_cuda::<op>  the CUDA C++ kernel (csrc/cuda/<family>.cu), for the ops listed below.
+// So an op's C++ implementations are found by name (an op defined in mptkernels_cuda has a CUDA
+// C++ kernel; built where _C was compiled with CUDA), and the Python table does not repeat them.
 //
 // Conventions shared by all norm ops (x is 2-D (rows, cols), the Python layer flattens):
 //   weight/bias: (cols,) in x's dtype or float32; mean/rstd: (rows,) float32 (float64 for
 //   float64 x); an absent optional output is returned as an empty (0,) tensor.
+// Arguments are checked once, in Python (mptkernels/ops/<family>.py) before any implementation
+// runs; the kernels trust them.
 #include <torch/library.h>
 
-// One argument list per op, shared by the public op and its cuda_* twin (the CUDA C++
-// implementation that the Python CUDA-key kernel may choose), so the two cannot drift.
-#define MPTK_LAYER_NORM_FWD_SCHEMA                                                        \
+// y = norm(s) * (weight + weight_offset) + bias, s = x (+ residual, summed in fp32 and rounded
+// to x's dtype). Returns (y, residual_out = s or empty, mean or empty, rstd). rms_norm: no mean
+// subtraction. cast_before_weight: round norm(s) to x's dtype before the weight multiply
+// (Llama's RMSNorm). weight_offset = 1 gives Gemma's (1 + w).
+#define MPTK_SCHEMA_layer_norm_fwd                                                        \
   "(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool rms_norm, " \
   "float weight_offset, bool cast_before_weight) -> (Tensor, Tensor, Tensor, Tensor)"
-#define MPTK_LAYER_NORM_BWD_SCHEMA                                                        \
+// Gradient of layer_norm_fwd. s is the normalised input saved by the forward (residual_out when
+// a residual was given, else x); dresidual_out, if given, is the gradient arriving through
+// residual_out and is added to dx. Returns (dx, dweight or empty, dbias or empty); dweight/dbias
+// in weight's dtype.
+#define MPTK_SCHEMA_layer_norm_bwd                                                        \
   "(Tensor dy, Tensor? dresidual_out, Tensor s, Tensor? weight, Tensor? bias, "           \
   "Tensor mean, Tensor rstd, bool rms_norm, float weight_offset, bool cast_before_weight" \
   ") -> (Tensor, Tensor, Tensor)"
+// Rotary embedding of x (batch, seqlen, heads, head_dim), stride(-1) == 1, other strides free.
+// cos/sin: (max_seqlen, rotary_dim/2) float32 contiguous; token t of sequence b uses row
+// t + (seqlen_offsets[b] if given, else seqlen_offset). The first rotary_dim features rotate
+// (halves, or pairs when interleaved); the rest are copied. conjugate negates sin (the
+// backward). Returns a new contiguous tensor.
+#define MPTK_SCHEMA_apply_rotary                                                                \
+  "(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, int seqlen_offset, bool interleaved, " \
+  "bool conjugate) -> Tensor"
+// Attention of q (B, Sq, Hq, D) over k, v (B, Sk, Hk, D), Hq % Hk == 0 (GQA), all contiguous.
+// score(i, j) = softmax_scale * q_i . k_j + slope[b?, h] * (j - i - (Sk - Sq)) (MPT's ALiBi;
+// alibi_slopes (Hq,) or (B, Hq) float32, or None); causal: key j is visible to query i iff
+// j <= i + Sk - Sq (bottom-right aligned). Returns (out (B, Sq, Hq, D) in q's dtype, lse
+// (B, Hq, Sq) float32: the log-sum-exp of each row's visible scores, -inf and out = 0 for a
+// row that sees no key).
+#define MPTK_SCHEMA_attention_fwd \
+  "(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float softmax_scale, bool causal) -> (Tensor, Tensor)"
+// Gradient of attention_fwd from dout (B, Sq, Hq, D) and the forward's out and lse: (dq, dk, dv)
+// in the inputs' dtypes; dk, dv sum over the q heads sharing a kv head.
+#define MPTK_SCHEMA_attention_bwd                                                                     \
+  "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "        \
+  "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)"
+// attention_fwd over packed sequences: q (total_q, Hq, D), k and v (total_k, Hk, D); sequence b
+// is rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q and the same of k/v by cu_seqlens_k (int32
+// (B + 1,), from 0); max_seqlen_* bound every length. alibi_slopes (Hq,) or (B, Hq). Returns
+// (out (total_q, Hq, D), lse (Hq, total_q) float32); rows after cu_seqlens_q[-1] get out = 0
+// and lse = -inf.
+#define MPTK_SCHEMA_attention_varlen_fwd                                                    \
+  "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "               \
+  "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float softmax_scale, bool causal) " \
+  "-> (Tensor, Tensor)"
+#define MPTK_SCHEMA_attention_varlen_bwd                                                              \
+  "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "                              \
+  "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, " \
+  "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)"
+// Decoding with a KV cache: k_cache, v_cache (B, max_seqlen, Hk, D) contiguous; k, v
+// (B, Sn, Hk, D), if given, are written in place into rows [cache_seqlens[b], + Sn) of the
+// caches; then q (B, Sq, Hq, D) attends over the first cache_seqlens[b] + Sn rows of each
+// cache, as attention_fwd with Sk = cache_seqlens[b] + Sn (causal bottom-right aligned, ALiBi
+// by the same formula). cache_seqlens (B,) int32 is not modified.
+#define MPTK_SCHEMA_attention_with_kvcache                                                         \
+  "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, Tensor? v, " \
+  "Tensor? alibi_slopes, float softmax_scale, bool causal) -> Tensor"
+// ---- GEMM family. x is 2-D (M, K) (the Python layer flattens leading dims); weights are (N, K)
+// like nn.Linear's; activation is "none", "relu", "gelu" (exact erf) or "gelu_tanh".
+// out = act(x @ weight^T + bias) in x's dtype (fp32 accumulation). preact = x @ weight^T + bias
+// in x's dtype, kept for the backward of the gelus; an empty (0,) tensor otherwise.
+#define MPTK_SCHEMA_linear_fwd "(Tensor x, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)"
+// Gradient of linear_fwd: saved = preact for the gelus, out for relu, unused for none. Returns
+// (dx, dweight, dbias (float32; float64 for float64 x) or an empty (0,) tensor when has_bias
+// is false).
+#define MPTK_SCHEMA_linear_bwd \
+  "(Tensor dout, Tensor x, Tensor weight, Tensor saved, str activation, bool has_bias) -> (Tensor, Tensor, Tensor)"
+// Symmetric per-row int8 quantisation of x (M, K): scale = absmax / 127 (float32 (M,); an
+// all-zero row gets 1), q = round-half-even(x / scale) clamped to [-127, 127].
+#define MPTK_SCHEMA_quantize_rowwise "(Tensor x) -> (Tensor, Tensor)"
+// Exact int8 GEMM core: a (M, K) int8, b (N, K) int8 -> a @ b^T as int32 (M, N).
+#define MPTK_SCHEMA_int8_mm "(Tensor a, Tensor b) -> Tensor"
+// W8A8: x (M, K) float quantised per row, times w_int8 (N, K) in int8 with int32 accumulation;
+// out = act(acc * x_scale[m] * w_scale[n] + bias[n]) in x's dtype.
+#define MPTK_SCHEMA_int8_linear "(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, str activation) -> Tensor"
+// Weight-only int8: out = x @ (w_int8 * w_scale[:, None])^T + bias, x's dtype, the weight
+// dequantised on the fly (never materialised in full).
+#define MPTK_SCHEMA_weight_only_int8_linear "(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor"
 
-TORCH_LIBRARY(mptkernels, m) {
-  // y = norm(s) * (weight + weight_offset) + bias, s = x (+ residual, summed in fp32 and
-  // rounded to x's dtype). Returns (y, residual_out = s or empty, mean or empty, rstd).
-  // rms_norm: no mean subtraction. cast_before_weight: round norm(s) to x's dtype before
-  // the weight multiply (Llama's RMSNorm). weight_offset = 1 gives Gemma's (1 + w).
-  m.def("layer_norm_fwd" MPTK_LAYER_NORM_FWD_SCHEMA);
-  m.def("cuda_layer_norm_fwd" MPTK_LAYER_NORM_FWD_SCHEMA);
-  // Gradient of layer_norm_fwd. s is the normalised input saved by the forward
-  // (residual_out when a residual was given, else x); dresidual_out, if given, is the
-  // gradient arriving through residual_out and is added to dx. Returns (dx, dweight or
-  // empty, dbias or empty); dweight/dbias in weight's dtype.
-  m.def("layer_norm_bwd" MPTK_LAYER_NORM_BWD_SCHEMA);
-  m.def("cuda_layer_norm_bwd" MPTK_LAYER_NORM_BWD_SCHEMA);
-  // Rotary embedding of x (batch, seqlen, heads, head_dim), stride(-1) == 1, other strides
-  // free. cos/sin: (max_seqlen, rotary_dim/2) float32 contiguous; token t of sequence b
-  // uses row t + (seqlen_offsets[b] if given, else seqlen_offset). The first rotary_dim
-  // features rotate (halves, or pairs when interleaved); the rest are copied. conjugate
-  // negates sin (the backward). Returns a new contiguous tensor.
-  m.def(
-      "rotary(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, int seqlen_offset, "
-      "bool interleaved, bool conjugate) -> Tensor");
-  // Attention of q (B, Sq, Hq, D) over k, v (B, Sk, Hk, D), Hq % Hk == 0 (GQA), all
-  // contiguous. score(i, j) = softmax_scale * q_i . k_j + slope[b?, h] * (j - i - (Sk - Sq))
-  // (MPT's ALiBi; alibi_slopes (Hq,) or (B, Hq) float32, or None); causal: key j is visible
-  // to query i iff j <= i + Sk - Sq (bottom-right aligned). Returns (out (B, Sq, Hq, D) in q's
-  // dtype, lse (B, Hq, Sq) float32: the log-sum-exp of each row's visible scores, -inf and
-  // out = 0 for a row that sees no key).
-  m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float softmax_scale, bool causal) "
-      "-> (Tensor, Tensor)");
-  // Gradient of attention_fwd from dout (B, Sq, Hq, D) and the forward's out and lse:
-  // (dq, dk, dv) in the inputs' dtypes; dk, dv sum over the q heads sharing a kv head.
-  m.def(
-      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "
-      "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)");
-  // attention_fwd over packed sequences: q (total_q, Hq, D), k and v (total_k, Hk, D);
-  // sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q and the same of k/v by
-  // cu_seqlens_k (int32 (B + 1,), from 0); max_seqlen_* bound every length. alibi_slopes
-  // (Hq,) or (B, Hq). Returns (out (total_q, Hq, D), lse (Hq, total_q) float32); rows after
-  // cu_seqlens_q[-1] get out = 0 and lse = -inf.
-  m.def(
-      "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float softmax_scale, bool causal) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, "
-      "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)");
-  // Decoding with a KV cache: k_cache, v_cache (B, max_seqlen, Hk, D) contiguous; k, v
-  // (B, Sn, Hk, D), if given, are written in place into rows [cache_seqlens[b], + Sn) of
-  // the caches; then q (B, Sq, Hq, D) attends over the first cache_seqlens[b] + Sn rows of
-  // each cache, as attention_fwd with Sk = cache_seqlens[b] + Sn (causal bottom-right
-  // aligned, ALiBi by the same formula). cache_seqlens (B,) int32 is not modified.
-  m.def(
-      "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, "
-      "Tensor? v, Tensor? alibi_slopes, float softmax_scale, bool causal) -> Tensor");
+#define MPTK_DEF(m, op) m.def(#op MPTK_SCHEMA_##op)
 
-  // ---- GEMM family. x is 2-D (M, K) (the Python layer flattens leading dims); weights are
-  // (N, K) like nn.Linear's; activation is "none", "relu", "gelu" (exact erf) or "gelu_tanh".
-  // out = act(x @ weight^T + bias) in x's dtype (fp32 accumulation). preact = x @ weight^T +
-  // bias in x's dtype, kept for the backward of the gelus; an empty (0,) tensor otherwise.
-  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)");
-  // Gradient of linear_fwd: saved = preact for the gelus, out for relu, unused for none.
-  // Returns (dx, dweight, dbias or an empty (0,) tensor when has_bias is false).
-  m.def(
-      "linear_bwd(Tensor dout, Tensor x, Tensor weight, Tensor saved, str activation, bool has_bias) "
-      "-> (Tensor, Tensor, Tensor)");
-  // Symmetric per-row int8 quantisation of x (M, K): scale = absmax / 127 (float32 (M,); an
-  // all-zero row gets 1), q = round-half-even(x / scale) clamped to [-127, 127].
-  m.def("quantize_rowwise(Tensor x) -> (Tensor, Tensor)");
-  // Exact int8 GEMM core: a (M, K) int8, b (N, K) int8 -> a @ b^T as int32 (M, N).
-  m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
-  // W8A8: x (M, K) float quantised per row, times w_int8 (N, K) in int8 with int32
-  // accumulation; out = act(acc * x_scale[m] * w_scale[n] + bias[n]) in x's dtype.
-  m.def("int8_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, str activation) -> Tensor");
-  // Weight-only int8: out = x @ (w_int8 * w_scale[:, None])^T + bias, x's dtype, the weight
-  // dequantised on the fly (never materialised in full).
-  m.def("weight_only_int8_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
+// every op: the public one and its C++ CPU kernel
+#define MPTK_ALL_OPS(m)                    \
+  MPTK_DEF(m, layer_norm_fwd);             \
+  MPTK_DEF(m, layer_norm_bwd);             \
+  MPTK_DEF(m, apply_rotary);               \
+  MPTK_DEF(m, attention_fwd);              \
+  MPTK_DEF(m, attention_bwd);              \
+  MPTK_DEF(m, attention_varlen_fwd);       \
+  MPTK_DEF(m, attention_varlen_bwd);       \
+  MPTK_DEF(m, attention_with_kvcache);     \
+  MPTK_DEF(m, linear_fwd);                 \
+  MPTK_DEF(m, linear_bwd);                 \
+  MPTK_DEF(m, quantize_rowwise);           \
+  MPTK_DEF(m, int8_mm);                    \
+  MPTK_DEF(m, int8_linear);                \
+  MPTK_DEF(m, weight_only_int8_linear)
+
+TORCH_LIBRARY(mptkernels, m) { MPTK_ALL_OPS(m); }
+TORCH_LIBRARY(mptkernels_cpu, m) { MPTK_ALL_OPS(m); }
+
+// The ops with a CUDA C++ kernel (csrc/cuda/): defined whether or not this build compiled CUDA,
+// so the list of implementations is the same everywhere; mptkernels.info() says what was built.
+TORCH_LIBRARY(mptkernels_cuda, m) {
+  MPTK_DEF(m, layer_norm_fwd);
+  MPTK_DEF(m, layer_norm_bwd);
+  MPTK_DEF(m, apply_rotary);
+  MPTK_DEF(m, quantize_rowwise);
 }

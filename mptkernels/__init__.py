@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from ._loader import build_info  # noqa: E402  (loads _C: every op schema and C++ kernel)
 from . import ops, nn, reference  # noqa: E402
-from ._backend import backend  # noqa: E402
+from ._dispatch import backend  # noqa: E402
 from ._info import info  # noqa: E402
 from .patch import patch, PatchReport  # noqa: E402
 from .quantize import quantize_, QuantizeReport  # noqa: E402

@@ -1,50 +1,28 @@
-"""mptkernels.info(): what was built and what each op will run on each device."""
+"""mptkernels.info(): what was built, and what each op can run and has chosen on each device
+(all of it read from mptkernels._dispatch, the one table)."""
 from __future__ import annotations
 
-import importlib.util
 import platform
 
 import torch
 
-from . import _backend
+from . import _dispatch
 from ._loader import build_info
 from .triton import version as triton_version
 
-FAMILIES = {  # op -> its GPU implementations: "cuda" (in _C) or "triton:<module of mptkernels.triton>"
-    "layer_norm / rms_norm": ("cuda", "triton:layer_norm"),
-    "apply_rotary": ("cuda",),
-    "attention / attention_varlen / attention_with_kvcache": ("triton:attention",),
-    "linear / int8_linear / weight_only_int8_linear": ("triton:gemm",),
-    "quantize_rowwise": ("cuda", "triton:gemm"),
-}
-# ops whose GPU implementation is chosen by timing each shape (the others take the first built)
-MEASURED = {"layer_norm / rms_norm"}
 
-
-def _built(lang: str) -> bool:
-    if lang == "cuda":
-        return build_info.with_cuda
-    return triton_version() is not None and importlib.util.find_spec(f"mptkernels.triton.{lang[7:]}") is not None
-
-
-def _plan(op, gpu_langs) -> dict:
-    b = _backend.current()
-    have = [g.split(":")[0] for g in gpu_langs if _built(g)]
-    cpu = "reference (PyTorch)" if b == "reference" else "cpu (C++)"
-    if b == "reference" or not have:
-        gpu = "reference (PyTorch)" + ("" if b == "reference" else ": no GPU kernel in this build")
-    elif b in ("cuda", "triton"):
-        gpu = b if b in have else f"{b} requested but not built"
-    elif len(have) == 1 or op not in MEASURED:
-        gpu = have[0]
-    else:
-        gpu = f"fastest of {'/'.join(have)}, measured per shape on first use"
-    return {"cpu": cpu, "cuda": gpu}
+def _forcing() -> str:
+    m = _dispatch.forced_settings()
+    if not m:
+        return "auto"
+    return ", ".join(f"{op}={impl}" if op != "*" else impl for op, impl in m.items())
 
 
 def info(file=None) -> dict:
-    """Print (and return as a dict) versions, what was compiled and each op's backend per device."""
+    """Print (and return as a dict) versions, what was compiled, each op's implementations per
+    device (with why one cannot run here), what ``auto`` does, and the choices measured so far."""
     from . import __version__
+    from .ops.attention import SDPA_FALLBACKS
 
     cuda_ok = torch.cuda.is_available()
     facts = {
@@ -56,21 +34,28 @@ def info(file=None) -> dict:
         "CPU kernels ISA": " + ".join([build_info.cpu_isa, *getattr(build_info, "cpu_extensions", [])]),
         "CUDA kernels": (f"yes, archs {', '.join(build_info.cuda_archs)}" if build_info.with_cuda else "no"),
         "GPU": torch.cuda.get_device_name() if cuda_ok else "none visible",
-        "backend": _backend.current() + " (MPTK_BACKEND or mptkernels.backend())",
-        "ops": {op: _plan(op, langs) for op, langs in FAMILIES.items()},
+        "backend (this thread)": _forcing() + "   (MPTK_BACKEND or mptkernels.backend())",
+        "auto": {d: _dispatch.auto_rule(d) for d in ("cpu", "cuda")},
+        "ops": {d: _dispatch.plan(d) for d in ("cpu", "cuda")},
+        "measured choices": {f"{name}: {key}": entry for name, table in _dispatch.measured.tables.items()
+                             for key, entry in table.items()},
+        "scaled_dot_product_attention falls back to PyTorch for": SDPA_FALLBACKS,
     }
-    from .ops.attention import SDPA_FALLBACKS
-
-    facts["scaled_dot_product_attention falls back to PyTorch for"] = SDPA_FALLBACKS
-    if _backend.gpu_choices:
-        facts["measured GPU choices"] = {" ".join(map(str, k)): v for k, v in _backend.gpu_choices.items()}
     lines = ["mptkernels.info()"]
-    for k, v in facts.items():
-        if isinstance(v, dict):
-            lines.append(f"  {k}:")
-            lines += [f"    {op}: " + (", ".join(f"{d}={w}" for d, w in plan.items()) if isinstance(plan, dict) else str(plan))
-                      for op, plan in v.items()]
-        else:
-            lines.append(f"  {k}: {v}")
+    for k in ("mptkernels", "torch", "triton", "python", "built against torch", "CPU kernels ISA", "CUDA kernels",
+              "GPU", "backend (this thread)"):
+        lines.append(f"  {k}: {facts[k]}")
+    for d in ("cpu", "cuda"):
+        lines.append(f"  {d} tensors — auto runs {facts['auto'][d]}:")
+        for op, row in facts["ops"][d].items():
+            impls = ", ".join(name if state == "yes" else f"{name} ({state})" for name, state in row.items())
+            lines.append(f"    {op:<24} {impls}")
+    if facts["measured choices"]:
+        lines.append("  measured choices (op | shape class: chosen, ms per candidate):")
+        for key, e in facts["measured choices"].items():
+            times = ", ".join(f"{n} {ms:.4g}" for n, ms in e["ms"].items())
+            failed = f"; failed: {', '.join(e['failed'])}" if e.get("failed") else ""
+            lines.append(f"    {key}: {e['choice']}  ({times}{failed})")
+    lines.append(f"  scaled_dot_product_attention falls back to PyTorch for: {SDPA_FALLBACKS}")
     print("\n".join(lines), file=file)
     return facts

@@ -98,7 +98,7 @@ def _mpt_attention_forward(self, hidden_states, position_bias=None, past_key_val
     differ by a per-row constant, which softmax ignores). A mask that is not the plain causal
     one (padding) runs the original forward."""
     from .ops import attention
-    from .reference import alibi_slopes
+    from .ops.tables import alibi_slopes
 
     b, s, _ = hidden_states.shape
     if attention_mask is not None and not _is_plain_causal(attention_mask, s):

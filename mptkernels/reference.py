@@ -7,9 +7,10 @@ Everything here is differentiable by autograd, which gives the reference gradien
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
+
+from .ops.tables import alibi_slopes, rotary_cos_sin  # noqa: F401  (the ops' input tables, shared)
 
 # cast modes of the norms: how the weight meets the normalised value (see docs/ops.md)
 CAST_MODES = ("torch", "llama", "gemma", "mpt")
@@ -83,17 +84,6 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
     return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
 
 
-def rotary_cos_sin(max_seqlen: int, rotary_dim: int, base: float = 10000.0, device=None):
-    """The standard (GPT-NeoX / Llama) tables: angle[t, i] = t * base^(-2i/rotary_dim), float32."""
-    if not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
-        raise ValueError(f"rotary_cos_sin: max_seqlen must be an int >= 0, got {max_seqlen!r}")
-    if not isinstance(rotary_dim, numbers.Integral) or rotary_dim < 0 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float64) / rotary_dim))
-    angle = torch.outer(torch.arange(max_seqlen, device=device, dtype=torch.float64), inv_freq)
-    return angle.cos().float(), angle.sin().float()
-
-
 def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, return_lse=False):
     """softmax(q k^T * scale + ALiBi bias + mask) v over (batch, seqlen, heads, head_dim) tensors.
 
@@ -159,18 +149,6 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, *
         outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :n + sn], v_cache[b:b + 1, :n + sn], causal=causal,
                               alibi_slopes=slopes, softmax_scale=softmax_scale))
     return torch.cat(outs) if outs else torch.empty_like(q)
-
-
-def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
-    """MPT's ALiBi slopes (float32, (n_heads,)), as llm-foundry's gen_slopes computes them."""
-    if not isinstance(n_heads, numbers.Integral) or n_heads < 1:
-        raise ValueError(f"alibi_slopes: n_heads must be an int >= 1, got {n_heads!r}")
-    n = 2 ** math.ceil(math.log2(n_heads))
-    m = torch.arange(1, n + 1, dtype=torch.float32) * (alibi_bias_max / n)
-    slopes = 1.0 / torch.pow(2, m)
-    if n != n_heads:
-        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
-    return slopes
 
 
 # ---- GEMM family: linear with an activation, int8 quantisation and int8 linears

@@ -185,18 +185,18 @@ def _recording(mod_name: str, sink: list, case: str):
     mod = load_module(mod_name)
     saved = dict(jit_functions(mod))
     patched = {k: _Recorder(mod_name, k, sink, case) for k in saved}
-    sm_count = getattr(mod, "_sm_count", None)
+    sm_count = getattr(mod, "sm_count", None)
     try:
         for k, v in patched.items():
             setattr(mod, k, v)
         if mod_name in ("attention", "gemm") and sm_count is not None:
-            mod._sm_count = lambda *a, **k: H100_SM_COUNT
+            mod.sm_count = lambda *a, **k: H100_SM_COUNT
         yield mod
     finally:
         for k, v in saved.items():
             setattr(mod, k, v)
         if sm_count is not None:
-            mod._sm_count = sm_count
+            mod.sm_count = sm_count
 
 
 # --------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def attention_cases():
             seqlens = torch.full((b,), smax // 2, dtype=torch.int32)
             k = _e(b, sq, hk, d, dtype=dt) if new else None
             v = _e(b, sq, hk, d, dtype=dt) if new else None
-            m.attention_kvcache(q, kc, vc, seqlens, k, v, slopes(hq, alibi), d ** -0.5, causal)
+            m.attention_with_kvcache(q, kc, vc, seqlens, k, v, slopes(hq, alibi), d ** -0.5, causal)
         return run
 
     for dt in ("bf16", "fp16"):
@@ -345,8 +345,8 @@ def gemm_cases():
         cases.append((f"int8_mm M{M}", run))
         for act, out in (("gelu", "bf16"), ("relu", "fp16")):
             def run(m, M=M, act=act, out=out):
-                m.int8_linear(_e(M, 4080, dtype=torch.int8), _e(M, dtype="fp32"), _e(N, 4080, dtype=torch.int8),
-                              _e(N, dtype="fp32"), _e(N, dtype=out), act, _dt(out))
+                m.int8_linear(_e(M, 4080, dtype=out), _e(N, 4080, dtype=torch.int8), _e(N, dtype="fp32"),
+                              _e(N, dtype=out), act)
             cases.append((f"int8_linear M{M} K4080 {act} ->{out}", run))
     return [(label, "gemm", thunk) for label, thunk in cases]
 

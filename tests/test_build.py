@@ -40,20 +40,18 @@ def test_info_reports_build_and_backends(capsys):
     if ext and os.path.exists("/proc/cpuinfo"):
         flags = open("/proc/cpuinfo").read().split()
         assert all(e in flags for e in ext), (ext, "the CPU lacks an extension the build claims")
-    assert facts["ops"]["layer_norm / rms_norm"]["cpu"] == "cpu (C++)"
-    assert set(facts["ops"]) == {"layer_norm / rms_norm", "apply_rotary", "attention / attention_varlen / attention_with_kvcache",
-                                 "linear / int8_linear / weight_only_int8_linear", "quantize_rowwise"}
+    assert facts["ops"]["cpu"]["layer_norm"]["cpu"] == "yes" and "layer_norm" in printed
     with mptkernels.backend("reference"):
-        assert mptkernels.info(file=open(os.devnull, "w"))["ops"]["apply_rotary"]["cpu"].startswith("reference")
+        assert mptkernels.info(file=open(os.devnull, "w"))["backend (this thread)"].startswith("reference")
 
 
 def test_every_op_is_registered():
-    # every schema csrc/registration.cpp defines (m.def("name..."), also on the next line)
+    # every schema csrc/registration.cpp defines (MPTK_DEF(m, name)), public and C++ CPU twin
     with open(os.path.join(ROOT, "csrc", "registration.cpp")) as f:
-        names = set(re.findall(r'm\.def\(\s*"([a-z_0-9]+)', f.read()))
-    assert len(names) >= 16, names
+        names = set(re.findall(r"MPTK_DEF\(m, ([a-z_0-9]+)\)", f.read())) - {"op"}  # not the macro itself
+    assert len(names) >= 14, names
     for name in sorted(names):
-        assert hasattr(torch.ops.mptkernels, name), name
+        assert hasattr(torch.ops.mptkernels, name) and hasattr(torch.ops.mptkernels_cpu, name), name
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -77,20 +75,3 @@ def test_cuda_source_compiles_for_sm80_and_sm90a(source, tmp_path):
 def test_cuda_sources_exist():
     names = {os.path.basename(p) for p in CUDA_SOURCES}
     assert {"layer_norm.cu", "rotary.cu"} <= names
-
-
-def test_gpu_implementation_choice_rules():
-    """The parts of the GPU choice that need no GPU: forced backends and missing implementations."""
-    from mptkernels import _backend
-
-    def impl():
-        return "cuda-impl"
-
-    with pytest.raises(RuntimeError, match="no GPU implementation is available"):
-        _backend.choose_gpu_impl("op", (), {}, ())
-    assert _backend.choose_gpu_impl("op", (), {"cuda": impl}, ())() == "cuda-impl"  # one: no timing
-    with mptkernels.backend("triton"):
-        with pytest.raises(RuntimeError, match="backend 'triton' is not available in this build"):
-            _backend.choose_gpu_impl("op", (), {"cuda": impl}, ())
-    with mptkernels.backend("cuda"):
-        assert _backend.choose_gpu_impl("op", (), {"cuda": impl, "triton": None}, ()) is impl

@@ -195,7 +195,7 @@ def test_patch_routes_sdpa_of_hf_llama():
 
     attn_mod = sys.modules["mptkernels.ops.attention"]  # (ops.attention is the function)
     calls = []
-    real = attn_mod._TORCH_SDPA
+    real = mptkernels.torch_impl.SDPA
     # the SDPA routing alone (attention=False: the attention modules keep their forward)
     report = mptkernels.patch(model, attention=False, sdpa=True, verify=True)
     assert report.sdpa_routed and not any(old == "LlamaAttention" for _, old, _, _ in report.swapped)

@@ -52,7 +52,7 @@ def test_rotation_is_invertible_and_norm_preserving():
     x, cos, sin = _case(torch.float64, "cpu", rotary_dim=40)
     out = ops.apply_rotary(x, cos, sin, seqlen_offsets=3)
     assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1))
-    back = torch.ops.mptkernels.rotary(out, cos, sin, None, 3, False, True)  # conjugate: the inverse
+    back = torch.ops.mptkernels.apply_rotary(out, cos, sin, None, 3, False, True)  # conjugate: the inverse
     assert torch.allclose(back, x)
 
 
@@ -80,7 +80,7 @@ def test_opcheck():
     x, cos, sin = _case(torch.float32, "cpu")
     for offsets, off in ((None, 3), (torch.tensor([1, 2], dtype=torch.int32), 0)):
         for interleaved in (False, True):
-            torch.library.opcheck(torch.ops.mptkernels.rotary.default,
+            torch.library.opcheck(torch.ops.mptkernels.apply_rotary.default,
                                   (x.clone().requires_grad_(), cos, sin, offsets, off, interleaved, False))
 
 
@@ -131,13 +131,13 @@ def test_rotary_embedding_module():
     (lambda x, c, s: ops.apply_rotary(x[0], c, s), r"x must be a \(batch, seqlen, heads, head_dim\)"),
     (lambda x, c, s: ops.apply_rotary(x.int(), c, s), "x must be float32"),
     (lambda x, c, s: ops.apply_rotary(x, c.requires_grad_(), s), "cos requires grad"),
-    (lambda x, c, s: reference.rotary_cos_sin(10, 7), "rotary_dim must be even"),
+    (lambda x, c, s: reference.rotary_cos_sin(10, 7), "rotary_dim must be an even int"),
     (lambda x, c, s: ops.rotary_cos_sin(-1, 8), "max_seqlen must be an int >= 0, got -1"),
-    (lambda x, c, s: torch.ops.mptkernels.rotary(x, c.double(), s, None, 0, False, False), "cos must be a contiguous float32"),
+    (lambda x, c, s: torch.ops.mptkernels.apply_rotary(x, c.double(), s, None, 0, False, False), "cos must be a contiguous float32"),
     # the kernel's own check: a negative position is as bad as one past the table
-    (lambda x, c, s: torch.ops.mptkernels.rotary(x, c, s, torch.tensor([-3, 0], dtype=torch.int32), 0, False, False),
+    (lambda x, c, s: torch.ops.mptkernels.apply_rotary(x, c, s, torch.tensor([-3, 0], dtype=torch.int32), 0, False, False),
      "position -[123], outside the cos/sin table of 300 rows"),
-    (lambda x, c, s: torch.ops.mptkernels.rotary(x, c, s, torch.tensor([0, 290], dtype=torch.int32), 0, False, False),
+    (lambda x, c, s: torch.ops.mptkernels.apply_rotary(x, c, s, torch.tensor([0, 290], dtype=torch.int32), 0, False, False),
      "position 3[01][0-9], outside the cos/sin table of 300 rows"),
 ])
 def test_bad_input_names_the_argument(call, match):
@@ -197,7 +197,7 @@ def test_gpu_out_of_table_tensor_offset_gives_nan():
 @pytest.mark.gpu
 def test_gpu_opcheck_gradients_compile():
     x, cos, sin = _case(torch.bfloat16, "cuda")
-    torch.library.opcheck(torch.ops.mptkernels.rotary.default,
+    torch.library.opcheck(torch.ops.mptkernels.apply_rotary.default,
                           (x.clone().requires_grad_(), cos, sin, None, 3, False, False))
     x.requires_grad_()
     dy = torch.randn_like(x)

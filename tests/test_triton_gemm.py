@@ -13,6 +13,7 @@ import importlib
 import pytest
 import torch
 
+import mptkernels.triton as mptkernels_triton
 from mptkernels import reference
 from conftest import HAS_CUDA, rel_err
 
@@ -131,8 +132,7 @@ def test_triton_interpreter_int8_linear(dtype, shape, activation):
         x = torch.randn(M, K, dtype=dtype)
         w, ws = _int8_weight(N, K)
         b = torch.randn(N, dtype=dtype) if bias else None
-        xq, xs = reference.quantize_rowwise(x)
-        out = tg.int8_linear(xq, xs, w, ws, b, activation, dtype)
+        out = tg.int8_linear(x, w, ws, b, activation)
         assert out.dtype == dtype and out.shape == (M, N)
         # the same fp32 epilogue in the same order: equal up to erf/exp and one output rounding
         assert rel_err(out, reference.int8_linear(x, w, ws, b, _ref_act(activation))) <= TOL[dtype] / 2
@@ -142,11 +142,10 @@ def test_triton_interpreter_int8_linear(dtype, shape, activation):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_interpreter_int8_linear_out_dtype(out_dtype):
     tg = _gemm()
-    x = torch.randn(17, 72)
+    x = torch.randn(17, 72).to(out_dtype)  # the output has x's dtype (quantize_rowwise has no dot: bf16 runs)
     w, ws = _int8_weight(33, 72)
     b = torch.randn(33)
-    xq, xs = reference.quantize_rowwise(x)
-    out = tg.int8_linear(xq, xs, w, ws, b, "gelu", out_dtype)
+    out = tg.int8_linear(x, w, ws, b, "gelu")
     # fp32 reference rounded once to out_dtype, as the kernel rounds its fp32 epilogue. The
     # interpreter converts fp32 to bf16 by truncation (round toward zero, up to one bf16 ulp off;
     # the GPU rounds to nearest even), so bf16 gets the full bf16 tolerance here.
@@ -227,7 +226,7 @@ def test_triton_interpreter_weight_only_split_k(monkeypatch, dtype, M):
     monkeypatch.setattr(tg, "WO_DECODE_MIN_K_BLOCKS", 1)
     K, N = 300, 72
     block_n, block_k = tg.WO_DECODE_CONFIGS["fp32" if dtype == torch.float32 else "16bit"][:2]
-    splits, k_per_split = tg.wo_decode_splits(N, K, tg._fit(block_n, N), tg._fit(block_k, K), 1)
+    splits, k_per_split = tg.wo_decode_splits(N, K, mptkernels_triton.fit(block_n, N), mptkernels_triton.fit(block_k, K), 1)
     assert splits > 1 and (splits - 1) * k_per_split < K  # no empty split
     x = torch.randn(M, K, dtype=dtype)
     w, ws = _int8_weight(N, K)
@@ -252,8 +251,7 @@ def test_triton_interpreter_grouped_order_with_many_tiles(monkeypatch):
     a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
     wq, ws = _int8_weight(N, K)
     assert torch.equal(tg.int8_mm(a, wq), reference.int8_mm(a, wq))
-    xq, xs = reference.quantize_rowwise(x)
-    assert rel_err(tg.int8_linear(xq, xs, wq, ws, b, "relu", torch.float32),
+    assert rel_err(tg.int8_linear(x, wq, ws, b, "relu"),
                    reference.int8_linear(x, wq, ws, b, "relu")) <= TOL[torch.float32]
     assert rel_err(tg.weight_only_int8_linear(x, wq, ws, b),
                    reference.weight_only_int8_linear(x, wq, ws, b)) <= TOL[torch.float32]
@@ -269,7 +267,7 @@ def test_triton_interpreter_empty_and_k0():
         out, pre = tg.linear_fwd(x[:m], w[:n], b[:n], "gelu")
         assert out.shape == (m, n) and pre.shape == (m, n)
         assert tg.int8_mm(xq[:m], wq[:n]).shape == (m, n)
-        assert tg.int8_linear(xq[:m], xs[:m], wq[:n], ws[:n], b[:n], "relu", torch.float16).shape == (m, n)
+        assert tg.int8_linear(x[:m], wq[:n], ws[:n], b[:n], "relu").shape == (m, n)
         assert tg.weight_only_int8_linear(x[:m], wq[:n], ws[:n], b[:n]).shape == (m, n)
     q, scale = tg.quantize_rowwise(x[:0])
     assert q.shape == (0, 8) and scale.shape == (0,)
@@ -374,7 +372,7 @@ def test_gpu_int8_linear(dtype, M, kn, activation):
     w, ws = _int8_weight(N, K, device="cuda")
     for b in (torch.randn(N, dtype=dtype, device="cuda"), None):
         xq, xs = tg.quantize_rowwise(x)  # bit-exact, tested below
-        out = tg.int8_linear(xq, xs, w, ws, b, activation, dtype)
+        out = tg.int8_linear(x, w, ws, b, activation)
         assert out.dtype == dtype
         assert rel_err(out, _int8_linear_expected(xq, xs, w, ws, b, activation, dtype)) <= TOL[dtype] / 2
         # and the whole W8A8 path against the dequantised float reference

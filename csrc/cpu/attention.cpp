@@ -861,10 +861,10 @@ at::Tensor attention_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::T
 }  // namespace
 }  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
   m.impl("attention_fwd", &mptk::cpu::attention_fwd_cpu);
   m.impl("attention_bwd", &mptk::cpu::attention_bwd_cpu);
   m.impl("attention_varlen_fwd", &mptk::cpu::attention_varlen_fwd_cpu);
   m.impl("attention_varlen_bwd", &mptk::cpu::attention_varlen_bwd_cpu);
-  m.impl("attention_kvcache", &mptk::cpu::attention_kvcache_cpu);
+  m.impl("attention_with_kvcache", &mptk::cpu::attention_kvcache_cpu);
 }

@@ -1403,7 +1403,7 @@ at::Tensor weight_only_int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_
 }  // namespace
 }  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
   m.impl("linear_fwd", &mptk::cpu::linear_fwd_cpu);
   m.impl("linear_bwd", &mptk::cpu::linear_bwd_cpu);
   m.impl("quantize_rowwise", &mptk::cpu::quantize_rowwise_cpu);

@@ -362,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
 }  // namespace
 }  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
   m.impl("layer_norm_fwd", &mptk::cpu::layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &mptk::cpu::layer_norm_bwd_cpu);
 }

@@ -103,4 +103,4 @@ at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 }  // namespace
 }  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels, CPU, m) { m.impl("rotary", &mptk::cpu::rotary_cpu); }
+TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) { m.impl("apply_rotary", &mptk::cpu::rotary_cpu); }

@@ -675,7 +675,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
 }  // namespace
 }  // namespace mptk::cuda
 
-TORCH_LIBRARY_IMPL(mptkernels, CUDA, m) {
-  m.impl("cuda_layer_norm_fwd", &mptk::cuda::layer_norm_fwd_cuda);
-  m.impl("cuda_layer_norm_bwd", &mptk::cuda::layer_norm_bwd_cuda);
+TORCH_LIBRARY_IMPL(mptkernels_cuda, CUDA, m) {
+  m.impl("layer_norm_fwd", &mptk::cuda::layer_norm_fwd_cuda);
+  m.impl("layer_norm_bwd", &mptk::cuda::layer_norm_bwd_cuda);
 }

@@ -203,4 +203,4 @@ at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Ten
 }  // namespace
 }  // namespace mptk::cuda
 
-TORCH_LIBRARY_IMPL(mptkernels, CUDA, m) { m.impl("rotary", &mptk::cuda::rotary_cuda); }
+TORCH_LIBRARY_IMPL(mptkernels_cuda, CUDA, m) { m.impl("apply_rotary", &mptk::cuda::rotary_cuda); }

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..ops.gemm import ACTIVATIONS
+from ..ops.activations import ACTIVATIONS
 
 
 class Linear(torch.nn.Linear):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import ops, reference
+from .. import ops
 
 
 def _apply(module, x, residual, norm):
@@ -54,7 +54,8 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x, residual=None):
         # torch.nn.RMSNorm's eps=None means the machine epsilon of the dtype it computes in
         # (ATen's opmath type: fp32 for 16-bit inputs), not of x's dtype
-        eps = self.eps if self.eps is not None else torch.finfo(reference._acc_dtype(x.dtype)).eps
+        eps = self.eps if self.eps is not None else torch.finfo(torch.float64 if x.dtype == torch.float64
+                                                                else torch.float32).eps
         return _apply(self, x, residual, lambda x, w, r: ops.rms_norm(x, w, eps, r, cast=self.cast))
 
     def extra_repr(self):

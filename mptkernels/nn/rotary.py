@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..reference import rotary_cos_sin
+from ..ops.tables import rotary_cos_sin
 
 
 class RotaryEmbedding(torch.nn.Module):

@@ -1,22 +1,23 @@
-"""Fused attention (causal, ALiBi, GQA): the Python API of the family.
+"""Fused attention (causal, ALiBi, GQA, packed sequences, KV-cache decoding): the Python API.
 
-``torch.ops.mptkernels.attention_fwd`` / ``attention_bwd`` (schemas in csrc/registration.cpp)
-have a C++ CPU kernel (csrc/cpu/attention.cpp). On CUDA the Triton kernels run when they are
-available; until then CUDA tensors take the reference path (mptkernels.info() says which).
+Custom ops ``torch.ops.mptkernels.attention_fwd`` / ``attention_bwd``, ``attention_varlen_fwd`` /
+``_bwd`` and ``attention_with_kvcache`` (schemas in csrc/registration.cpp). Their
+implementations (C++ CPU, Triton; PyTorch's F.scaled_dot_product_attention at the level of
+``attention``) and the choice between them are in mptkernels/_dispatch.py; this module checks
+arguments, gives the fake kernels and the autograd.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import weakref
 
 import torch
 
-from .. import _backend, reference
+from .. import _dispatch, reference, torch_impl
 
 _ops = torch.ops.mptkernels
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256  # the kernels' limit (the Triton tiles go up to BLOCK_D 256; the C++ kernel's rows)
+# the dtypes some attention kernel takes (scaled_dot_product_attention hands others to PyTorch)
+_KERNEL_DTYPES = tuple(set().union(*_dispatch.TABLE["attention"].kernels.values()))
 
 
 def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, deterministic=False):
@@ -29,16 +30,29 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, d
     ``slope * (j - i - (seqlen_k - seqlen_q))`` added (MPT's bias; with causal masking it is
     -slope * distance). causal: query i sees keys j <= i + seqlen_k - seqlen_q (bottom-right
     aligned, as new tokens attending to a cache). A query that sees no key returns zeros.
-    Differentiable in q, k, v. The backward is deterministic on every backend (each output
+    Differentiable in q, k, v. The backward is deterministic on every kernel (each output
     gradient has one owner, no atomics), so ``deterministic`` is accepted and always holds.
     """
-    _check(q, k, v, alibi_slopes, softmax_scale)
+    _precheck((q, k, v), alibi_slopes, softmax_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
-    if q.dtype not in _KERNEL_DTYPES or _backend.use_reference(q.device, has_kernel=_has_gpu_kernel()):
+
+    def kernel(q, k, v):
+        return _ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), slopes, scale, causal)[0]
+
+    def torch_fn(q, k, v):
+        return torch_impl.attention(q, k, v, causal, slopes, scale)
+
+    def ref(q, k, v):
         return reference.attention(q, k, v, causal=causal, alibi_slopes=slopes, softmax_scale=scale)
-    out, _ = _ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), slopes, scale, causal)
-    return out
+
+    b, sq, hq, d = q.shape
+    return _dispatch.route("attention", (q, k, v), device=q.device, dtype=q.dtype,
+                           torch_why=torch_impl.covers_attention(q, k, causal),
+                           shape_class=(q.dtype, d, sq.bit_length(), k.shape[1].bit_length(), (b * hq).bit_length(),
+                                        hq // k.shape[2], causal, slopes is not None),
+                           kernel=kernel, torch_fn=torch_fn, reference=ref,
+                           check=lambda: _check(q, k, v, alibi_slopes, softmax_scale))
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
@@ -59,15 +73,21 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
-    if q.dtype not in _KERNEL_DTYPES or _backend.use_reference(q.device, has_kernel=_has_gpu_kernel()):
-        # the kernels' length checks, so every backend refuses the same input
-        _check_lengths(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
-        _check_lengths(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
+    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+
+    def kernel(q, k, v):
+        return _ops.attention_varlen_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+                                         max_q, max_k, slopes, scale, causal)[0]
+
+    def ref(q, k, v):
+        # the kernels' length checks, so every implementation refuses the same input
+        _varlen_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
         return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, alibi_slopes=slopes,
                                           softmax_scale=scale)
-    out, _ = _ops.attention_varlen_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
-                                       int(max_seqlen_q), int(max_seqlen_k), slopes, scale, causal)
-    return out
+
+    return _dispatch.route("attention_varlen", (q, k, v), device=q.device, dtype=q.dtype,
+                           torch_why="PyTorch has no op for it", shape_class=(), kernel=kernel, torch_fn=None,
+                           reference=ref)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, causal=True, alibi_slopes=None,
@@ -91,16 +111,27 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
     On the GPU one query token over a long cache splits the keys across programs and combines
     the partial results (flash-decoding), so a batch of one still fills the GPU.
     """
-    _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale)
+    _precheck((q,), alibi_slopes, softmax_scale, "attention_with_kvcache", ("q",))
+    for t, name in ((k, "k"), (v, "v")):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention_with_kvcache: {name} must be a tensor or None, got {type(t).__name__}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
-    if q.dtype not in _KERNEL_DTYPES or _backend.use_reference(q.device, has_kernel=_has_gpu_kernel()):
+
+    def kernel(q):
+        return _ops.attention_with_kvcache(q.contiguous(), k_cache, v_cache, cache_seqlens,
+                                           None if k is None else k.contiguous(), None if v is None else v.contiguous(),
+                                           slopes, scale, causal)
+
+    def ref(q):
         _check_cache_room(k_cache, cache_seqlens, k)
         return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal=causal,
                                                 alibi_slopes=slopes, softmax_scale=scale)
-    return _ops.attention_kvcache(q.contiguous(), k_cache, v_cache, cache_seqlens,
-                                  None if k is None else k.contiguous(), None if v is None else v.contiguous(),
-                                  slopes, scale, causal)
+
+    return _dispatch.route("attention_with_kvcache", (q,), device=q.device, dtype=q.dtype,
+                           torch_why="PyTorch has no op for it", shape_class=(), kernel=kernel, torch_fn=None,
+                           reference=ref, check=lambda: _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v,
+                                                                       alibi_slopes, softmax_scale))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -128,7 +159,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             attn_mask = _alibi_mask(alibi_slopes, query, key, attn_mask, is_causal)
             is_causal = False
         kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
-        return _TORCH_SDPA(
+        return torch_impl.SDPA(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
                     alibi_slopes=alibi_slopes, softmax_scale=scale)
@@ -150,28 +181,32 @@ def _sdpa_kernel_takes(query, key, value, attn_mask, dropout_p, is_causal, scale
             and key.device == value.device == query.device)
 
 
-# PyTorch's own function, kept at import: mptkernels.patch may route F.scaled_dot_product_attention
-# to ours while a model runs, and the fallback must not call itself
-_TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
-
 # what scaled_dot_product_attention hands to PyTorch (mptkernels.info() prints it)
-SDPA_FALLBACKS = ("attn_mask, dropout_p > 0, is_causal with seqlen_q != seqlen_k (top-left), head_dim % 8 or > 256, "
+SDPA_FALLBACKS = ("attn_mask, dropout_p > 0, is_causal with seqlen_q != seqlen_k (top-left), "
+                  f"head_dim % 8 or > {MAX_HEAD_DIM}, "
                   "dtypes other than fp32/fp16/bf16 (e.g. float64), v's head_dim != q's, broadcast batch or "
                   "heads, scale <= 0, not 4-D")
 
 
 def _alibi_mask(slopes, query, key, attn_mask, is_causal):
     """The additive mask PyTorch's SDPA needs to reproduce ALiBi (+ its own mask and causal)."""
-    sq, sk = query.shape[-2], key.shape[-2]
-    i = torch.arange(sq, device=query.device).view(-1, 1)
-    j = torch.arange(sk, device=query.device).view(1, -1)
-    shape = (-1, slopes.shape[-1], 1, 1) if slopes.dim() == 2 else (slopes.shape[-1], 1, 1)
-    bias = slopes.view(shape).float() * (j - i - (sk - sq)).float()
-    if is_causal:  # PyTorch's is_causal: top-left aligned
-        bias = bias.masked_fill(j > i, float("-inf"))
+    bias = torch_impl.alibi_bias(slopes, query.shape[-2], key.shape[-2], causal_shift=0 if is_causal else None)
     if attn_mask is not None:
         bias = bias.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else bias + attn_mask
     return bias.to(query.dtype)
+
+
+def _precheck(tensors, alibi_slopes, softmax_scale, op="attention", names=("q", "k", "v")):
+    """What the public functions need before the op's own check (which the chosen
+    implementation's path runs): 4-D tensors, slopes a tensor or None, a number of a scale."""
+    for t, name in zip(tensors, names):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be a (batch, seqlen, heads, head_dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if alibi_slopes is not None and not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"{op}: alibi_slopes must be a float32 tensor or None, got {type(alibi_slopes).__name__}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"{op}: softmax_scale must be a number, got {type(softmax_scale).__name__}")
 
 
 def _check(q, k, v, alibi_slopes, softmax_scale):
@@ -320,47 +355,115 @@ def _check_cache_room(k_cache, cache_seqlens, k):
     _checked.add(cache_seqlens, "kvcache", new, k_cache.shape[1])
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_attention():
-    """mptkernels.triton.attention when it exists and can launch, else None."""
-    from ..triton import available
-
-    if not available() or importlib.util.find_spec("mptkernels.triton.attention") is None:
-        return None
-    return importlib.import_module("mptkernels.triton.attention")
+# ---- the custom ops' checks (also run by the public functions) and fake kernels
+def _check_contiguous(op, **tensors):
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous here")
 
 
-# torch.compile calls this once and keeps the answer as a constant (tracing into the import
-# machinery would break the graph)
-@torch.compiler.assume_constant_result
-def _has_gpu_kernel() -> bool:
-    return _triton_attention() is not None
+def _check_fwd(q, k, v, alibi_slopes, softmax_scale, causal):
+    _check(q, k, v, alibi_slopes, softmax_scale)
+    _check_contiguous("attention", q=q, k=k, v=v, alibi_slopes=alibi_slopes)
 
 
-# ---- fake kernels
-@torch.library.register_fake("mptkernels::attention_fwd")
-def _(q, k, v, alibi_slopes, softmax_scale, causal):
+def _check_grad_inputs(op, dout, q, out, lse, lse_shape):
+    for t, name in ((dout, "dout"), (out, "out")):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.device != q.device:
+            raise ValueError(f"{op}: {name} must have q's shape {tuple(q.shape)} on {q.device}")
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != lse_shape or lse.dtype != torch.float32:
+        raise ValueError(f"{op}: lse must be a float32 {lse_shape} tensor, got "
+                         f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
+    _check_contiguous(op, dout=dout, out=out, lse=lse)
+
+
+def _check_bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal):
+    _check_fwd(q, k, v, alibi_slopes, softmax_scale, causal)
+    b, sq, hq, _ = q.shape
+    _check_grad_inputs("attention (backward)", dout, q, out, lse, (b, hq, sq))
+
+
+def _check_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal):
+    _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale)
+    _check_contiguous("attention_varlen", q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                      alibi_slopes=alibi_slopes)
+
+
+def _check_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal):
+    _check_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal)
+    _check_grad_inputs("attention_varlen (backward)", dout, q, out, lse, (q.shape[1], q.shape[0]))
+
+
+def _varlen_lengths(q, k, cu_q, cu_k, max_q, max_k):
+    """The packed lengths against the tensors and max_seqlen_* (read on the host: a sync on a GPU)."""
+    _check_lengths(cu_q, q.shape[0], max_q, "cu_seqlens_q", "max_seqlen_q")
+    _check_lengths(cu_k, k.shape[0], max_k, "cu_seqlens_k", "max_seqlen_k")
+
+
+def _check_kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal):
+    _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale)
+    _check_contiguous("attention_with_kvcache", q=q, k=k, v=v, cache_seqlens=cache_seqlens, alibi_slopes=alibi_slopes)
+
+
+def _fake_fwd(q, k, v, alibi_slopes, softmax_scale, causal):
     b, sq, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
-@torch.library.register_fake("mptkernels::attention_bwd")
-def _(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal):
+def _fake_grads(dout, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-# ---- autograd
+def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale,
+                     causal):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal):
+    return torch.empty_like(q)
+
+
+def _attention_class(q, k):
+    b, sq, hq, d = q.shape
+    return (q.dtype, d, sq.bit_length(), k.shape[1].bit_length(), (b * hq).bit_length(), hq // max(k.shape[2], 1))
+
+
+for _schema in (
+        _dispatch.Schema("attention_fwd", check=_check_fwd, public_of=lambda a: "attention",
+                         dtype_of=lambda a: a[0].dtype, shape_class=lambda a: _attention_class(a[0], a[1]) + a[4:],
+                         fake=_fake_fwd),
+        _dispatch.Schema("attention_bwd", check=_check_bwd, public_of=lambda a: "attention",
+                         dtype_of=lambda a: a[1].dtype, shape_class=lambda a: _attention_class(a[1], a[2]) + a[7:],
+                         fake=_fake_grads),
+        _dispatch.Schema("attention_varlen_fwd", check=_check_varlen_fwd, public_of=lambda a: "attention_varlen",
+                         dtype_of=lambda a: a[0].dtype, shape_class=lambda a: (a[0].dtype,), fake=_fake_varlen_fwd,
+                         host_check=lambda q, k, v, cu_q, cu_k, max_q, max_k, *rest: _varlen_lengths(
+                             q, k, cu_q, cu_k, max_q, max_k)),
+        _dispatch.Schema("attention_varlen_bwd", check=_check_varlen_bwd, public_of=lambda a: "attention_varlen",
+                         dtype_of=lambda a: a[1].dtype, shape_class=lambda a: (a[1].dtype,), fake=_fake_grads,
+                         host_check=lambda dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *rest: _varlen_lengths(
+                             q, k, cu_q, cu_k, max_q, max_k)),
+        _dispatch.Schema("attention_with_kvcache", check=_check_kvcache_op,
+                         public_of=lambda a: "attention_with_kvcache", dtype_of=lambda a: a[0].dtype,
+                         shape_class=lambda a: (a[0].dtype,), fake=_fake_kvcache,
+                         host_check=lambda q, kc, vc, lens, k, *rest: _check_cache_room(kc, lens, k))):
+    _dispatch.register(_schema)
+
+
+# ---- autograd: the backwards are custom ops too, run under the forward's forcing
 def _setup_context(ctx, inputs, output):
     q, k, v, alibi_slopes, softmax_scale, causal = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
     ctx.flags = (softmax_scale, causal)
+    ctx.forced = _dispatch.forced_settings()
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     softmax_scale, causal = ctx.flags
-    dq, dk, dv = _ops.attention_bwd(dout.contiguous(), q, k, v, out, lse, alibi_slopes, softmax_scale, causal)
+    with _dispatch.restored(ctx.forced):
+        dq, dk, dv = _ops.attention_bwd(dout.contiguous(), q, k, v, out, lse, alibi_slopes, softmax_scale, causal)
     return dq, dk, dv, None, None, None
 
 
@@ -376,41 +479,20 @@ torch.library.register_autograd("mptkernels::attention_bwd", _no_double_backward
                                 setup_context=lambda ctx, inputs, output: None)
 
 
-# ---- CUDA: the Triton kernels
-@torch.library.register_kernel("mptkernels::attention_fwd", "cuda")
-def _(q, k, v, alibi_slopes, softmax_scale, causal):
-    return _triton_attention().attention_fwd(q, k, v, alibi_slopes, softmax_scale, causal)
-
-
-@torch.library.register_kernel("mptkernels::attention_bwd", "cuda")
-def _(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal):
-    return _triton_attention().attention_bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal)
-
-
-# ---- packed variable-length sequences
-@torch.library.register_fake("mptkernels::attention_varlen_fwd")
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, causal):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-@torch.library.register_fake("mptkernels::attention_varlen_bwd")
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale,
-      causal):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
     ctx.flags = (max_q, max_k, softmax_scale, causal)
+    ctx.forced = _dispatch.forced_settings()
 
 
 def _varlen_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
     max_q, max_k, softmax_scale, causal = ctx.flags
-    dq, dk, dv = _ops.attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
-                                           alibi_slopes, softmax_scale, causal)
+    with _dispatch.restored(ctx.forced):
+        dq, dk, dv = _ops.attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                               alibi_slopes, softmax_scale, causal)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -418,41 +500,3 @@ torch.library.register_autograd("mptkernels::attention_varlen_fwd", _varlen_back
                                 setup_context=_varlen_setup_context)
 torch.library.register_autograd("mptkernels::attention_varlen_bwd", _no_double_backward,
                                 setup_context=lambda ctx, inputs, output: None)
-
-
-def _host_checks() -> bool:
-    """Checks that read a device tensor on the host (a sync) run in the CUDA kernels of the
-    ops, eagerly, once per tensor and version (_CheckedTensors); not while a CUDA graph is
-    captured (they would break the capture)."""
-    return not torch.cuda.is_current_stream_capturing()
-
-
-@torch.library.register_kernel("mptkernels::attention_varlen_fwd", "cuda")
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, causal):
-    if _host_checks():
-        # the GPU grid covers max_seqlen rows per sequence: a longer one would be cut short
-        _check_lengths(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
-        _check_lengths(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
-    return _triton_attention().attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                    alibi_slopes, softmax_scale, causal)
-
-
-@torch.library.register_kernel("mptkernels::attention_varlen_bwd", "cuda")
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale,
-      causal):
-    return _triton_attention().attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                    max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, causal)
-
-
-# ---- KV-cache decoding (writes the caches in place; no autograd)
-@torch.library.register_fake("mptkernels::attention_kvcache")
-def _(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal):
-    return torch.empty_like(q)
-
-
-@torch.library.register_kernel("mptkernels::attention_kvcache", "cuda")
-def _(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal):
-    if _host_checks():
-        _check_cache_room(k_cache, cache_seqlens, k)
-    return _triton_attention().attention_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes,
-                                                 softmax_scale, causal)

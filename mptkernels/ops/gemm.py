@@ -1,31 +1,36 @@
 """The GEMM family: linear with a fused bias + activation epilogue, row-wise int8
 quantisation, W8A8 and weight-only int8 linears.
 
-Schemas in csrc/registration.cpp. CPU kernels: csrc/cpu/gemm.cpp (C++). CUDA: Triton
-(mptkernels/triton/gemm.py) for the GEMMs; quantize_rowwise in CUDA C++ (csrc/cuda/gemm.cu)
-when the package was built with CUDA, else Triton. Without either, CUDA tensors take the
-reference path (mptkernels.info() says which).
+Custom ops ``linear_fwd`` / ``linear_bwd``, ``quantize_rowwise``, ``int8_mm``, ``int8_linear``
+and ``weight_only_int8_linear`` (schemas in csrc/registration.cpp). Their implementations (C++
+CPU, Triton, CUDA C++ for quantize_rowwise; PyTorch's F.linear / torch._int_mm at the level of
+the public functions) and the choice between them are in mptkernels/_dispatch.py; this module
+checks arguments, gives the fake kernels and the autograd.
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 import math
 
 import torch
 
-from .. import _backend, reference
-from .._loader import build_info
+from .. import _dispatch, reference, torch_impl
+from .activations import ACTIVATIONS, activation_grad, check_activation
 
 _ops = torch.ops.mptkernels
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
-ACTIVATIONS = reference.ACTIVATIONS
+# int8 products accumulate in int32: K * 127 * 127 must stay below 2**31 (every implementation)
+INT8_MAX_K = 130000
 
 
 def _rows(x):
     """x (..., K) as a (rows, K) matrix; also for K = 0, where reshape(-1, 0) is ambiguous."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def _gemm_class(x, n, *flags):
+    """Calls of one class share one measured choice: dtype, log2 of the rows, K, N, flags."""
+    k = x.shape[-1]
+    return (x.dtype, max(x.numel() // max(k, 1), 1).bit_length(), k, n) + flags
 
 
 def linear(x, weight, bias=None, activation=None):
@@ -38,14 +43,19 @@ def linear(x, weight, bias=None, activation=None):
     derivative in one elementwise pass (from the pre-activation the forward keeps for the
     gelus, from the output for relu), then two GEMMs.
     """
-    _check_linear(x, weight, bias, activation)
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        _check_linear(x, weight, bias, activation)  # says which (the op's check runs on the chosen path)
     act = activation or "none"
-    lead = x.shape[:-1]
-    x2 = _rows(x)
-    if x.dtype not in _FLOAT or _backend.use_reference(x.device, has_kernel=_has_triton()):
-        return reference.linear(x, weight, bias, activation)
-    out, _ = _ops.linear_fwd(x2, weight, bias, act)
-    return out.reshape(*lead, weight.shape[0])
+
+    def kernel(x, weight, bias):
+        out, _ = _ops.linear_fwd(_rows(x), weight, bias, act)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    return _dispatch.route("linear", (x, weight, bias), device=x.device, dtype=x.dtype, torch_why=None,
+                           shape_class=_gemm_class(x, weight.shape[0], act, bias is not None),
+                           kernel=kernel, torch_fn=lambda x, w, b: torch_impl.linear(x, w, b, activation),
+                           reference=lambda x, w, b: reference.linear(x, w, b, activation),
+                           check=lambda: _check_linear(x, weight, bias, activation))
 
 
 def quantize_rowwise(x):
@@ -60,13 +70,23 @@ def quantize_rowwise(x):
         x = x.detach()
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("quantize_rowwise: x must be a tensor with at least one dim")
-    if x.dtype not in _FLOAT:
-        raise TypeError(f"quantize_rowwise: x must be float32, float16 or bfloat16, got {x.dtype}")
-    has_kernel = build_info.with_cuda or _has_triton()
-    if _backend.use_reference(x.device, has_kernel=has_kernel):
-        return reference.quantize_rowwise(x)
-    q, scale = _ops.quantize_rowwise(_rows(x))
-    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+    _check_quantize(_rows(x))
+
+    def kernel(x):
+        q, scale = _ops.quantize_rowwise(_rows(x))
+        return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+    return _dispatch.route("quantize_rowwise", (x,), device=x.device, dtype=x.dtype, torch_why="PyTorch has no op for it", shape_class=(),
+                           kernel=kernel, torch_fn=None, reference=reference.quantize_rowwise)
+
+
+def int8_mm(a, b):
+    """The exact int8 GEMM core: a (M, K) int8 @ b (N, K)^T int8 -> (M, N) int32 (int32
+    accumulation; K up to INT8_MAX_K). b in nn.Linear's (N, K) weight layout. Not differentiable."""
+    _check_int8_mm(a, b)
+    return _dispatch.route("int8_mm", (a, b), device=a.device, dtype=a.dtype,
+                           torch_why=torch_impl.covers_int8_mm(a, b), shape_class=_gemm_class(a, b.shape[0]),
+                           kernel=_ops.int8_mm, torch_fn=torch_impl.int8_mm, reference=reference.int8_mm)
 
 
 def int8_linear(x, w_int8, w_scale, bias=None, activation=None):
@@ -78,12 +98,21 @@ def int8_linear(x, w_int8, w_scale, bias=None, activation=None):
     weight ``w = w_int8 * w_scale[:, None]`` (the gelus recompute their pre-activation). The
     int8 weight and its scale get no gradient.
     """
-    _check_int8(x, w_int8, w_scale, bias, "int8_linear")
-    _check_activation(activation)
-    if _backend.use_reference(x.device, has_kernel=_has_triton()):
-        return reference.int8_linear(x, w_int8, w_scale, bias, activation)
-    out = _ops.int8_linear(_rows(x), w_int8, w_scale, bias, activation or "none")
-    return out.reshape(*x.shape[:-1], w_int8.shape[0])
+    if not _int8_shaped(x, w_int8):
+        _check_int8(x, w_int8, w_scale, bias, "int8_linear")  # says which (the op's check runs on the chosen path)
+    act = activation or "none"
+
+    def kernel(x, bias):
+        out = _ops.int8_linear(_rows(x), w_int8, w_scale, bias, act)
+        return out.reshape(*x.shape[:-1], w_int8.shape[0])
+
+    return _dispatch.route("int8_linear", (x, bias), device=x.device, dtype=x.dtype,
+                           torch_why=torch_impl.covers_int8_linear(x, w_int8),
+                           shape_class=_gemm_class(x, w_int8.shape[0], act, bias is not None), kernel=kernel,
+                           torch_fn=lambda x, b: torch_impl.int8_linear(x, w_int8, w_scale, b, activation),
+                           reference=lambda x, b: reference.int8_linear(x, w_int8, w_scale, b, activation),
+                           check=lambda: (_check_int8(x, w_int8, w_scale, bias, "int8_linear"),
+                                          check_activation(activation, "int8_linear")))
 
 
 def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
@@ -91,19 +120,21 @@ def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
     dequantised on the fly (never materialised): for decoding, where reading the weight is the
     whole cost and int8 halves it. Differentiable in x and bias (dx = dout @ the dequantised
     weight, e.g. for adapters trained on a frozen int8 model); w_int8 and w_scale get none."""
-    _check_int8(x, w_int8, w_scale, bias, "weight_only_int8_linear")
-    if _backend.use_reference(x.device, has_kernel=_has_triton()):
-        return reference.weight_only_int8_linear(x, w_int8, w_scale, bias)
-    out = _ops.weight_only_int8_linear(_rows(x), w_int8, w_scale, bias)
-    return out.reshape(*x.shape[:-1], w_int8.shape[0])
+    if not _int8_shaped(x, w_int8):
+        _check_int8(x, w_int8, w_scale, bias, "weight_only_int8_linear")
+
+    def kernel(x, bias):
+        out = _ops.weight_only_int8_linear(_rows(x), w_int8, w_scale, bias)
+        return out.reshape(*x.shape[:-1], w_int8.shape[0])
+
+    return _dispatch.route("weight_only_int8_linear", (x, bias), device=x.device, dtype=x.dtype, torch_why=None,
+                           shape_class=_gemm_class(x, w_int8.shape[0], bias is not None), kernel=kernel,
+                           torch_fn=lambda x, b: torch_impl.weight_only_int8_linear(x, w_int8, w_scale, b),
+                           reference=lambda x, b: reference.weight_only_int8_linear(x, w_int8, w_scale, b),
+                           check=lambda: _check_int8(x, w_int8, w_scale, bias, "weight_only_int8_linear"))
 
 
 # ---- argument checks (clear errors before any kernel sees the tensors)
-def _check_activation(activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
 def _check_linear(x, weight, bias, activation):
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
         raise TypeError("linear: x must be a float tensor (..., K)")
@@ -116,7 +147,7 @@ def _check_linear(x, weight, bias, activation):
     if weight.device != x.device:
         raise ValueError(f"linear: weight is on {weight.device} but x is on {x.device}")
     _check_bias(bias, weight.shape[0], x, "linear")
-    _check_activation(activation)
+    check_activation(activation, "linear")
 
 
 def _check_bias(bias, n, x, op):
@@ -127,6 +158,11 @@ def _check_bias(bias, n, x, op):
                          f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
     if bias.device != x.device:
         raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
+def _int8_shaped(x, w_int8) -> bool:
+    """Enough for the public functions to build the op's arguments (the rest is _check_int8's)."""
+    return isinstance(x, torch.Tensor) and x.dim() >= 1 and isinstance(w_int8, torch.Tensor) and w_int8.dim() == 2
 
 
 def _check_int8(x, w_int8, w_scale, bias, op):
@@ -149,59 +185,95 @@ def _check_int8(x, w_int8, w_scale, bias, op):
     if w_scale.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: w_scale requires grad, but gradients flow to x and bias only; pass w_scale.detach()")
     _check_bias(bias, n, x, op)
+    _check_int8_k(x.shape[-1], op)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_gemm():
-    """mptkernels.triton.gemm when it exists and can launch, else None."""
-    from ..triton import available
-
-    if not available() or importlib.util.find_spec("mptkernels.triton.gemm") is None:
-        return None
-    return importlib.import_module("mptkernels.triton.gemm")
+def _check_int8_k(k, op):
+    if k > INT8_MAX_K:
+        raise ValueError(f"{op}: K = {k} could overflow the int32 accumulators of the int8 product "
+                         f"(K <= {INT8_MAX_K})")
 
 
-@torch.compiler.assume_constant_result  # torch.compile keeps the answer as a constant
-def _has_triton() -> bool:
-    return _triton_gemm() is not None
+def _check_quantize(x):
+    if x.dtype not in _FLOAT:
+        raise TypeError(f"quantize_rowwise: x must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def _check_linear_bwd(dout, x, weight, saved, activation, has_bias):
+    _check_linear(x, weight, None, activation)
+    shape = (x.shape[0], weight.shape[0])
+    if not isinstance(dout, torch.Tensor) or tuple(dout.shape) != shape or dout.dtype != x.dtype:
+        raise ValueError(f"linear (backward): dout must be a {x.dtype} {shape} tensor")
+    if activation != "none" and (not isinstance(saved, torch.Tensor) or tuple(saved.shape) != shape):
+        raise ValueError(f"linear (backward): saved must be the forward's {shape} pre-activation or output")
+
+
+def _check_int8_mm(a, b):
+    for t, name in ((a, "a"), (b, "b")):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int8 or t.dim() != 2:
+            raise TypeError(f"int8_mm: {name} must be a 2-D int8 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if a.shape[1] != b.shape[1] or a.device != b.device:
+        raise ValueError(f"int8_mm: a (M, K) = {tuple(a.shape)} and b (N, K) = {tuple(b.shape)}: their K must "
+                         f"match, on one device")
+    _check_int8_k(a.shape[1], "int8_mm")
 
 
 # ---- fake kernels (shapes for torch.compile and meta tensors)
-@torch.library.register_fake("mptkernels::linear_fwd")
-def _(x, weight, bias, activation):
+def _fake_linear_fwd(x, weight, bias, activation):
     m, n = x.shape[0], weight.shape[0]
     keep = activation in ("gelu", "gelu_tanh")
     return x.new_empty((m, n)), x.new_empty((m, n) if keep else (0,))
 
 
-@torch.library.register_fake("mptkernels::linear_bwd")
-def _(dout, x, weight, saved, activation, has_bias):
+def _fake_linear_bwd(dout, x, weight, saved, activation, has_bias):
     db = dout.new_empty((weight.shape[0],) if has_bias else (0,), dtype=torch.float32 if x.dtype != torch.float64
                         else torch.float64)
     return torch.empty_like(x), torch.empty_like(weight), db
 
 
-@torch.library.register_fake("mptkernels::quantize_rowwise")
-def _(x):
+def _fake_quantize(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
 
 
-@torch.library.register_fake("mptkernels::int8_mm")
-def _(a, b):
+def _fake_int8_mm(a, b):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
-@torch.library.register_fake("mptkernels::int8_linear")
-def _(x, w_int8, w_scale, bias, activation):
+def _fake_int8_linear(x, w_int8, w_scale, bias, *activation):
     return x.new_empty((x.shape[0], w_int8.shape[0]))
 
 
-@torch.library.register_fake("mptkernels::weight_only_int8_linear")
-def _(x, w_int8, w_scale, bias):
-    return x.new_empty((x.shape[0], w_int8.shape[0]))
+def _dtype0(a):
+    return a[0].dtype
 
 
-# ---- autograd of linear
+for _schema in (
+        _dispatch.Schema("linear_fwd", check=lambda x, w, b, act: _check_linear(x, w, b, act),
+                         public_of=lambda a: "linear", dtype_of=_dtype0,
+                         shape_class=lambda a: _gemm_class(a[0], a[1].shape[0], a[3], a[2] is not None),
+                         fake=_fake_linear_fwd),
+        _dispatch.Schema("linear_bwd", check=_check_linear_bwd, public_of=lambda a: "linear",
+                         dtype_of=lambda a: a[1].dtype,
+                         shape_class=lambda a: _gemm_class(a[1], a[2].shape[0], a[4], a[5]), fake=_fake_linear_bwd),
+        _dispatch.Schema("quantize_rowwise", check=_check_quantize, public_of=lambda a: "quantize_rowwise",
+                         dtype_of=_dtype0, shape_class=lambda a: (a[0].dtype, a[0].shape[1]), fake=_fake_quantize),
+        _dispatch.Schema("int8_mm", check=_check_int8_mm, public_of=lambda a: "int8_mm", dtype_of=_dtype0,
+                         shape_class=lambda a: _gemm_class(a[0], a[1].shape[0]), fake=_fake_int8_mm),
+        _dispatch.Schema("int8_linear", check=lambda x, w, s, b, act: (_check_int8(x, w, s, b, "int8_linear"),
+                                                                        check_activation(act, "int8_linear")),
+                         public_of=lambda a: "int8_linear", dtype_of=_dtype0,
+                         shape_class=lambda a: _gemm_class(a[0], a[1].shape[0], a[4], a[3] is not None),
+                         fake=_fake_int8_linear),
+        _dispatch.Schema("weight_only_int8_linear",
+                         check=lambda x, w, s, b: _check_int8(x, w, s, b, "weight_only_int8_linear"),
+                         public_of=lambda a: "weight_only_int8_linear", dtype_of=_dtype0,
+                         shape_class=lambda a: _gemm_class(a[0], a[1].shape[0], a[3] is not None),
+                         fake=_fake_int8_linear)):
+    _dispatch.register(_schema)
+
+
+# ---- autograd of linear: the backward is a custom op, run under the forward's forcing
 def _linear_setup_context(ctx, inputs, output):
     x, weight, bias, activation = inputs
     out, preact = output
@@ -209,12 +281,14 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, saved)
     ctx.activation = activation
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.forced = _dispatch.forced_settings()
 
 
 def _linear_backward(ctx, dout, _dpreact):
     x, weight, saved = ctx.saved_tensors
     has_bias = ctx.bias_dtype is not None
-    dx, dw, db = _ops.linear_bwd(dout.contiguous(), x, weight, saved, ctx.activation, has_bias)
+    with _dispatch.restored(ctx.forced):
+        dx, dw, db = _ops.linear_bwd(dout.contiguous(), x, weight, saved, ctx.activation, has_bias)
     return dx, dw, (db.to(ctx.bias_dtype) if has_bias else None), None
 
 
@@ -239,19 +313,22 @@ def _int8_setup_context(ctx, inputs, output):
     ctx.save_for_backward(w_int8, w_scale, x if gelu else None, bias if gelu else None,
                           output if ctx.activation == "relu" else None)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.forced = _dispatch.forced_settings()
 
 
 def _int8_backward(ctx, dout):
     w_int8, w_scale, x, bias, out = ctx.saved_tensors
     if ctx.activation == "relu":
-        dpre = reference.activation_grad(dout, out, "relu")
+        dpre = activation_grad(dout, out, "relu")
     elif ctx.activation in ("gelu", "gelu_tanh"):
-        dpre = reference.activation_grad(dout, _ops.int8_linear(x, w_int8, w_scale, bias, "none"), ctx.activation)
+        with _dispatch.restored(ctx.forced):
+            preact = _ops.int8_linear(x, w_int8, w_scale, bias, "none")
+        dpre = activation_grad(dout, preact, ctx.activation)
     else:
         dpre = dout
     dx = db = None
     if ctx.needs_input_grad[0]:
-        dx = dpre @ reference.dequantize(w_int8, w_scale).to(dpre.dtype)
+        dx = dpre @ (w_int8.to(dpre.dtype) * w_scale.to(dpre.dtype).unsqueeze(1))  # the dequantised weight
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         db = dpre.float().sum(0).to(ctx.bias_dtype)
     return (dx, None, None, db) + ((None,) if len(ctx.needs_input_grad) == 5 else ())
@@ -260,41 +337,3 @@ def _int8_backward(ctx, dout):
 torch.library.register_autograd("mptkernels::int8_linear", _int8_backward, setup_context=_int8_setup_context)
 torch.library.register_autograd("mptkernels::weight_only_int8_linear", _int8_backward,
                                 setup_context=_int8_setup_context)
-
-
-# ---- CUDA: Triton GEMMs (quantize_rowwise: CUDA C++ when built, registered in csrc/cuda/gemm.cu)
-@torch.library.register_kernel("mptkernels::linear_fwd", "cuda")
-def _(x, weight, bias, activation):
-    return _triton_gemm().linear_fwd(x.contiguous(), weight.contiguous(), bias, activation)
-
-
-@torch.library.register_kernel("mptkernels::linear_bwd", "cuda")
-def _(dout, x, weight, saved, activation, has_bias):
-    # the activation's derivative in one fused elementwise pass, then cuBLAS for the GEMMs
-    dpre = dout if activation == "none" else _triton_gemm().activation_bwd(dout, saved, activation)
-    dx = dpre @ weight
-    dw = dpre.t() @ x
-    db = dpre.float().sum(0) if has_bias else dout.new_empty((0,), dtype=torch.float32)
-    return dx, dw, db
-
-
-if not build_info.with_cuda:
-    @torch.library.register_kernel("mptkernels::quantize_rowwise", "cuda")
-    def _(x):
-        return _triton_gemm().quantize_rowwise(x.contiguous())
-
-
-@torch.library.register_kernel("mptkernels::int8_mm", "cuda")
-def _(a, b):
-    return _triton_gemm().int8_mm(a.contiguous(), b.contiguous())
-
-
-@torch.library.register_kernel("mptkernels::int8_linear", "cuda")
-def _(x, w_int8, w_scale, bias, activation):
-    xq, xs = _ops.quantize_rowwise(x.contiguous())
-    return _triton_gemm().int8_linear(xq, xs, w_int8.contiguous(), w_scale.contiguous(), bias, activation, x.dtype)
-
-
-@torch.library.register_kernel("mptkernels::weight_only_int8_linear", "cuda")
-def _(x, w_int8, w_scale, bias):
-    return _triton_gemm().weight_only_int8_linear(x.contiguous(), w_int8.contiguous(), w_scale.contiguous(), bias)

@@ -1,21 +1,21 @@
 """LayerNorm / RMSNorm with an optional fused residual add: the Python API of the family.
 
-The ops ``torch.ops.mptkernels.layer_norm_fwd`` / ``layer_norm_bwd`` (schemas in
-csrc/registration.cpp) have a C++ CPU kernel; on CUDA the kernel registered below picks
-the CUDA C++ or the Triton implementation (mptkernels._backend.choose_gpu_impl).
+Custom ops ``torch.ops.mptkernels.layer_norm_fwd`` / ``layer_norm_bwd`` (schemas in
+csrc/registration.cpp). Their implementations (C++ CPU, CUDA C++, Triton; and PyTorch's
+F.layer_norm / F.rms_norm at the level of the public functions) and the choice between them
+are in mptkernels/_dispatch.py; this module checks arguments, gives the fake kernels and the
+autograd, and says which calls PyTorch's op covers.
 """
 from __future__ import annotations
 
-import functools
-
+import math
 import numbers
 
 import torch
 
-from .. import _backend, reference
-from .._loader import build_info
+from .. import _dispatch, reference, torch_impl
 
-CAST_MODES = reference.CAST_MODES
+CAST_MODES = ("torch", "llama", "gemma", "mpt")
 _ops = torch.ops.mptkernels
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_COLS = 65536
@@ -33,75 +33,135 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, *, cast="torc
     then multiply by the weight), "gemma" (multiply by 1 + weight in fp32) or "mpt"
     (weight and bias rounded to x's dtype first, as MPT's low-precision LayerNorm).
     """
-    return _norm(x, weight, bias, eps, residual, cast, rms_norm=False, name="layer_norm")
+    return _norm(x, weight, bias, eps, residual, cast, rms_norm=False)
 
 
 def rms_norm(x, weight=None, eps=1e-6, residual=None, *, cast="torch"):
     """RMSNorm over the last dim (no mean subtraction, no bias); same arguments and result as layer_norm."""
-    return _norm(x, weight, None, eps, residual, cast, rms_norm=True, name="rms_norm")
+    return _norm(x, weight, None, eps, residual, cast, rms_norm=True)
 
 
-def _check(x, weight, bias, residual, eps, cast, name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: x must be a tensor, got {type(x).__name__}")
+def _name(rms_norm: bool) -> str:
+    return "rms_norm" if rms_norm else "layer_norm"
+
+
+def _check_tensor(t, arg, op, optional=True):
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {arg} must be a tensor{' or None' if optional else ''}, got {type(t).__name__}")
+
+
+def _check_fwd(x, weight, bias, residual, eps, rms_norm, weight_offset, cast_before_weight):
+    """The one check of layer_norm_fwd's arguments (also of the public functions' after flattening)."""
+    op = _name(rms_norm)
+    _check_tensor(x, "x", op, optional=False)
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError(f"{name}: x must have at least one dimension")
-    n = x.shape[-1]
+        raise TypeError(f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"{op}: x must be a contiguous (rows, cols) tensor here, got {tuple(x.shape)}")
+    n = x.shape[1]
     if not 1 <= n <= MAX_COLS:
-        raise ValueError(f"{name}: x's last dim must be in 1..{MAX_COLS}, got {n}")
+        raise ValueError(f"{op}: x's last dim must be in 1..{MAX_COLS}, got {n}")
     for t, arg in ((weight, "weight"), (bias, "bias")):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a tensor or None, got {type(t).__name__}")
+        _check_tensor(t, arg, op)
         if t.shape != (n,):
-            raise ValueError(f"{name}: {arg} must have shape ({n},) (x's last dim), got {tuple(t.shape)}")
+            raise ValueError(f"{op}: {arg} must have shape ({n},) (x's last dim), got {tuple(t.shape)}")
         if t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{name}: {arg} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+            raise TypeError(f"{op}: {arg} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
         if t.device != x.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"{op}: {arg} is on {t.device} but x is on {x.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {arg} must be contiguous")
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise TypeError(f"{name}: bias dtype {bias.dtype} must equal weight dtype {weight.dtype}")
+        raise TypeError(f"{op}: bias dtype {bias.dtype} must equal weight dtype {weight.dtype}")
     if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"{name}: residual must be a tensor or None, got {type(residual).__name__}")
+        _check_tensor(residual, "residual", op)
         if residual.shape != x.shape:
-            raise ValueError(f"{name}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+            raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         if residual.dtype != x.dtype:
-            raise TypeError(f"{name}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
+            raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
         if residual.device != x.device:
-            raise ValueError(f"{name}: residual is on {residual.device} but x is on {x.device}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"{name}: eps must be >= 0, got {eps}")
-    if cast not in CAST_MODES:
-        raise ValueError(f"{name}: cast must be one of {CAST_MODES}, got {cast!r}")
+            raise ValueError(f"{op}: residual is on {residual.device} but x is on {x.device}")
+        if not residual.is_contiguous():
+            raise ValueError(f"{op}: residual must be contiguous here")
+    if not (type(eps) in (float, int) or isinstance(eps, numbers.Real) and not isinstance(eps, bool)) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+
+
+def _check_bwd(dy, dresidual_out, s, weight, bias, mean, rstd, rms_norm, weight_offset, cast_before_weight):
+    op = _name(rms_norm) + " (backward)"
+    _check_fwd(s, weight, bias, None, 0.0, rms_norm, weight_offset, cast_before_weight)
+    m = s.shape[0]
+    for t, arg in ((dy, "dy"), (dresidual_out, "dresidual_out")):
+        if t is None and arg == "dresidual_out":
+            continue
+        _check_tensor(t, arg, op)
+        if t.shape != s.shape or t.dtype != s.dtype or t.device != s.device or not t.is_contiguous():
+            raise ValueError(f"{op}: {arg} must be a contiguous {s.dtype} {tuple(s.shape)} tensor on {s.device}")
+    stats = _stats_dtype(s)
+    for t, arg, rows in ((mean, "mean", 0 if rms_norm else m), (rstd, "rstd", m)):
+        _check_tensor(t, arg, op, optional=False)
+        if t.shape != (rows,) or t.dtype != stats or t.device != s.device or not t.is_contiguous():
+            raise ValueError(f"{op}: {arg} must be a contiguous {stats} ({rows},) tensor on {s.device}, got "
+                             f"{t.dtype} {tuple(t.shape)}")
 
 
 def _rows(t):
-    """(..., N) -> contiguous (rows, N), a view when the layout allows."""
-    t2 = t.reshape(-1, t.shape[-1])
+    """(..., N) -> contiguous (rows, N), a view when the layout allows (N = 0 too)."""
+    t2 = t.reshape(t.numel() // t.shape[-1] if t.shape[-1] else math.prod(t.shape[:-1]), t.shape[-1])
     return t2 if t2.is_contiguous() else t2.contiguous()
 
 
-def _norm(x, weight, bias, eps, residual, cast, rms_norm, name):
-    _check(x, weight, bias, residual, eps, cast, name)
+def _norm(x, weight, bias, eps, residual, cast, rms_norm):
+    name = _name(rms_norm)
+    _check_tensor(x, "x", name, optional=False)
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x must have at least one dimension")
+    if cast not in CAST_MODES:
+        raise ValueError(f"{name}: cast must be one of {CAST_MODES}, got {cast!r}")
+    if isinstance(residual, torch.Tensor) and residual.shape != x.shape:
+        raise ValueError(f"{name}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    for t, arg in ((weight, "weight"), (bias, "bias"), (residual, "residual")):
+        _check_tensor(t, arg, name)
     if cast == "mpt":  # MPT's LPLayerNorm rounds the affine parameters to the activation dtype
         weight = None if weight is None else weight.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
-    if _backend.use_reference(x.device, has_kernel=x.device.type == "cuda" and _has_gpu_kernel()):
-        fn = reference.rms_norm if rms_norm else reference.layer_norm
-        args = (x, weight, eps, residual) if rms_norm else (x, weight, bias, eps, residual)
-        return fn(*args, cast="torch" if cast == "mpt" else cast)  # mpt's rounding is done above
-    if x.device.type == "cuda" and x.dtype == torch.float64:
-        raise TypeError(f"{name}: float64 runs on the CPU only; on CUDA use float32, float16 or bfloat16")
-    y, s, _, _ = _ops.layer_norm_fwd(
-        _rows(x), None if weight is None else weight.contiguous(), None if bias is None else bias.contiguous(),
-        None if residual is None else _rows(residual), float(eps), rms_norm, 1.0 if cast == "gemma" else 0.0,
-        cast == "llama")
-    y = y.view(x.shape)
-    return y if residual is None else (y, s.view(x.shape))
+    base_cast = "torch" if cast == "mpt" else cast  # mpt's rounding is done above
+    weight_offset, cast_before = (1.0 if cast == "gemma" else 0.0), cast == "llama"
+
+    def schema_args(x, weight, bias, residual):
+        return (_rows(x), None if weight is None else weight.contiguous(), None if bias is None else bias.contiguous(),
+                None if residual is None else _rows(residual), eps, rms_norm, weight_offset, cast_before)
+
+    args = schema_args(x, weight, bias, residual)
+    user = (x, weight, bias, residual)
+
+    def kernel(x, weight, bias, residual):
+        same = all(a is b for a, b in zip((x, weight, bias, residual), user))  # not timing copies
+        y, s, _, _ = _ops.layer_norm_fwd(*(args if same else schema_args(x, weight, bias, residual)))
+        return y.view(x.shape) if residual is None else (y.view(x.shape), s.view(x.shape))
+
+    if rms_norm:
+        torch_why = torch_impl.covers_rms_norm(x, weight, cast)
+        torch_fn = lambda x, w, b, r: torch_impl.rms_norm(x, w, eps, r)  # noqa: E731
+        ref = lambda x, w, b, r: reference.rms_norm(x, w, eps, r, cast=base_cast)  # noqa: E731
+    else:
+        torch_why = torch_impl.covers_layer_norm(x, weight, bias, cast)
+        torch_fn = lambda x, w, b, r: torch_impl.layer_norm(x, w, b, eps, r)  # noqa: E731
+        ref = lambda x, w, b, r: reference.layer_norm(x, w, b, eps, r, cast=base_cast)  # noqa: E731
+    return _dispatch.route(name, user, device=x.device, dtype=x.dtype, torch_why=torch_why,
+                           shape_class=_shape_class(args[0], weight, residual is not None),
+                           kernel=kernel, torch_fn=torch_fn, reference=ref, check=lambda: _check_fwd(*args))
+
+
+def _shape_class(t, weight, flag):
+    """Calls of one class share one measured choice: dtype, row width, log2 of the row count,
+    weight dtype, residual (forward) or its gradient (backward)."""
+    m, n = t.shape
+    return (t.dtype, n, max(m, 1).bit_length(), None if weight is None else weight.dtype, flag)
 
 
 # ---- fake (meta) kernels: shapes and dtypes only, for torch.compile and opcheck
@@ -120,18 +180,22 @@ def _fake_bwd(dy, dresidual_out, s, weight, bias, mean, rstd, rms_norm, weight_o
             torch.empty_like(bias) if bias is not None else s.new_empty(0))
 
 
-for _name, _fake in (("layer_norm_fwd", _fake_fwd), ("cuda_layer_norm_fwd", _fake_fwd),
-                     ("layer_norm_bwd", _fake_bwd), ("cuda_layer_norm_bwd", _fake_bwd)):
-    torch.library.register_fake(f"mptkernels::{_name}")(_fake)
+_dispatch.register(_dispatch.Schema(
+    "layer_norm_fwd", check=_check_fwd, public_of=lambda a: _name(a[5]), dtype_of=lambda a: a[0].dtype,
+    shape_class=lambda a: _shape_class(a[0], a[1], a[3] is not None), fake=_fake_fwd))
+_dispatch.register(_dispatch.Schema(
+    "layer_norm_bwd", check=_check_bwd, public_of=lambda a: _name(a[7]), dtype_of=lambda a: a[2].dtype,
+    shape_class=lambda a: _shape_class(a[2], a[3], a[1] is not None), fake=_fake_bwd))
 
 
-# ---- autograd: the backward is itself a custom op
+# ---- autograd: the backward is itself a custom op, run under the forward's forcing
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, eps, rms_norm, weight_offset, cast_before_weight = inputs
     _, s, mean, rstd = output
     ctx.save_for_backward(s if residual is not None else x, weight, bias, mean, rstd)
     ctx.has_residual = residual is not None
     ctx.flags = (rms_norm, weight_offset, cast_before_weight)
+    ctx.forced = _dispatch.forced_settings()
 
 
 def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
@@ -141,9 +205,10 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
         dy = torch.zeros_like(s)
     if not ctx.has_residual:  # residual_out was an empty placeholder; its gradient means nothing
         dresidual_out = None
-    dx, dweight, dbias = _ops.layer_norm_bwd(dy.contiguous(), None if dresidual_out is None
-                                             else dresidual_out.contiguous(), s, weight, bias, mean, rstd,
-                                             rms_norm, weight_offset, cast_before_weight)
+    with _dispatch.restored(ctx.forced):
+        dx, dweight, dbias = _ops.layer_norm_bwd(dy.contiguous(), None if dresidual_out is None
+                                                 else dresidual_out.contiguous(), s, weight, bias, mean, rstd,
+                                                 rms_norm, weight_offset, cast_before_weight)
     return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
             dx if ctx.has_residual else None, None, None, None, None)
 
@@ -156,47 +221,5 @@ def _no_double_backward(ctx, *grads):
                        "supported; use mptkernels.backend('reference') for it")
 
 
-torch.library.register_autograd("mptkernels::layer_norm_bwd", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-# ---- CUDA: choose between the CUDA C++ kernels and the Triton kernels
-@torch.compiler.assume_constant_result  # torch.compile keeps the answer as a constant
-def _has_gpu_kernel() -> bool:
-    from ..triton import available as triton_available
-
-    return build_info.with_cuda or triton_available()
-
-
-@functools.lru_cache(maxsize=None)  # per call it would rebuild the dict and re-import
-def _gpu_impls(kind: str) -> dict:
-    from ..triton import available as triton_available
-
-    impls = {}
-    if build_info.with_cuda:
-        impls["cuda"] = getattr(_ops, f"cuda_layer_norm_{kind}")
-    if triton_available():
-        from ..triton import layer_norm as tl_norm
-
-        impls["triton"] = getattr(tl_norm, f"layer_norm_{kind}")
-    return impls
-
-
-def _shape_key(t, weight, flag):
-    m, n = t.shape
-    return (t.dtype, n, max(m, 1).bit_length(), None if weight is None else weight.dtype, flag)
-
-
-@torch.library.register_kernel("mptkernels::layer_norm_fwd", "cuda")
-def _(x, weight, bias, residual, eps, rms_norm, weight_offset, cast_before_weight):
-    args = (x, weight, bias, residual, eps, rms_norm, weight_offset, cast_before_weight)
-    fn = _backend.choose_gpu_impl("layer_norm_fwd", _shape_key(x, weight, residual is not None),
-                                  _gpu_impls("fwd"), args)
-    return fn(*args)
-
-
-@torch.library.register_kernel("mptkernels::layer_norm_bwd", "cuda")
-def _(dy, dresidual_out, s, weight, bias, mean, rstd, rms_norm, weight_offset, cast_before_weight):
-    args = (dy, dresidual_out, s, weight, bias, mean, rstd, rms_norm, weight_offset, cast_before_weight)
-    fn = _backend.choose_gpu_impl("layer_norm_bwd", _shape_key(s, weight, dresidual_out is not None),
-                                  _gpu_impls("bwd"), args)
-    return fn(*args)
+torch.library.register_autograd("mptkernels::layer_norm_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

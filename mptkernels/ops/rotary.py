@@ -1,14 +1,15 @@
 """Rotary position embedding: the Python API of the family.
 
-``torch.ops.mptkernels.rotary`` (schema in csrc/registration.cpp) has a C++ CPU kernel and
-a CUDA C++ kernel; its backward is the same op with sin negated (the inverse rotation).
+``torch.ops.mptkernels.apply_rotary`` (schema in csrc/registration.cpp) has a C++ CPU kernel
+and a CUDA C++ kernel (mptkernels/_dispatch.py chooses); its backward is the same op with sin
+negated (the inverse rotation). PyTorch has no rotary op, so there is no ``torch``
+implementation.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _backend, reference
-from .._loader import build_info
+from .. import _dispatch, reference
 
 _ops = torch.ops.mptkernels
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -28,7 +29,7 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
     Tensor offsets are checked against the table on the CPU; on CUDA they are not read back
     (that would sync the host), and a token whose row falls outside the table gets NaN.
     """
-    _check(x, cos, sin, seqlen_offsets)
+    _check_user(x, cos, sin, seqlen_offsets)
     seqlen = x.shape[1]
     if isinstance(seqlen_offsets, torch.Tensor):
         offsets, offset = _int32_offsets(seqlen_offsets, x, seqlen, cos.shape[0]), 0
@@ -37,12 +38,19 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
         if offset < 0 or offset + seqlen > cos.shape[0]:
             raise ValueError(f"apply_rotary: cos/sin have {cos.shape[0]} rows but seqlen_offsets={offset} + "
                              f"seqlen={seqlen} needs {offset + seqlen}")
-    has_kernel = x.device.type == "cpu" or build_info.with_cuda
-    if _backend.use_reference(x.device, has_kernel=has_kernel) or (x.device.type == "cuda" and x.dtype == torch.float64):
-        return reference.apply_rotary(x, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets)
-    if x.stride(-1) != 1:
+    cos32, sin32 = cos.float().contiguous(), sin.float().contiguous()
+    if x.stride(-1) != 1:  # the kernels take any strides but a unit one along head_dim
         x = x.contiguous()
-    return _ops.rotary(x, cos.float().contiguous(), sin.float().contiguous(), offsets, offset, interleaved, False)
+    _check(x, cos32, sin32, offsets, offset, interleaved, False)
+
+    def kernel(x):
+        return _ops.apply_rotary(x, cos32, sin32, offsets, offset, interleaved, False)
+
+    def ref(x):
+        return reference.apply_rotary(x, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets)
+
+    return _dispatch.route("apply_rotary", (x,), device=x.device, dtype=x.dtype, torch_why="PyTorch has no op for it",
+                           shape_class=(), kernel=kernel, torch_fn=None, reference=ref)
 
 
 def _int32_offsets(seqlen_offsets, x, seqlen, rows):
@@ -63,7 +71,8 @@ def _int32_offsets(seqlen_offsets, x, seqlen, rows):
     return seqlen_offsets.to(device=x.device, dtype=torch.int32).contiguous()
 
 
-def _check(x, cos, sin, seqlen_offsets):
+def _check_user(x, cos, sin, seqlen_offsets):
+    """The public arguments (cos/sin in any float dtype, offsets as an int or any integer tensor)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"apply_rotary: x must be a (batch, seqlen, heads, head_dim) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -93,15 +102,41 @@ def _check(x, cos, sin, seqlen_offsets):
         raise TypeError(f"apply_rotary: seqlen_offsets must be an int or a tensor, got {type(seqlen_offsets).__name__}")
 
 
-@torch.library.register_fake("mptkernels::rotary")
-def _(x, cos, sin, seqlen_offsets, seqlen_offset, interleaved, conjugate):
+def _check(x, cos, sin, seqlen_offsets, seqlen_offset, interleaved, conjugate):
+    """The one check of apply_rotary's custom-op arguments: the public checks, and the layout
+    the kernels read (cos/sin contiguous float32, offsets a contiguous int32 (batch,) tensor,
+    head_dim of unit stride)."""
+    _check_user(x, cos, sin, seqlen_offsets if seqlen_offsets is not None else int(seqlen_offset))
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"apply_rotary: {name} must be a contiguous float32 table here, got {t.dtype}")
+    if x.stride(-1) != 1 and x.shape[-1] > 1 and x.numel():
+        raise ValueError(f"apply_rotary: x's last dim (head_dim) must have stride 1 here, got strides {x.stride()}")
+    if seqlen_offsets is not None:
+        if seqlen_offsets.dtype != torch.int32 or not seqlen_offsets.is_contiguous():
+            raise ValueError(f"apply_rotary: seqlen_offsets must be a contiguous int32 tensor here, got "
+                             f"{seqlen_offsets.dtype}")
+        if seqlen_offsets.device != x.device:
+            raise ValueError(f"apply_rotary: seqlen_offsets is on {seqlen_offsets.device} but x is on {x.device}")
+    elif x.numel() and (seqlen_offset < 0 or seqlen_offset + x.shape[1] > cos.shape[0]):
+        raise ValueError(f"apply_rotary: seqlen_offset {seqlen_offset} puts positions [{seqlen_offset}, "
+                         f"{seqlen_offset + x.shape[1]}) outside the cos/sin table of {cos.shape[0]} rows")
+
+
+def _fake(x, cos, sin, seqlen_offsets, seqlen_offset, interleaved, conjugate):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+_dispatch.register(_dispatch.Schema(
+    "apply_rotary", check=_check, public_of=lambda a: "apply_rotary", dtype_of=lambda a: a[0].dtype,
+    shape_class=lambda a: (a[0].dtype,), fake=_fake))
 
 
 def _setup_context(ctx, inputs, output):
     _, cos, sin, seqlen_offsets, seqlen_offset, interleaved, conjugate = inputs
     ctx.save_for_backward(cos, sin, seqlen_offsets)
     ctx.flags = (seqlen_offset, interleaved, conjugate)
+    ctx.forced = _dispatch.forced_settings()
 
 
 def _backward(ctx, dout):
@@ -110,8 +145,9 @@ def _backward(ctx, dout):
     if dout.stride(-1) != 1:  # incoming gradients may be expanded or transposed views
         dout = dout.contiguous()
     # a rotation's transpose is the rotation by the opposite angle
-    dx = _ops.rotary(dout, cos, sin, seqlen_offsets, seqlen_offset, interleaved, not conjugate)
+    with _dispatch.restored(ctx.forced):
+        dx = _ops.apply_rotary(dout, cos, sin, seqlen_offsets, seqlen_offset, interleaved, not conjugate)
     return dx, None, None, None, None, None, None
 
 
-torch.library.register_autograd("mptkernels::rotary", _backward, setup_context=_setup_context)
+torch.library.register_autograd("mptkernels::apply_rotary", _backward, setup_context=_setup_context)

@@ -56,12 +56,13 @@ is not usable for bf16, so interpreted tests cover fp32 and fp16.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from . import MIN_DOT_BLOCK, device_ctx, dot_precision, fit, sm_count
 
 # --------------------------------------------------------------------------------------
 # Tuning tables: BLOCK_D -> (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -122,16 +123,10 @@ BWD_DKDV_CONFIGS_FP32 = {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4,
                          256: (16, 16, 8, 2)}
 BWD_DQ_CONFIGS_FP32 = {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2),
                        256: (16, 16, 4, 1)}
-# tl.dot input precision for fp32 inputs: "ieee" matches the fp32 reference; "tf32x3" is
-# close to it on tensor cores; "tf32" is fastest but only ~1e-3 accurate.
-FP32_DOT_PRECISION = "ieee"
 # Rows per program of the delta = rowsum(dout * out) preprocess: about this many elements.
 DELTA_TILE = 4096
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = math.log2(math.e)
-# the smallest legal tl.dot dimension
-_MIN_BLOCK = 16
 
 
 # --------------------------------------------------------------------------------------
@@ -728,25 +723,15 @@ def _attn_decode_combine_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current CUDA device, not on the tensor's.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _block_d(head_dim: int) -> int:
-    return triton.next_power_of_2(max(head_dim, _MIN_BLOCK))
-
-
-def _fit(block: int, n: int) -> int:
-    """Shrink a tile dimension for a short sequence (decode: Sq = 1), never below 16."""
-    return min(block, max(_MIN_BLOCK, triton.next_power_of_2(n)))
+    return triton.next_power_of_2(max(head_dim, MIN_DOT_BLOCK))
 
 
 def fwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
     table = FWD_CONFIGS_FP32 if dtype == torch.float32 else FWD_CONFIGS
     block_m, block_n, num_warps, num_stages = table[_block_d(head_dim)]
-    return _fit(block_m, seqlen_q), _fit(block_n, seqlen_k), num_warps, num_stages
+    return fit(block_m, seqlen_q), fit(block_n, seqlen_k), num_warps, num_stages
 
 
 def bwd_configs(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int):
@@ -755,24 +740,8 @@ def bwd_configs(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int)
     out = []
     for table in ((BWD_DKDV_CONFIGS_FP32, BWD_DQ_CONFIGS_FP32) if fp32 else (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS)):
         block_m, block_n, num_warps, num_stages = table[_block_d(head_dim)]
-        out.append((_fit(block_m, seqlen_q), _fit(block_n, seqlen_k), num_warps, num_stages))
+        out.append((fit(block_m, seqlen_q), fit(block_n, seqlen_k), num_warps, num_stages))
     return tuple(out)
-
-
-def _check_inputs(q, k, v, alibi_slopes):
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        assert t.dim() == 4, f"{name} must be (batch, seqlen, heads, head_dim)"
-        assert t.dtype == q.dtype, f"{name} is {t.dtype}, q is {q.dtype}"
-    assert q.dtype in _SUPPORTED_DTYPES, f"unsupported dtype {q.dtype}"
-    B, Sq, Hq, D = q.shape
-    assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == D, \
-        f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}"
-    Hk = k.shape[2]
-    assert Hk > 0 and Hq % Hk == 0, f"Hq = {Hq} is not a multiple of Hk = {Hk}"
-    assert D % 8 == 0 and 8 <= D <= 256, f"head_dim {D} must be a multiple of 8 in [8, 256]"
-    if alibi_slopes is not None:
-        assert alibi_slopes.shape in ((Hq,), (B, Hq)), \
-            f"alibi_slopes must be ({Hq},) or ({B}, {Hq}), got {tuple(alibi_slopes.shape)}"
 
 
 def _slopes_args(alibi_slopes, q):
@@ -781,11 +750,6 @@ def _slopes_args(alibi_slopes, q):
         return q, 0, False  # never dereferenced
     slopes = alibi_slopes.to(torch.float32).contiguous()
     return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0), True
-
-
-def _dot_precision(dtype):
-    # only fp32 operands have a precision choice; None keeps the default for 16-bit ones
-    return FP32_DOT_PRECISION if dtype == torch.float32 else None
 
 
 def _fwd(q, k, v, alibi_slopes, softmax_scale, causal, out, lse, *, batch, max_sq, max_sk, lse_strides,
@@ -799,7 +763,7 @@ def _fwd(q, k, v, alibi_slopes, softmax_scale, causal, out, lse, *, batch, max_s
     varlen = cu_seqlens is not None
     cu_q, cu_k = cu_seqlens if varlen else (q, q)  # dummies are never dereferenced
     grid = (triton.cdiv(max_sq, block_m), Hq, batch)
-    with _device_ctx(q):
+    with device_ctx(q):
         _attn_fwd_kernel[grid](
             q, k, v, slopes, out, lse, cu_q, cu_k, q if seqlens_k is None else seqlens_k,
             max_sq, max_sk, Hq, Hq // Hk,
@@ -808,13 +772,12 @@ def _fwd(q, k, v, alibi_slopes, softmax_scale, causal, out, lse, *, batch, max_s
             float(softmax_scale) * _LOG2E,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             CAUSAL=bool(causal), HAS_ALIBI=has_alibi, EVEN_D=D == block_d,
-            DOT_PRECISION=_dot_precision(q.dtype), VARLEN=varlen, HAS_SEQLENS_K=seqlens_k is not None,
+            DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen, HAS_SEQLENS_K=seqlens_k is not None,
             num_warps=num_warps, num_stages=num_stages)
 
 
 def attention_fwd(q, k, v, alibi_slopes, softmax_scale: float, causal: bool):
     """Attention forward; returns (out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) float32)."""
-    _check_inputs(q, k, v, alibi_slopes)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Sq, Hq, D = q.shape
     Sk = k.shape[1]
@@ -840,7 +803,6 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or k.shape[0] == 0:
         return out, lse
-    _check_inputs(q[None], k[None], v[None], None)
     _fwd(q[None], k[None], v[None], alibi_slopes, softmax_scale, causal, out[None], lse, batch=batch,
          max_sq=max_seqlen_q, max_sk=max_seqlen_k, lse_strides=(0, total_q),
          cu_seqlens=(cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()))
@@ -853,7 +815,7 @@ def _bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, dq, dk, d
     slopes, stride_slope_b, has_alibi = _slopes_args(alibi_slopes, q)
     block_d = _block_d(D)
     even_d = D == block_d
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     qk_scale = float(softmax_scale) * _LOG2E
     (kv_m, kv_n, kv_warps, kv_stages), (q_m, q_n, q_warps, q_stages) = bwd_configs(D, q.dtype, max_sq, max_sk)
     varlen = cu_seqlens is not None
@@ -869,7 +831,7 @@ def _bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, dq, dk, d
     sizes = (max_sq, max_sk, Hq, Hq // Hk,
              0 if varlen else q.stride(0), q.stride(1), 0 if varlen else k.stride(0), k.stride(1),
              lse_strides[0], lse_strides[1], stride_slope_b, qk_scale, float(softmax_scale))
-    with _device_ctx(q):
+    with device_ctx(q):
         _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](
             out, dout, delta, rows, S, Hq,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, EVEN_D=even_d, num_warps=4)
@@ -883,11 +845,8 @@ def _bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, dq, dk, d
 
 def attention_bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale: float, causal: bool):
     """Gradient of attention_fwd; returns (dq, dk, dv) in the inputs' dtype."""
-    _check_inputs(q, k, v, alibi_slopes)
     B, Sq, Hq, D = q.shape
     Sk = k.shape[1]
-    assert dout.shape == q.shape and out.shape == q.shape, "dout and out must have q's shape"
-    assert lse.shape == (B, Hq, Sq), f"lse must be ({B}, {Hq}, {Sq}), got {tuple(lse.shape)}"
     # dout comes from autograd and may be strided (expanded, transposed): one layout for all
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout = dout.to(q.dtype).contiguous()
@@ -915,7 +874,6 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     batch = cu_seqlens_q.numel() - 1
     if dq.numel() == 0 or dk.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return dq, dk, dv
-    _check_inputs(q[None], k[None], v[None], None)
     _bwd(dout[None], q[None], k[None], v[None], out[None], lse, alibi_slopes, softmax_scale, causal,
          dq[None], dk[None], dv[None], batch=batch, max_sq=max_seqlen_q, max_sk=max_seqlen_k,
          lse_strides=(0, q.shape[0]),
@@ -935,18 +893,6 @@ DECODE_CONFIGS = {16: (32, 4, 3), 32: (32, 4, 3), 64: (32, 4, 3), 128: (32, 4, 3
 DECODE_PROGRAMS_PER_SM = 2
 DECODE_MAX_SPLITS = 64
 
-_SM_COUNT = {}
-
-
-def _sm_count(device) -> int:
-    if device.type != "cuda":  # the interpreter
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def decode_splits(batch: int, heads_kv: int, max_seqlen: int, block_n: int, sm_count: int) -> int:
     """How many key splits the decode kernel uses: enough programs to fill the GPU, no split
     shorter than two key blocks. Depends only on shapes (never on cache_seqlens' values), so a
@@ -957,7 +903,7 @@ def decode_splits(batch: int, heads_kv: int, max_seqlen: int, block_n: int, sm_c
     return int(max(1, min(want, most, DECODE_MAX_SPLITS)))
 
 
-def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale: float, causal: bool):
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale: float, causal: bool):
     """Write k, v (if given) into the caches at cache_seqlens, then attend q over the first
     cache_seqlens[b] + seqlen_new rows of each cache; returns out (B, Sq, Hq, D)."""
     B, Sq, Hq, D = q.shape
@@ -965,7 +911,7 @@ def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, so
     q = q.contiguous()
     block_d = _block_d(D)
     seqlens = cache_seqlens.to(torch.int32)
-    with _device_ctx(q):
+    with device_ctx(q):
         if k is not None and k.shape[1] > 0:
             k, v = k.contiguous(), v.contiguous()
             Sn = k.shape[1]
@@ -984,15 +930,15 @@ def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, so
              max_sk=Smax, lse_strides=(Hq * Sq, Sq), seqlens_k=seqlens)
         return out
     slopes, stride_slope_b, has_alibi = _slopes_args(alibi_slopes, q)
-    block_m = max(_MIN_BLOCK, triton.next_power_of_2(Sq * (Hq // Hk)))
+    block_m = max(MIN_DOT_BLOCK, triton.next_power_of_2(Sq * (Hq // Hk)))
     block_n, num_warps, num_stages = DECODE_CONFIGS[block_d]
-    splits = decode_splits(B, Hk, Smax, block_n, _sm_count(q.device))
+    splits = decode_splits(B, Hk, Smax, block_n, sm_count(q.device))
     if splits > 1:
         o_part = torch.empty((B, Sq, Hq, splits, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B, Sq, Hq, splits), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out  # not dereferenced
-    with _device_ctx(q):
+    with device_ctx(q):
         _attn_decode_kernel[(splits, Hk, B)](
             q, k_cache, v_cache, slopes, seqlens, out, o_part, lse_part,
             Sq, Hq, Hq // Hk,

@@ -12,10 +12,12 @@ validates arguments; these functions take 2-D row-major tensors (weights in nn.L
   and both stores are the GEMM's epilogue: for the gelus the same kernel also writes
   preact = x @ weight.T + bias (rounded to x's dtype) for the backward; otherwise preact is an
   empty (0,) tensor. ``activation_bwd(dout, saved, activation)`` is the elementwise gradient
-  through the activation (saved = preact for the gelus, out for relu).
+  through the activation (saved = preact for the gelus, out for relu); ``linear_bwd`` is it
+  followed by the two GEMMs of the backward on cuBLAS.
 * ``int8_mm(a, b)``: a (M, K) int8 @ b (N, K).T int8, exact, int32 accumulation and result.
-* ``int8_linear(x_int8, x_scale, w_int8, w_scale, bias, activation, out_dtype)``: the same GEMM
-  with the epilogue act(float(acc) * x_scale[m] * w_scale[n] + bias[n]), in out_dtype.
+* ``int8_linear(x, w_int8, w_scale, bias, activation)``: x quantised by ``quantize_rowwise``,
+  then the same GEMM with the epilogue act(float(acc) * x_scale[m] * w_scale[n] + bias[n]), in
+  x's dtype.
 * ``quantize_rowwise(x) -> (x_int8, scale)``: scale = absmax(row) / 127 (1 for an all-zero
   row), q = round-half-to-even(x / scale) clamped to [-127, 127]; bit-exact with the CPU
   reference (see "Numerics").
@@ -48,7 +50,7 @@ Algorithm:
 Numerics:
 
 * Matmuls take the input dtype (fp16/bf16 tensor cores, fp32 accumulation); fp32 inputs use
-  ``FP32_DOT_PRECISION`` = "ieee" (exactness over speed: fp32 inputs exist for accuracy, and
+  ``FP32_DOT_PRECISION`` = "ieee" (mptkernels/triton/__init__.py) (exactness over speed: fp32 inputs exist for accuracy, and
   TF32 would be ~1e-3 off the fp32 reference). int8 dots accumulate exactly in int32.
 * Epilogues run in fp32 and round once to the output dtype. gelu is 0.5 h (1 + erf(h / sqrt 2));
   gelu_tanh is written as h * sigmoid(2u) (u = sqrt(2/pi) (h + 0.044715 h^3)), which equals
@@ -75,13 +77,12 @@ rounding to nearest even as the GPU does, so bf16 outputs are one ulp off there 
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from . import MIN_DOT_BLOCK, device_ctx, dot_precision, fit, interpreted, sm_count
 
 # --------------------------------------------------------------------------------------
 # Tuning tables: (dtype class, M class) -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
@@ -138,10 +139,6 @@ WO_DECODE_CONFIGS = {
 WO_DECODE_PROGRAMS_PER_SM = 4
 WO_DECODE_MIN_K_BLOCKS = 4
 WO_DECODE_MAX_SPLITS = 64
-# tl.dot input precision for fp32 inputs: "ieee" matches the fp32 reference; "tf32x3" is
-# close to it on tensor cores; "tf32" is fastest but only ~1e-3 accurate.
-FP32_DOT_PRECISION = "ieee"
-
 # quantize_rowwise: rows up to this padded length stay in registers (16 warps x 32 threads x
 # 32 fp32 values); longer rows are walked twice in chunks of QUANT_LOOPED_BLOCK_K.
 QUANT_FUSED_MAX_BLOCK_K = 16384
@@ -153,10 +150,7 @@ QUANT_MAX_BLOCK_M = 32
 # activation_bwd: elements per program (8 per thread at 4 warps: two 16-byte bf16 loads).
 ACT_BWD_BLOCK = 1024
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# the smallest legal tl.dot dimension (M, N; and K for 16/32-bit inputs), K for int8 inputs
-_MIN_BLOCK = 16
+# the smallest legal K of an int8 tl.dot (16-bit and fp32 dots: MIN_DOT_BLOCK)
 _MIN_BLOCK_K_INT8 = 32
 
 
@@ -514,32 +508,6 @@ def _wo_int8_reduce_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current CUDA device, not on the tensor's.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":  # the interpreter
-        return 1
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _interpreted(kernel) -> bool:
-    """Whether @triton.jit made this kernel an interpreted one (TRITON_INTERPRET=1 at import)."""
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-def _fit(block: int, n: int, lo: int = _MIN_BLOCK) -> int:
-    """Shrink a tile dimension to a small problem (M = 1, short K), never below lo."""
-    return min(block, max(lo, triton.next_power_of_2(max(n, 1))))
-
-
 def _m_class(M: int) -> str:
     return "small" if M <= SMALL_M else "large"
 
@@ -548,27 +516,22 @@ def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def _dot_precision(dtype):
-    # only fp32 operands have a precision choice; None keeps the default for 16-bit ones
-    return FP32_DOT_PRECISION if dtype == torch.float32 else None
-
-
 def linear_config(M: int, N: int, K: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the linear kernel."""
     bm, bn, bk, group, warps, stages = LINEAR_CONFIGS[(_dtype_class(dtype), _m_class(M))]
-    return _fit(bm, M), _fit(bn, N), _fit(bk, K), group, warps, stages
+    return fit(bm, M), fit(bn, N), fit(bk, K), group, warps, stages
 
 
 def int8_config(M: int, N: int, K: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the int8 GEMM."""
     bm, bn, bk, group, warps, stages = INT8_CONFIGS[_m_class(M)]
-    return _fit(bm, M), _fit(bn, N), _fit(bk, K, _MIN_BLOCK_K_INT8), group, warps, stages
+    return fit(bm, M), fit(bn, N), fit(bk, K, _MIN_BLOCK_K_INT8), group, warps, stages
 
 
 def wo_config(M: int, N: int, K: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the tiled weight-only GEMM."""
     bm, bn, bk, group, warps, stages = WO_CONFIGS[(_dtype_class(dtype), _m_class(M))]
-    return _fit(bm, M), _fit(bn, N), _fit(bk, K), group, warps, stages
+    return fit(bm, M), fit(bn, N), fit(bk, K), group, warps, stages
 
 
 def wo_decode_splits(N: int, K: int, block_n: int, block_k: int, sm_count: int) -> tuple[int, int]:
@@ -584,17 +547,10 @@ def wo_decode_splits(N: int, K: int, block_n: int, block_k: int, sm_count: int) 
     return max(triton.cdiv(K, k_per_split), 1), k_per_split
 
 
-def _check_activation(activation: str) -> str:
-    assert activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {activation!r}"
-    return activation
-
-
 def linear_fwd(x, weight, bias, activation: str):
     """act(x @ weight.T + bias) with fp32 accumulation; returns (out (M, N) in x's dtype,
     preact (M, N) in x's dtype for "gelu"/"gelu_tanh", else an empty (0,) tensor)."""
-    activation = _check_activation(activation)
-    assert x.dtype in _SUPPORTED_DTYPES, f"unsupported dtype {x.dtype}"
-    x, weight = x.contiguous(), weight.contiguous()
+    x, weight = x.contiguous(), weight.contiguous()  # the kernel walks rows of unit-stride columns
     M, K = x.shape
     N = weight.shape[0]
     store_pre = activation in ("gelu", "gelu_tanh")
@@ -604,21 +560,20 @@ def linear_fwd(x, weight, bias, activation: str):
         return out, preact
     bm, bn, bk, group, warps, stages = linear_config(M, N, K, x.dtype)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    with _device_ctx(x):
+    with device_ctx(x):
         # absent tensors are never dereferenced (their constexpr flag is off); pass out instead
         _linear_kernel[grid](
             x, weight, out if bias is None else bias.contiguous(), out, preact if store_pre else out,
             M, N, K, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, EVEN_K=K % bk == 0,
             HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PRE=store_pre,
-            DOT_PRECISION=_dot_precision(x.dtype), num_warps=warps, num_stages=stages)
+            DOT_PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
     return out, preact
 
 
 def activation_bwd(dout, saved, activation: str):
     """Gradient through the activation: dpre = dout * act'(h), in saved's dtype, fp32 math.
     saved is preact for "gelu"/"gelu_tanh" and out for "relu"; unused for "none"."""
-    activation = _check_activation(activation)
     if activation == "none":
         return dout.clone(memory_format=torch.contiguous_format)
     dout, saved = dout.contiguous(), saved.contiguous()
@@ -626,10 +581,19 @@ def activation_bwd(dout, saved, activation: str):
     numel = saved.numel()
     if numel == 0:
         return dpre
-    with _device_ctx(saved):
+    with device_ctx(saved):
         _activation_bwd_kernel[(triton.cdiv(numel, ACT_BWD_BLOCK),)](
             dout, saved, dpre, numel, BLOCK=ACT_BWD_BLOCK, ACTIVATION=activation, num_warps=4)
     return dpre
+
+
+def linear_bwd(dout, x, weight, saved, activation: str, has_bias: bool):
+    """Gradient of linear_fwd: the activation's derivative in one fused elementwise pass
+    (``activation_bwd``), then the two GEMMs on cuBLAS (torch.matmul), which these shapes
+    (dx = dpre @ W, dW = dpre^T @ x) run at its peak. Returns (dx, dweight, dbias fp32 or empty)."""
+    dpre = dout if activation == "none" else activation_bwd(dout, saved, activation)
+    db = dpre.float().sum(0) if has_bias else dout.new_empty((0,), dtype=torch.float32)
+    return dpre @ weight, dpre.t() @ x, db
 
 
 def _int8_gemm(a, b, x_scale, w_scale, bias, activation, out):
@@ -638,7 +602,7 @@ def _int8_gemm(a, b, x_scale, w_scale, bias, activation, out):
     bm, bn, bk, group, warps, stages = int8_config(M, N, K)
     scaled = x_scale is not None
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    with _device_ctx(a):
+    with device_ctx(a):
         _int8_gemm_kernel[grid](
             a, b, x_scale if scaled else out, w_scale if scaled else out, out if bias is None else bias, out,
             M, N, K, a.stride(0), b.stride(0), out.stride(0),
@@ -657,23 +621,22 @@ def int8_mm(a, b):
     return _int8_gemm(a, b, None, None, None, "none", out)
 
 
-def int8_linear(x_int8, x_scale, w_int8, w_scale, bias, activation: str, out_dtype: torch.dtype):
-    """W8A8: act(float(x_int8 @ w_int8.T) * x_scale[:, None] * w_scale[None, :] + bias) in out_dtype.
-    x_scale (M,) and w_scale (N,) are fp32; bias (N,) any float dtype or None."""
-    activation = _check_activation(activation)
-    x_int8, w_int8 = x_int8.contiguous(), w_int8.contiguous()
+def int8_linear(x, w_int8, w_scale, bias, activation: str):
+    """W8A8: x quantised per row (``quantize_rowwise``), then act(float(x_int8 @ w_int8.T) *
+    x_scale[:, None] * w_scale[None, :] + bias) in x's dtype. w_scale (N,) fp32; bias (N,) any
+    float dtype or None."""
+    x_int8, x_scale = quantize_rowwise(x)
     M, N = x_int8.shape[0], w_int8.shape[0]
-    out = torch.empty((M, N), dtype=out_dtype, device=x_int8.device)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    return _int8_gemm(x_int8, w_int8, x_scale.to(torch.float32).contiguous(), w_scale.to(torch.float32).contiguous(),
+    return _int8_gemm(x_int8, w_int8.contiguous(), x_scale, w_scale.contiguous(),
                       None if bias is None else bias.contiguous(), activation, out)
 
 
 def quantize_rowwise(x):
     """Symmetric per-row int8: returns (q (M, K) int8, scale (M,) fp32), scale = absmax / 127
     (1 for an all-zero row), q = round-half-to-even(x / scale) clamped to [-127, 127]."""
-    assert x.dtype in _SUPPORTED_DTYPES, f"unsupported dtype {x.dtype}"
     x = x.contiguous()
     M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
@@ -690,17 +653,16 @@ def quantize_rowwise(x):
         block_m, block_k = 1, QUANT_LOOPED_BLOCK_K
     # 16 values per thread: two 16-byte loads of a 16-bit row
     num_warps = min(max(block_m * block_k // (32 * 16), 1), 16)
-    with _device_ctx(x):
+    with device_ctx(x):
         _quantize_rowwise_kernel[(triton.cdiv(M, block_m),)](
             x, q, scale, M, K, BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_PASS=single_pass,
-            USE_LIBDEVICE=not _interpreted(_quantize_rowwise_kernel), num_warps=num_warps)
+            USE_LIBDEVICE=not interpreted(_quantize_rowwise_kernel), num_warps=num_warps)
     return q, scale
 
 
 def weight_only_int8_linear(x, w_int8, w_scale, bias):
     """x (M, K) @ (w_int8 (N, K) * w_scale[:, None]).T + bias -> (M, N) in x's dtype; the weight
     is converted in registers. M <= WO_DECODE_MAX_M takes the split-K decode kernel."""
-    assert x.dtype in _SUPPORTED_DTYPES, f"unsupported dtype {x.dtype}"
     x, w_int8 = x.contiguous(), w_int8.contiguous()
     w_scale = w_scale.to(torch.float32).contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -710,10 +672,10 @@ def weight_only_int8_linear(x, w_int8, w_scale, bias):
     if M == 0 or N == 0:
         return out
     bias_arg = w_scale if bias is None else bias  # never dereferenced without HAS_BIAS
-    precision = _dot_precision(x.dtype)
+    precision = dot_precision(x.dtype)
     if M > WO_DECODE_MAX_M:
         bm, bn, bk, group, warps, stages = wo_config(M, N, K, x.dtype)
-        with _device_ctx(x):
+        with device_ctx(x):
             _wo_int8_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
                 x, w_int8, w_scale, bias_arg, out, M, N, K, x.stride(0), w_int8.stride(0), out.stride(0),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, EVEN_K=K % bk == 0,
@@ -721,10 +683,10 @@ def weight_only_int8_linear(x, w_int8, w_scale, bias):
         return out
 
     bn, bk, warps, stages = WO_DECODE_CONFIGS[_dtype_class(x.dtype)]
-    bn, bk = _fit(bn, N), _fit(bk, K)
-    splits, k_per_split = wo_decode_splits(N, K, bn, bk, _sm_count(x.device))
+    bn, bk = fit(bn, N), fit(bk, K)
+    splits, k_per_split = wo_decode_splits(N, K, bn, bk, sm_count(x.device))
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
-    with _device_ctx(x):
+    with device_ctx(x):
         _wo_int8_splitk_kernel[(triton.cdiv(N, bn), splits)](
             x, w_int8, w_scale, bias_arg, out, part, M, N, K, k_per_split,
             x.stride(0), w_int8.stride(0), out.stride(0),

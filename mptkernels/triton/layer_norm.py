@@ -25,12 +25,11 @@ persistent backward), which NumPy >= 2.3 rejects; a test harness has to patch
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from . import device_ctx, sm_count
 
 # Largest padded row kept whole in registers (both capped at 16 warps = 512 threads, so
 # at most 128 registers per thread). Forward at 16384: 32 fp32 values per thread per
@@ -55,8 +54,6 @@ BWD_PROGRAMS_PER_SM = 2
 # Program count of the backward where there is no GPU (Triton interpreter): small, but
 # above one so the cross-program reduction of dweight/dbias is exercised.
 BWD_PROGRAMS_CPU = 4
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------
@@ -405,16 +402,6 @@ def _layer_norm_bwd_looped(
 # --------------------------------------------------------------------------------------
 
 
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current CUDA device, not on the tensor's.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _fused_tile(N: int, elems_per_thread: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the fused kernels."""
     block_n = triton.next_power_of_2(N)
@@ -423,15 +410,10 @@ def _fused_tile(N: int, elems_per_thread: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _check_2d(t: torch.Tensor, name: str) -> None:
-    assert t.dim() == 2 and t.is_contiguous(), f"{name} must be 2-D contiguous"
-
-
 def layer_norm_fwd(x, weight, bias, residual, eps: float, rms_norm: bool, weight_offset: float,
                    cast_before_weight: bool):
-    """LayerNorm/RMSNorm forward; returns (y, residual_out or empty, mean or empty, rstd)."""
-    _check_2d(x, "x")
-    assert x.dtype in _SUPPORTED_DTYPES, f"unsupported dtype {x.dtype}"
+    """LayerNorm/RMSNorm forward; returns (y, residual_out or empty, mean or empty, rstd).
+    Arguments as the op's schema, checked by the op layer (2-D contiguous, fp32/fp16/bf16)."""
     M, N = x.shape
     dev = x.device
     y = torch.empty_like(x)
@@ -443,8 +425,6 @@ def layer_norm_fwd(x, weight, bias, residual, eps: float, rms_norm: bool, weight
         mean.fill_(float("nan"))
         rstd.fill_(float("nan"))
         return y, residual_out, mean, rstd
-    if residual is not None:
-        _check_2d(residual, "residual")
 
     # absent tensors are never dereferenced (their constexpr flag is off); pass x instead
     args = (
@@ -465,7 +445,7 @@ def layer_norm_fwd(x, weight, bias, residual, eps: float, rms_norm: bool, weight
         CAST_BEFORE_WEIGHT=bool(cast_before_weight),
     )
     eps, weight_offset = float(eps), float(weight_offset)
-    with _device_ctx(x):
+    with device_ctx(x):
         if triton.next_power_of_2(N) <= FWD_FUSED_MAX_BLOCK_N:
             # 16 elements per thread (two 16-byte loads per bf16 stream): one row per CTA
             # still leaves room for several CTAs per SM, which supply the loads in flight
@@ -484,9 +464,6 @@ def layer_norm_fwd(x, weight, bias, residual, eps: float, rms_norm: bool, weight
 def layer_norm_bwd(dy, dresidual_out, s, weight, bias, mean, rstd, rms_norm: bool, weight_offset: float,
                    cast_before_weight: bool):
     """Gradient of layer_norm_fwd; returns (dx, dweight or empty, dbias or empty)."""
-    _check_2d(dy, "dy")
-    _check_2d(s, "s")
-    assert s.dtype in _SUPPORTED_DTYPES, f"unsupported dtype {s.dtype}"
     M, N = s.shape
     dev = s.device
     dx = torch.empty_like(s)
@@ -496,8 +473,6 @@ def layer_norm_bwd(dy, dresidual_out, s, weight, bias, mean, rstd, rms_norm: boo
         dweight = torch.zeros_like(weight) if has_w else torch.empty(0, dtype=s.dtype, device=dev)
         dbias = torch.zeros_like(bias) if has_b else torch.empty(0, dtype=s.dtype, device=dev)
         return dx, dweight, dbias
-    if dresidual_out is not None:
-        _check_2d(dresidual_out, "dresidual_out")
 
     fused = triton.next_power_of_2(N) <= BWD_FUSED_MAX_BLOCK_N
     if fused:
@@ -510,11 +485,7 @@ def layer_norm_bwd(dy, dresidual_out, s, weight, bias, mean, rstd, rms_norm: boo
 
     # Fixed program count (not data dependent beyond M) keeps the dweight/dbias summation
     # order, hence the result, identical from run to run.
-    if s.is_cuda:
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        max_programs = _sm_count(index) * BWD_PROGRAMS_PER_SM
-    else:
-        max_programs = BWD_PROGRAMS_CPU
+    max_programs = sm_count(dev) * BWD_PROGRAMS_PER_SM if s.is_cuda else BWD_PROGRAMS_CPU
     n_tiles = triton.cdiv(M, block_m)
     # whole tiles per program, so only the last program has a ragged tile
     tiles_per_program = triton.cdiv(n_tiles, min(max_programs, n_tiles))
@@ -554,7 +525,7 @@ def layer_norm_bwd(dy, dresidual_out, s, weight, bias, mean, rstd, rms_norm: boo
         # per thread the kernel fits that register budget without spilling (checked with
         # ptxas for sm_90: 64 registers at 16 warps, fp32 and bf16), so hold it there.
         launch["maxnreg"] = min(65536 // (BWD_PROGRAMS_PER_SM * num_warps * 32), 255)
-    with _device_ctx(s):
+    with device_ctx(s):
         if fused:
             _layer_norm_bwd_fused[(num_programs,)](
                 *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **launch, **flags)

@@ -1,4 +1,4 @@
-// GEMM family in CUDA C++: for now the quantize_rowwise op of csrc/registration.cpp.
+// quantize_rowwise in CUDA C++ (the GEMM family's quantiser; schema in csrc/registration.cpp).
 //
 // quantize_rowwise: symmetric per-row int8 quantisation, bit for bit the reference's
 // (mptkernels/reference.py): scale = absmax / 127 as an IEEE fp32 division (1 for an
@@ -197,4 +197,4 @@ std::tuple<at::Tensor, at::Tensor> quantize_rowwise_cuda(const at::Tensor& x) {
 }  // namespace
 }  // namespace mptk::cuda
 
-TORCH_LIBRARY_IMPL(mptkernels, CUDA, m) { m.impl("quantize_rowwise", &mptk::cuda::quantize_rowwise_cuda); }
+TORCH_LIBRARY_IMPL(mptkernels_cuda, CUDA, m) { m.impl("quantize_rowwise", &mptk::cuda::quantize_rowwise_cuda); }
