@@ -204,10 +204,11 @@ def _triton_module(family: str):
 
 
 def _kernel_fn(op: Op, schema: str, lang: str):
+    # .default: the overload itself (the packet resolves it again on every call, a few us)
     if lang == "cpu":
-        return getattr(torch.ops.mptkernels_cpu, schema)
+        return getattr(torch.ops.mptkernels_cpu, schema).default
     if lang == "cuda":
-        return getattr(torch.ops.mptkernels_cuda, schema)
+        return getattr(torch.ops.mptkernels_cuda, schema).default
     return getattr(_triton_module(op.family), schema)
 
 
@@ -315,21 +316,48 @@ def _route_uncached(public, device_type, dtype, torch_why, asked) -> str:
     return "kernel" if kernel_ok else "torch" if torch_ok else "reference"
 
 
-def route(public: str, args: tuple, *, device: torch.device, dtype: torch.dtype, torch_why: str | None,
-          shape_class: tuple, kernel: Callable, torch_fn: Callable | None, reference: Callable,
+def no_torch_op():
+    """route()'s torch_why for an op PyTorch has no op for."""
+    return "PyTorch has no op for it"
+
+
+def torch_covers():
+    """route()'s torch_why where PyTorch's op covers every call the op's check lets through."""
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _kernel_regardless(public: str, device_type: str, dtype: torch.dtype, asked: str) -> bool:
+    """Whether the custom op runs whatever PyTorch's op covers (a forced kernel language that
+    can run, or auto where nothing is measured and a kernel covers): the common case, which
+    then needs neither torch_why nor a shape class."""
+    key = ("regardless", public, device_type, dtype, asked)
+    hit = _available_cache.get(key)
+    if hit is None:
+        langs = [lang for lang in available_kernels(public, device_type) if _lang_covers(public, lang, dtype)]
+        hit = _available_cache[key] = (asked in langs or asked == "auto" and bool(langs)
+                                       and POLICY.get(device_type) != "measure")
+    return hit
+
+
+def route(public: str, args: tuple, *, device: torch.device, dtype: torch.dtype, torch_why: Callable,
+          shape_class: Callable, kernel: Callable, torch_fn: Callable | None, reference: Callable,
           check: Callable | None = None):
     """Run the public op ``public`` on ``args`` with the implementation chosen for it: the
     custom op (``kernel``, where the language is chosen again per device), PyTorch's op
-    (``torch_fn``) or ``reference``. ``torch_why``: None when PyTorch's op covers these
-    arguments, else why not (mptkernels.torch_impl.covers_*). ``check``: the custom op's
-    argument check on this call; the custom op runs it itself, the other paths run it here, so
-    every implementation refuses the same input, and a call checks once."""
+    (``torch_fn``) or ``reference``. ``torch_why()``: None when PyTorch's op covers these
+    arguments, else why not (mptkernels.torch_impl.covers_*); ``shape_class()``: the tuple that
+    keys a measured choice. Both are called only when the answer depends on them. ``check``: the
+    custom op's argument check on this call; the custom op runs it itself, the other paths run it
+    here, so every implementation refuses the same input, and a call checks once."""
     asked = _forced_for_trace(public)
-    how = _static_route(public, device.type, dtype, torch_why, asked)
+    if _kernel_regardless(public, device.type, dtype, asked):
+        return kernel(*args)
+    how = _static_route(public, device.type, dtype, torch_why(), asked)
     if how != "kernel" and check is not None:
         check()
     if how == "measure":
-        how = _measured_route(public, device, shape_class, args, kernel, torch_fn)
+        how = _measured_route(public, device, shape_class(), args, kernel, torch_fn)
     fn = kernel if how == "kernel" else torch_fn if how == "torch" else reference
     return fn(*args)
 
@@ -411,13 +439,6 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _device_of(args) -> torch.device:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.device
-    raise TypeError("mptkernels: an op was called without a tensor argument")
-
-
 _lib = torch.library.Library("mptkernels", "IMPL")  # the choosers' registrations live as long as it
 
 
@@ -435,11 +456,13 @@ def register(schema: Schema):
         if hasattr(getattr(torch.ops, ns), schema.name):
             torch.library.register_fake(f"{ns}::{schema.name}")(fake if ns == "mptkernels" else schema.fake)
 
+    check, host_check = schema.check, schema.host_check
+
     def kernel(*args):
-        schema.check(*args)  # every implementation trusts the arguments after this
-        device = _device_of(args)
-        if schema.host_check is not None and not _capturing(device):
-            schema.host_check(*args)
+        check(*args)  # every implementation trusts the arguments after this
+        device = args[0].device  # every schema's first argument is its main tensor
+        if host_check is not None and not _capturing(device):
+            host_check(*args)
         return _choose_kernel(schema, device, args)(*args)
 
     kernel.__name__ = f"{schema.name}_chooser"

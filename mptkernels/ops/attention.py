@@ -38,7 +38,7 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, d
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
 
     def kernel(q, k, v):
-        return _ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), slopes, scale, causal)[0]
+        return _ops.attention_fwd.default(q.contiguous(), k.contiguous(), v.contiguous(), slopes, scale, causal)[0]
 
     def torch_fn(q, k, v):
         return torch_impl.attention(q, k, v, causal, slopes, scale)
@@ -48,9 +48,9 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, d
 
     b, sq, hq, d = q.shape
     return _dispatch.route("attention", (q, k, v), device=q.device, dtype=q.dtype,
-                           torch_why=torch_impl.covers_attention(q, k, causal),
-                           shape_class=(q.dtype, d, sq.bit_length(), k.shape[1].bit_length(), (b * hq).bit_length(),
-                                        hq // k.shape[2], causal, slopes is not None),
+                           torch_why=lambda: torch_impl.covers_attention(q, k, causal),
+                           shape_class=lambda: (q.dtype, d, sq.bit_length(), k.shape[1].bit_length(),
+                                                (b * hq).bit_length(), hq // k.shape[2], causal, slopes is not None),
                            kernel=kernel, torch_fn=torch_fn, reference=ref,
                            check=lambda: _check(q, k, v, alibi_slopes, softmax_scale))
 
@@ -76,7 +76,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
 
     def kernel(q, k, v):
-        return _ops.attention_varlen_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+        return _ops.attention_varlen_fwd.default(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
                                          max_q, max_k, slopes, scale, causal)[0]
 
     def ref(q, k, v):
@@ -86,7 +86,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                           softmax_scale=scale)
 
     return _dispatch.route("attention_varlen", (q, k, v), device=q.device, dtype=q.dtype,
-                           torch_why="PyTorch has no op for it", shape_class=(), kernel=kernel, torch_fn=None,
+                           torch_why=_dispatch.no_torch_op, shape_class=tuple, kernel=kernel, torch_fn=None,
                            reference=ref)
 
 
@@ -119,7 +119,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
 
     def kernel(q):
-        return _ops.attention_with_kvcache(q.contiguous(), k_cache, v_cache, cache_seqlens,
+        return _ops.attention_with_kvcache.default(q.contiguous(), k_cache, v_cache, cache_seqlens,
                                            None if k is None else k.contiguous(), None if v is None else v.contiguous(),
                                            slopes, scale, causal)
 
@@ -129,7 +129,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
                                                 alibi_slopes=slopes, softmax_scale=scale)
 
     return _dispatch.route("attention_with_kvcache", (q,), device=q.device, dtype=q.dtype,
-                           torch_why="PyTorch has no op for it", shape_class=(), kernel=kernel, torch_fn=None,
+                           torch_why=_dispatch.no_torch_op, shape_class=tuple, kernel=kernel, torch_fn=None,
                            reference=ref, check=lambda: _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v,
                                                                        alibi_slopes, softmax_scale))
 
@@ -463,7 +463,7 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     softmax_scale, causal = ctx.flags
     with _dispatch.restored(ctx.forced):
-        dq, dk, dv = _ops.attention_bwd(dout.contiguous(), q, k, v, out, lse, alibi_slopes, softmax_scale, causal)
+        dq, dk, dv = _ops.attention_bwd.default(dout.contiguous(), q, k, v, out, lse, alibi_slopes, softmax_scale, causal)
     return dq, dk, dv, None, None, None
 
 
@@ -491,7 +491,7 @@ def _varlen_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
     max_q, max_k, softmax_scale, causal = ctx.flags
     with _dispatch.restored(ctx.forced):
-        dq, dk, dv = _ops.attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+        dq, dk, dv = _ops.attention_varlen_bwd.default(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
                                                alibi_slopes, softmax_scale, causal)
     return dq, dk, dv, None, None, None, None, None, None, None
 

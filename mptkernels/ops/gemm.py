@@ -45,14 +45,14 @@ def linear(x, weight, bias=None, activation=None):
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         _check_linear(x, weight, bias, activation)  # says which (the op's check runs on the chosen path)
-    act = activation or "none"
+    act = check_activation(activation, "linear")  # a str of the schema: the dispatcher refuses others first
 
     def kernel(x, weight, bias):
-        out, _ = _ops.linear_fwd(_rows(x), weight, bias, act)
+        out, _ = _ops.linear_fwd.default(_rows(x), weight, bias, act)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
-    return _dispatch.route("linear", (x, weight, bias), device=x.device, dtype=x.dtype, torch_why=None,
-                           shape_class=_gemm_class(x, weight.shape[0], act, bias is not None),
+    return _dispatch.route("linear", (x, weight, bias), device=x.device, dtype=x.dtype, torch_why=_dispatch.torch_covers,
+                           shape_class=lambda: _gemm_class(x, weight.shape[0], act, bias is not None),
                            kernel=kernel, torch_fn=lambda x, w, b: torch_impl.linear(x, w, b, activation),
                            reference=lambda x, w, b: reference.linear(x, w, b, activation),
                            check=lambda: _check_linear(x, weight, bias, activation))
@@ -73,10 +73,11 @@ def quantize_rowwise(x):
     _check_quantize(_rows(x))
 
     def kernel(x):
-        q, scale = _ops.quantize_rowwise(_rows(x))
+        q, scale = _ops.quantize_rowwise.default(_rows(x))
         return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
-    return _dispatch.route("quantize_rowwise", (x,), device=x.device, dtype=x.dtype, torch_why="PyTorch has no op for it", shape_class=(),
+    return _dispatch.route("quantize_rowwise", (x,), device=x.device, dtype=x.dtype, torch_why=_dispatch.no_torch_op,
+                           shape_class=tuple,
                            kernel=kernel, torch_fn=None, reference=reference.quantize_rowwise)
 
 
@@ -85,8 +86,9 @@ def int8_mm(a, b):
     accumulation; K up to INT8_MAX_K). b in nn.Linear's (N, K) weight layout. Not differentiable."""
     _check_int8_mm(a, b)
     return _dispatch.route("int8_mm", (a, b), device=a.device, dtype=a.dtype,
-                           torch_why=torch_impl.covers_int8_mm(a, b), shape_class=_gemm_class(a, b.shape[0]),
-                           kernel=_ops.int8_mm, torch_fn=torch_impl.int8_mm, reference=reference.int8_mm)
+                           torch_why=lambda: torch_impl.covers_int8_mm(a, b),
+                           shape_class=lambda: _gemm_class(a, b.shape[0]),
+                           kernel=_ops.int8_mm.default, torch_fn=torch_impl.int8_mm, reference=reference.int8_mm)
 
 
 def int8_linear(x, w_int8, w_scale, bias=None, activation=None):
@@ -98,17 +100,16 @@ def int8_linear(x, w_int8, w_scale, bias=None, activation=None):
     weight ``w = w_int8 * w_scale[:, None]`` (the gelus recompute their pre-activation). The
     int8 weight and its scale get no gradient.
     """
-    if not _int8_shaped(x, w_int8):
-        _check_int8(x, w_int8, w_scale, bias, "int8_linear")  # says which (the op's check runs on the chosen path)
-    act = activation or "none"
+    _int8_precheck(x, w_int8, w_scale, bias, "int8_linear")
+    act = check_activation(activation, "int8_linear")
 
     def kernel(x, bias):
-        out = _ops.int8_linear(_rows(x), w_int8, w_scale, bias, act)
+        out = _ops.int8_linear.default(_rows(x), w_int8, w_scale, bias, act)
         return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
     return _dispatch.route("int8_linear", (x, bias), device=x.device, dtype=x.dtype,
-                           torch_why=torch_impl.covers_int8_linear(x, w_int8),
-                           shape_class=_gemm_class(x, w_int8.shape[0], act, bias is not None), kernel=kernel,
+                           torch_why=lambda: torch_impl.covers_int8_linear(x, w_int8),
+                           shape_class=lambda: _gemm_class(x, w_int8.shape[0], act, bias is not None), kernel=kernel,
                            torch_fn=lambda x, b: torch_impl.int8_linear(x, w_int8, w_scale, b, activation),
                            reference=lambda x, b: reference.int8_linear(x, w_int8, w_scale, b, activation),
                            check=lambda: (_check_int8(x, w_int8, w_scale, bias, "int8_linear"),
@@ -120,15 +121,14 @@ def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
     dequantised on the fly (never materialised): for decoding, where reading the weight is the
     whole cost and int8 halves it. Differentiable in x and bias (dx = dout @ the dequantised
     weight, e.g. for adapters trained on a frozen int8 model); w_int8 and w_scale get none."""
-    if not _int8_shaped(x, w_int8):
-        _check_int8(x, w_int8, w_scale, bias, "weight_only_int8_linear")
+    _int8_precheck(x, w_int8, w_scale, bias, "weight_only_int8_linear")
 
     def kernel(x, bias):
-        out = _ops.weight_only_int8_linear(_rows(x), w_int8, w_scale, bias)
+        out = _ops.weight_only_int8_linear.default(_rows(x), w_int8, w_scale, bias)
         return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
-    return _dispatch.route("weight_only_int8_linear", (x, bias), device=x.device, dtype=x.dtype, torch_why=None,
-                           shape_class=_gemm_class(x, w_int8.shape[0], bias is not None), kernel=kernel,
+    return _dispatch.route("weight_only_int8_linear", (x, bias), device=x.device, dtype=x.dtype, torch_why=_dispatch.torch_covers,
+                           shape_class=lambda: _gemm_class(x, w_int8.shape[0], bias is not None), kernel=kernel,
                            torch_fn=lambda x, b: torch_impl.weight_only_int8_linear(x, w_int8, w_scale, b),
                            reference=lambda x, b: reference.weight_only_int8_linear(x, w_int8, w_scale, b),
                            check=lambda: _check_int8(x, w_int8, w_scale, bias, "weight_only_int8_linear"))
@@ -160,9 +160,14 @@ def _check_bias(bias, n, x, op):
         raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
 
 
-def _int8_shaped(x, w_int8) -> bool:
-    """Enough for the public functions to build the op's arguments (the rest is _check_int8's)."""
-    return isinstance(x, torch.Tensor) and x.dim() >= 1 and isinstance(w_int8, torch.Tensor) and w_int8.dim() == 2
+def _int8_precheck(x, w_int8, w_scale, bias, op):
+    """What the public int8 functions check themselves: enough to build the op's arguments (the
+    rest is _check_int8's, on the chosen path), and what only autograd sees (inside the custom
+    op grad mode is off)."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and isinstance(w_int8, torch.Tensor) and w_int8.dim() == 2):
+        _check_int8(x, w_int8, w_scale, bias, op)  # says which
+    if isinstance(w_scale, torch.Tensor) and w_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: w_scale requires grad, but gradients flow to x and bias only; pass w_scale.detach()")
 
 
 def _check_int8(x, w_int8, w_scale, bias, op):
@@ -182,8 +187,6 @@ def _check_int8(x, w_int8, w_scale, bias, op):
     for t, name in ((w_int8, "w_int8"), (w_scale, "w_scale")):
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    if w_scale.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{op}: w_scale requires grad, but gradients flow to x and bias only; pass w_scale.detach()")
     _check_bias(bias, n, x, op)
     _check_int8_k(x.shape[-1], op)
 
@@ -288,7 +291,7 @@ def _linear_backward(ctx, dout, _dpreact):
     x, weight, saved = ctx.saved_tensors
     has_bias = ctx.bias_dtype is not None
     with _dispatch.restored(ctx.forced):
-        dx, dw, db = _ops.linear_bwd(dout.contiguous(), x, weight, saved, ctx.activation, has_bias)
+        dx, dw, db = _ops.linear_bwd.default(dout.contiguous(), x, weight, saved, ctx.activation, has_bias)
     return dx, dw, (db.to(ctx.bias_dtype) if has_bias else None), None
 
 
@@ -322,7 +325,7 @@ def _int8_backward(ctx, dout):
         dpre = activation_grad(dout, out, "relu")
     elif ctx.activation in ("gelu", "gelu_tanh"):
         with _dispatch.restored(ctx.forced):
-            preact = _ops.int8_linear(x, w_int8, w_scale, bias, "none")
+            preact = _ops.int8_linear.default(x, w_int8, w_scale, bias, "none")
         dpre = activation_grad(dout, preact, ctx.activation)
     else:
         dpre = dout

@@ -44,13 +44,13 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
     _check(x, cos32, sin32, offsets, offset, interleaved, False)
 
     def kernel(x):
-        return _ops.apply_rotary(x, cos32, sin32, offsets, offset, interleaved, False)
+        return _ops.apply_rotary.default(x, cos32, sin32, offsets, offset, interleaved, False)
 
     def ref(x):
         return reference.apply_rotary(x, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets)
 
-    return _dispatch.route("apply_rotary", (x,), device=x.device, dtype=x.dtype, torch_why="PyTorch has no op for it",
-                           shape_class=(), kernel=kernel, torch_fn=None, reference=ref)
+    return _dispatch.route("apply_rotary", (x,), device=x.device, dtype=x.dtype, torch_why=_dispatch.no_torch_op,
+                           shape_class=tuple, kernel=kernel, torch_fn=None, reference=ref)
 
 
 def _int32_offsets(seqlen_offsets, x, seqlen, rows):
@@ -146,7 +146,7 @@ def _backward(ctx, dout):
         dout = dout.contiguous()
     # a rotation's transpose is the rotation by the opposite angle
     with _dispatch.restored(ctx.forced):
-        dx = _ops.apply_rotary(dout, cos, sin, seqlen_offsets, seqlen_offset, interleaved, not conjugate)
+        dx = _ops.apply_rotary.default(dout, cos, sin, seqlen_offsets, seqlen_offset, interleaved, not conjugate)
     return dx, None, None, None, None, None, None
 
 
