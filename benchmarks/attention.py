@@ -76,7 +76,8 @@ def run(device: str, quick: bool):
         tag = f"B{b} S{s} H{h} d{d} {str(dtype).replace('torch.', '')}"
         base = {name: (lambda be=be: _sdpa(be, qt, kt, vt, is_causal=True)) for name, be in _sdpa_backends(device).items()}
         rows += case_rows("attention", f"causal fwd {tag}", device, quick, None,
-                          ours("attention", lambda: ops.attention(q, k, v, causal=True), device), base, flops=flops, dtype=dtype)
+                          ours("attention", lambda: ops.attention(q, k, v, causal=True), device), base, flops=flops,
+                          dtype=dtype)
         mask = _alibi_mask(slopes, s, True, device, dtype)
         alibi_base = {"SDPA + bias tensor": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask),
                       # torch compiles FlexAttention for the CPU forward too (not its backward)
@@ -97,7 +98,8 @@ def run(device: str, quick: bool):
         if device == "cuda" or not quick:
             rows += case_rows(
                 "attention", f"causal fwd+bwd {tag}", device, quick, None,
-                ours("attention", lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True), (qg, kg, vg), dout),
+                ours("attention", lambda: torch.autograd.grad(ops.attention(qg, kg, vg, causal=True), (qg, kg, vg),
+                                                              dout),
                      device),
                 {name: (lambda be=be: torch.autograd.grad(_sdpa(be, qtg, ktg, vtg, is_causal=True), (qtg, ktg, vtg),
                                                           doutt))

@@ -232,7 +232,8 @@ def kernel_status(public: str, lang: str, device_type: str) -> str | None:
     from . import triton as mtriton
 
     if device_type == "cpu":
-        return None if mtriton.interpreting() and _triton_module(op.family) else "runs on CUDA tensors (or the interpreter)"
+        usable = mtriton.interpreting() and _triton_module(op.family)
+        return None if usable else "runs on CUDA tensors (or the interpreter)"
     if device_type != "cuda":
         return "runs on CUDA tensors"
     why = mtriton.unusable_reason()
@@ -532,7 +533,8 @@ def _training_call(fn: Callable, args: tuple) -> Callable:
 
     def call():
         out = fn(*copies)
-        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor) and o.requires_grad]
+        outs = [o for o in (out if isinstance(out, tuple) else (out,))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
         for i, o in enumerate(outs):
             if i not in grads:
                 grads[i] = torch.randn_like(o)

@@ -163,7 +163,8 @@ BAD_FORCINGS = [
 @pytest.mark.parametrize("forcing, call, match", BAD_FORCINGS)
 def test_forcing_what_cannot_run_names_what_exists(forcing, call, match):
     with mptkernels.backend(**forcing):
-        with pytest.raises(ValueError, match=re.escape(f"mptkernels.{next(iter(forcing))}: ") + ".*" + re.escape(match)):
+        op = next(iter(forcing))
+        with pytest.raises(ValueError, match=re.escape(f"mptkernels.{op}: ") + ".*" + re.escape(match)):
             call()
 
 
@@ -418,3 +419,16 @@ def test_direct_calls_of_the_custom_ops_are_checked():
         torch.ops.mptkernels.layer_norm_fwd(torch.randn(8, 6).t(), None, None, None, 1e-5, False, 0.0, False)
     with pytest.raises(ValueError, match="int8_linear: K = 200000 could overflow"):
         ops.int8_linear(torch.randn(1, 200000), torch.zeros(2, 200000, dtype=torch.int8), torch.ones(2))
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "reference", "cpu"])
+def test_compiled_calls_follow_the_forcing_at_trace_time(impl):
+    """torch.compile(fullgraph=True) traces the dispatch: the forcing in effect when the graph is
+    traced picks the path (PyTorch's and the reference's ops are traced into the graph)."""
+    torch._dynamo.reset()
+    x, w = torch.randn(6, 40), torch.randn(40)
+    with mptkernels.backend(layer_norm=impl):
+        f = torch.compile(lambda x: ops.layer_norm(x, w) * 2, fullgraph=True, backend="eager")
+        got = f(x)
+    assert rel_err(got, reference.layer_norm(x, w) * 2) <= TOL[torch.float32]
+    torch._dynamo.reset()

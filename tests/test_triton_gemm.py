@@ -226,7 +226,8 @@ def test_triton_interpreter_weight_only_split_k(monkeypatch, dtype, M):
     monkeypatch.setattr(tg, "WO_DECODE_MIN_K_BLOCKS", 1)
     K, N = 300, 72
     block_n, block_k = tg.WO_DECODE_CONFIGS["fp32" if dtype == torch.float32 else "16bit"][:2]
-    splits, k_per_split = tg.wo_decode_splits(N, K, mptkernels_triton.fit(block_n, N), mptkernels_triton.fit(block_k, K), 1)
+    fit = mptkernels_triton.fit
+    splits, k_per_split = tg.wo_decode_splits(N, K, fit(block_n, N), fit(block_k, K), 1)
     assert splits > 1 and (splits - 1) * k_per_split < K  # no empty split
     x = torch.randn(M, K, dtype=dtype)
     w, ws = _int8_weight(N, K)

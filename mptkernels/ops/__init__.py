@@ -10,5 +10,6 @@ from .rotary import apply_rotary
 from .gemm import int8_linear, int8_mm, linear, quantize_rowwise, weight_only_int8_linear
 
 __all__ = ["layer_norm", "rms_norm", "apply_rotary", "attention", "attention_varlen", "attention_with_kvcache",
-           "scaled_dot_product_attention", "linear", "quantize_rowwise", "int8_mm", "int8_linear", "weight_only_int8_linear",
+           "scaled_dot_product_attention", "linear", "quantize_rowwise", "int8_mm", "int8_linear",
+           "weight_only_int8_linear",
            "rotary_cos_sin", "alibi_slopes"]

@@ -76,7 +76,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
 
     def kernel(q, k, v):
-        return _ops.attention_varlen_fwd.default(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+        return _ops.attention_varlen_fwd.default(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q,
+                                                 cu_seqlens_k,
                                          max_q, max_k, slopes, scale, causal)[0]
 
     def ref(q, k, v):
@@ -463,7 +464,8 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     softmax_scale, causal = ctx.flags
     with _dispatch.restored(ctx.forced):
-        dq, dk, dv = _ops.attention_bwd.default(dout.contiguous(), q, k, v, out, lse, alibi_slopes, softmax_scale, causal)
+        dq, dk, dv = _ops.attention_bwd.default(dout.contiguous(), q, k, v, out, lse, alibi_slopes, softmax_scale,
+                                                causal)
     return dq, dk, dv, None, None, None
 
 

@@ -51,7 +51,8 @@ def linear(x, weight, bias=None, activation=None):
         out, _ = _ops.linear_fwd.default(_rows(x), weight, bias, act)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
-    return _dispatch.route("linear", (x, weight, bias), device=x.device, dtype=x.dtype, torch_why=_dispatch.torch_covers,
+    return _dispatch.route("linear", (x, weight, bias), device=x.device, dtype=x.dtype,
+                           torch_why=_dispatch.torch_covers,
                            shape_class=lambda: _gemm_class(x, weight.shape[0], act, bias is not None),
                            kernel=kernel, torch_fn=lambda x, w, b: torch_impl.linear(x, w, b, activation),
                            reference=lambda x, w, b: reference.linear(x, w, b, activation),
@@ -127,7 +128,8 @@ def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
         out = _ops.weight_only_int8_linear.default(_rows(x), w_int8, w_scale, bias)
         return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
-    return _dispatch.route("weight_only_int8_linear", (x, bias), device=x.device, dtype=x.dtype, torch_why=_dispatch.torch_covers,
+    return _dispatch.route("weight_only_int8_linear", (x, bias), device=x.device, dtype=x.dtype,
+                           torch_why=_dispatch.torch_covers,
                            shape_class=lambda: _gemm_class(x, w_int8.shape[0], bias is not None), kernel=kernel,
                            torch_fn=lambda x, b: torch_impl.weight_only_int8_linear(x, w_int8, w_scale, b),
                            reference=lambda x, b: reference.weight_only_int8_linear(x, w_int8, w_scale, b),

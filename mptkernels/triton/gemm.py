@@ -50,8 +50,9 @@ Algorithm:
 Numerics:
 
 * Matmuls take the input dtype (fp16/bf16 tensor cores, fp32 accumulation); fp32 inputs use
-  ``FP32_DOT_PRECISION`` = "ieee" (mptkernels/triton/__init__.py) (exactness over speed: fp32 inputs exist for accuracy, and
-  TF32 would be ~1e-3 off the fp32 reference). int8 dots accumulate exactly in int32.
+  ``FP32_DOT_PRECISION`` = "ieee" (mptkernels/triton/__init__.py; exactness over speed: fp32
+  inputs exist for accuracy, and TF32 would be ~1e-3 off the fp32 reference). int8 dots
+  accumulate exactly in int32.
 * Epilogues run in fp32 and round once to the output dtype. gelu is 0.5 h (1 + erf(h / sqrt 2));
   gelu_tanh is written as h * sigmoid(2u) (u = sqrt(2/pi) (h + 0.044715 h^3)), which equals
   0.5 h (1 + tanh u) and needs only exp (Triton 3.6 has no tanh outside libdevice, and libdevice
