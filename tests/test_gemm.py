@@ -492,6 +492,11 @@ def test_quantize_registry_leaves_unknown_module_types():
             mptkernels.quantize_(lone)
     with pytest.raises(ValueError, match="activation must be one of"):
         mptkernels.nn.Int8Linear(4, 4, mode="weight_only", activation="tanh")
+    # from_float keeps a fused linear's activation by default and refuses another one
+    assert mptkernels.nn.Int8Linear.from_float(mptkernels.nn.Linear(8, 8, activation="gelu"),
+                                               mode="weight_only").activation == "gelu"
+    with pytest.raises(ValueError, match="the layer applies activation 'gelu'"):
+        mptkernels.nn.Int8Linear.from_float(mptkernels.nn.Linear(8, 8, activation="gelu"), activation="relu")
     # one handler per type: registering one makes quantize_ take that type
     quantize.register_handler(MyLinear)(lambda lin, mode: mptkernels.nn.Int8Linear.from_float(lin, mode=mode))
     try:

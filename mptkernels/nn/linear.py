@@ -55,9 +55,16 @@ class Int8Linear(torch.nn.Module):
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, mode="w8a8", activation=None):
         """Quantise an ``nn.Linear`` (its weight per output row; the bias stays in its dtype) whose
-        output then goes through ``activation`` (``quantize_`` passes an ``nn.Linear``'s own)."""
+        output then goes through ``activation``: by default the layer's own (an
+        ``mptkernels.nn.Linear``'s fused one; none for ``torch.nn.Linear``)."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"Int8Linear.from_float: expected an nn.Linear, got {type(linear).__name__}")
+        own = linear.activation if isinstance(linear, Linear) else None
+        if activation is None:
+            activation = own
+        elif own is not None and activation != own:
+            raise ValueError(f"Int8Linear.from_float: the layer applies activation {own!r}; got activation="
+                             f"{activation!r}")
         w = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode,
                   activation=activation, device=w.device,
