@@ -97,8 +97,7 @@ def _mpt_attention_forward(self, hidden_states, position_bias=None, past_key_val
     same inputs and cache handling; ALiBi from the slopes instead of the bias tensor (they
     differ by a per-row constant, which softmax ignores). A mask that is not the plain causal
     one (padding) runs the original forward."""
-    from .ops import attention
-    from .ops.tables import alibi_slopes
+    from .ops import alibi_slopes, attention
 
     b, s, _ = hidden_states.shape
     if attention_mask is not None and not _is_plain_causal(attention_mask, s):

@@ -1,4 +1,9 @@
-"""``quantize_``: swap a model's ``nn.Linear`` layers for int8 ones, in place, with a report.
+"""``quantize_``: swap a model's linear layers for int8 ones, in place, with a report.
+
+Which modules are swapped, and how, is a registry of one handler per module type (as torchao's
+``quantize_``): ``torch.nn.Linear`` and ``mptkernels.nn.Linear`` (whose fused activation the
+``Int8Linear`` carries on) are registered; a module of any other type, a subclass of a
+registered type included, is left as it is. ``register_handler(type)`` adds a type.
 
 Modes: "w8a8" (int8 activations and weights), "weight_only" (int8 weights), or "auto": from a
 short calibration batch, each layer's input is captured, and every mode is run on it and
@@ -11,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 import torch
 
-from .nn.linear import Int8Linear
+from .nn.linear import Int8Linear, Linear
 
 MODES = ("w8a8", "weight_only", "auto")
 FLOAT = "float"  # "auto" keeps a layer in its float dtype under this name
@@ -58,14 +64,39 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
+# module type (exactly) -> handler(module, mode) -> its Int8Linear of that mode
+_HANDLERS: dict[type, Callable[[torch.nn.Module, str], torch.nn.Module]] = {}
+
+
+def register_handler(module_type: type):
+    """Decorator: ``handler(module, mode)`` quantises the modules of exactly ``module_type`` (a
+    linear layer: ``in_features``, ``out_features``) for ``quantize_``, mode "w8a8" or
+    "weight_only", and returns the module that replaces it."""
+    def register(handler):
+        _HANDLERS[module_type] = handler
+        return handler
+    return register
+
+
+@register_handler(torch.nn.Linear)
+def _quantize_linear(linear, mode):
+    return Int8Linear.from_float(linear, mode=mode)
+
+
+@register_handler(Linear)
+def _quantize_fused_linear(linear, mode):
+    return Int8Linear.from_float(linear, mode=mode, activation=linear.activation)
+
+
 def _nbytes(module):
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 def quantize_(model: torch.nn.Module, mode: str = "w8a8", *, filter=None, calibration=None, max_error: float = 0.03,
               repeats: int = 5) -> QuantizeReport:
-    """Replace, in ``model`` itself, each ``nn.Linear`` (exactly that class; ``filter(name,
-    module)`` may veto) with an ``Int8Linear`` of ``mode``.
+    """Replace, in ``model`` itself, each module of a registered type (``torch.nn.Linear``,
+    ``mptkernels.nn.Linear``: exactly those classes; ``filter(name, module)`` may veto) with an
+    ``Int8Linear`` of ``mode`` (an ``mptkernels.nn.Linear``'s activation included).
 
     mode "auto" needs ``calibration``: inputs for ``model(*calibration)`` (a tuple) or
     ``model(calibration)``; each layer gets the fastest of float, weight-only and W8A8 whose
@@ -77,9 +108,10 @@ def quantize_(model: torch.nn.Module, mode: str = "w8a8", *, filter=None, calibr
     if mode == "auto" and calibration is None:
         raise ValueError("quantize_: mode='auto' needs a calibration batch (calibration=...)")
     targets = [(n, m) for n, m in model.named_modules()
-               if type(m) is torch.nn.Linear and (filter is None or filter(n, m))]
+               if type(m) in _HANDLERS and (filter is None or filter(n, m))]
     if any(n == "" for n, _ in targets):
-        raise ValueError("quantize_: the model itself is an nn.Linear; wrap it or use Int8Linear.from_float")
+        raise ValueError(f"quantize_: the model itself is an {type(model).__name__}; wrap it or use "
+                         "Int8Linear.from_float")
     report = QuantizeReport()
     inputs = _capture_inputs(model, targets, calibration) if mode == "auto" else {}
     for name, lin in targets:
@@ -92,7 +124,7 @@ def quantize_(model: torch.nn.Module, mode: str = "w8a8", *, filter=None, calibr
         if choice.mode == FLOAT:
             report.bytes_after += _nbytes(lin)
             continue
-        new = Int8Linear.from_float(lin, mode=choice.mode)
+        new = _HANDLERS[type(lin)](lin, choice.mode)
         new.train(lin.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
@@ -143,7 +175,7 @@ def _choose(name, lin, x, max_error, repeats):
         norm = ref.norm().clamp_min(1e-30)
         choice.times_ms[FLOAT] = _time_ms(lambda: lin(x), x.device, repeats)
         for mode in ("weight_only", "w8a8"):
-            q = Int8Linear.from_float(lin, mode=mode)
+            q = _HANDLERS[type(lin)](lin, mode)
             choice.errors[mode] = ((q(x).float() - ref).norm() / norm).item()
             choice.times_ms[mode] = _time_ms(lambda: q(x), x.device, repeats)
     allowed = [FLOAT] + [m for m in ("weight_only", "w8a8") if choice.errors[m] <= max_error]

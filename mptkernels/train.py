@@ -276,9 +276,9 @@ def build_model(cfg, device):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # cast_forward_inputs=False: by default FSDP2 casts every floating-point argument of a
-    # block to bf16, the ALiBi slopes and rotary cos/sin tables too (the attention op rejects
-    # bf16 slopes; the rotary tables would lose precision). The hidden states need no cast:
-    # they come out of the root's embedding, whose weight is already bf16 in the forward.
+    # block to bf16, the ALiBi slopes too (the attention op rejects bf16 slopes; the rotary
+    # tables are buffers of the RotaryEmbedding the block gets, which FSDP2 never casts). The hidden
+    # states need no cast: they come out of the root's embedding, whose weight is already bf16 in the forward.
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
           if cfg["train"]["precision"] == "bf16" else MixedPrecisionPolicy())
     for block in model.transformer.blocks:

@@ -436,6 +436,76 @@ def test_quantize_filter_and_errors():
         mptkernels.nn.Int8Linear(4, 4, mode="fp8")
 
 
+def _fused_mlp():
+    import mptkernels
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(mptkernels.nn.Linear(96, 160, activation="gelu"),
+                               mptkernels.nn.Linear(160, 128, bias=False, activation="relu"),
+                               torch.nn.Linear(128, 96), mptkernels.nn.Linear(96, 40))
+
+
+@pytest.mark.parametrize("mode, tol", [("w8a8", 0.03), ("weight_only", 0.01)])
+def test_quantize_carries_the_fused_activation(mode, tol):
+    # mptkernels.nn.Linear's activation goes into the Int8Linear: fused into the W8A8 epilogue, applied
+    # to the GEMM's output in weight_only; the model keeps the float model's output within the stated error
+    import mptkernels
+
+    model, x = _fused_mlp(), torch.randn(4, 7, 96)
+    with torch.no_grad():
+        want = model(x)
+    first = model[0]
+    report = mptkernels.quantize_(model, mode)
+    assert [c.name for c in report.swapped] == ["0", "1", "2", "3"]
+    assert all(type(m) is mptkernels.nn.Int8Linear and m.mode == mode for m in model)
+    assert [m.activation for m in model] == ["gelu", "relu", None, None]
+    with torch.no_grad():
+        got = model(x)
+        assert rel_err(got, want) <= tol, rel_err(got, want)
+        q, s = ops.quantize_rowwise(first.weight.detach())
+        one = (ops.int8_linear(x, q, s, first.bias, "gelu") if mode == "w8a8" else
+               torch.nn.functional.gelu(ops.weight_only_int8_linear(x, q, s, first.bias)))
+        assert torch.equal(model[0](x), one)
+    # "auto" measures each layer against its own output, activation included
+    model = _fused_mlp()
+    report = mptkernels.quantize_(model, "auto", calibration=x, max_error=0.03, repeats=1)
+    assert all(max(c.errors.values()) <= 0.03 for c in report.layers), str(report)
+    assert [getattr(m, "activation", None) for m in model] == ["gelu", "relu", None, None]
+
+
+def test_quantize_registry_leaves_unknown_module_types():
+    import mptkernels
+    from mptkernels import quantize
+
+    class MyLinear(torch.nn.Linear):  # a subclass is another type: not swapped, as before
+        pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), MyLinear(8, 8), torch.nn.Conv1d(8, 8, 1),
+                                torch.nn.Embedding(4, 8), mptkernels.nn.Linear(8, 8, activation="relu"))
+    report = mptkernels.quantize_(model, "weight_only")
+    assert [c.name for c in report.layers] == ["0", "4"]
+    assert [type(m).__name__ for m in model] == ["Int8Linear", "MyLinear", "Conv1d", "Embedding", "Int8Linear"]
+    assert len(mptkernels.quantize_(model, "w8a8")) == 0  # Int8Linear: already quantised, left alone
+    for lone in (torch.nn.Linear(8, 8), mptkernels.nn.Linear(8, 8)):
+        with pytest.raises(ValueError, match="the model itself is an"):
+            mptkernels.quantize_(lone)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mptkernels.nn.Int8Linear(4, 4, mode="weight_only", activation="tanh")
+    # from_float keeps a fused linear's activation by default and refuses another one
+    assert mptkernels.nn.Int8Linear.from_float(mptkernels.nn.Linear(8, 8, activation="gelu"),
+                                               mode="weight_only").activation == "gelu"
+    with pytest.raises(ValueError, match="the layer applies activation 'gelu'"):
+        mptkernels.nn.Int8Linear.from_float(mptkernels.nn.Linear(8, 8, activation="gelu"), activation="relu")
+    # one handler per type: registering one makes quantize_ take that type
+    quantize.register_handler(MyLinear)(lambda lin, mode: mptkernels.nn.Int8Linear.from_float(lin, mode=mode))
+    try:
+        assert [c.name for c in mptkernels.quantize_(model, "weight_only").layers] == ["1"]
+        assert type(model[1]) is mptkernels.nn.Int8Linear
+    finally:
+        del quantize._HANDLERS[MyLinear]
+
+
 def test_quantize_auto_refuses_modes_over_the_error_threshold():
     """An input with a huge outlier column makes W8A8's per-token scale useless for the rest of
     the row: auto must measure that and keep the layer out of W8A8; every chosen mode's

@@ -128,6 +128,22 @@ def test_cached_decoding_equals_full_recompute(attn):
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
 
 
+def test_position_tables_stay_out_of_the_state_dict_and_in_float32():
+    alibi, rope = _ours(), _ours(alibi=False, rope=True)
+    assert set(rope.state_dict()) == set(alibi.state_dict())  # HF's keys: no slopes, no rotary tables
+    ids = torch.randint(0, 257, (2, 9))
+    with torch.no_grad():
+        want = rope(ids)
+        # a meta-device model (from_hf's way) gets real tables: to_empty + load gives the same logits
+        meta = MPTForCausalLM(rope.config, device="meta").to_empty(device="cpu")
+        meta.load_state_dict(rope.state_dict())
+        assert torch.equal(meta.eval()(ids), want)
+        # a bf16 model keeps float32 rotary tables and slopes
+        half = _ours(alibi=False, rope=True).to(torch.bfloat16)
+        assert half.transformer.rotary_emb.cos.dtype == torch.float32
+        assert half(ids).dtype == torch.bfloat16 and _ours().to(torch.bfloat16)._alibi("cpu").dtype == torch.float32
+
+
 def test_learned_positions_decode_and_batch_of_different_lengths():
     torch.manual_seed(2)
     model = MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=100,
@@ -213,18 +229,20 @@ def test_training_on_cpu_learns_and_reaches_every_parameter():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_int8_weight_only_model_still_generates():
+@pytest.mark.parametrize("mode, tol", [("w8a8", 0.05), ("weight_only", 0.02)])
+def test_int8_model_keeps_the_float_output_and_generates(mode, tol):
     import mptkernels
 
     model = _ours()
     prompt = torch.randint(0, 257, (1, 6))
     with torch.no_grad():
         want = model(prompt)
-    report = mptkernels.quantize_(model, "weight_only", filter=lambda name, m: "lm_head" not in name)
+    report = mptkernels.quantize_(model, mode, filter=lambda name, m: "lm_head" not in name)
     assert len(report) == 8  # Wqkv, out_proj, up, down of two blocks
+    assert model.transformer.blocks[0].ffn.up_proj.activation == "gelu"  # the up projection's GELU goes along
     with torch.no_grad():
         got = model(prompt)
-    assert ((got - want).norm() / want.norm()) < 0.02
+    assert ((got - want).norm() / want.norm()) < tol
     assert model.generate(prompt, 5).shape == (1, 11)
 
 

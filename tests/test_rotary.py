@@ -112,6 +112,15 @@ def test_rotary_embedding_module():
         mptkernels.nn.RotaryEmbedding(15)
 
 
+def test_rotary_embedding_tables_stay_float32_and_survive_to_empty():
+    want = mptkernels.nn.RotaryEmbedding(16, max_seqlen=8)
+    rope = mptkernels.nn.RotaryEmbedding(16, max_seqlen=8).to(torch.bfloat16)  # a model cast: tables kept exact
+    assert rope.cos.dtype == torch.float32 and torch.equal(rope.cos, want.cos) and torch.equal(rope.sin, want.sin)
+    for made_on in ("cpu", "meta"):  # to_empty leaves buffers uninitialised: the tables are kept or made anew
+        rope = mptkernels.nn.RotaryEmbedding(16, max_seqlen=8, device=made_on).to_empty(device="cpu")
+        assert torch.equal(rope.cos, want.cos) and torch.equal(rope.sin, want.sin)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda x, c, s: ops.apply_rotary(x, c[:10], s[:10], seqlen_offsets=0), "cos/sin have 10 rows but .* needs 17"),
     (lambda x, c, s: ops.apply_rotary(x, c, s, seqlen_offsets=290), "needs 307"),

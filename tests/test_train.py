@@ -184,8 +184,11 @@ def _built_model(*overrides):
 @pytest.mark.parametrize("position", ["alibi", "rope"])
 def test_bf16_blocks_compute_in_bf16_and_keep_fp32_position_tables(position):
     # FSDP2 casts a block's floating-point arguments to bf16 unless told not to: the ALiBi slopes
-    # (rejected by the attention op) and the rotary tables (rounded) must reach the block in fp32
+    # (rejected by the attention op) and the rotary tables (rounded) must reach the block in fp32.
+    # The rotary tables are buffers of the model's RotaryEmbedding, which the block gets as an argument
     from torch.utils._pytree import tree_leaves
+
+    from mptkernels.nn import RotaryEmbedding
 
     pos = [] if position == "alibi" else ["model.attn_config={alibi: false, rope: true}"]
     with _built_model("train.precision=bf16", *pos) as model:
@@ -195,6 +198,7 @@ def test_bf16_blocks_compute_in_bf16_and_keep_fp32_position_tables(position):
         _, loss = model(ids, labels=ids)
     tensors = [t for t in seen[0] if isinstance(t, torch.Tensor)]
     hidden, tables = tensors[0], tensors[1:]
+    tables += [t for m in seen[0] if isinstance(m, RotaryEmbedding) for t in (m.cos, m.sin)]
     assert hidden.shape == (2, 16, 64) and hidden.dtype == torch.bfloat16  # the compute stays bf16
     assert len(tables) == (1 if position == "alibi" else 2)  # slopes, or cos and sin
     assert all(t.dtype == torch.float32 for t in tables), [t.dtype for t in tables]
