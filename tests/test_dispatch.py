@@ -421,6 +421,46 @@ def test_direct_calls_of_the_custom_ops_are_checked():
         ops.int8_linear(torch.randn(1, 200000), torch.zeros(2, 200000, dtype=torch.int8), torch.ones(2))
 
 
+def _bad_direct_calls():
+    """Calls of the public custom ops that only the Python checks stop (the C++ and Triton
+    kernels trust them): wrong rank, dtype, layout or an out-of-table offset."""
+    f, i8 = torch.randn(3, 4, 8), torch.zeros(5, 8, dtype=torch.int8)
+    q = torch.randn(1, 4, 2, 8)
+    m = torch.ops.mptkernels
+    return {
+        "linear_fwd 3-D x": lambda: m.linear_fwd(f, torch.randn(5, 8), None, "none"),
+        "linear_bwd 3-D x": lambda: m.linear_bwd(torch.randn(3, 4, 5), f, torch.randn(5, 8), torch.empty(0),
+                                                 "none", False),
+        "quantize_rowwise 3-D x": lambda: m.quantize_rowwise(f),
+        "quantize_rowwise strided": lambda: m.quantize_rowwise(torch.randn(8, 6).t()),
+        "int8_mm 1-D a": lambda: m.int8_mm(i8[0], i8),
+        "int8_linear 3-D x": lambda: m.int8_linear(f, i8, torch.ones(5), None, "none"),
+        "weight_only 3-D x": lambda: m.weight_only_int8_linear(f, i8, torch.ones(5), None),
+        "layer_norm_fwd 1-D x": lambda: m.layer_norm_fwd(torch.randn(8), None, None, None, 1e-5, False, 0.0, False),
+        "layer_norm_bwd dy dtype": lambda: m.layer_norm_bwd(torch.randn(4, 8).double(), None, torch.randn(4, 8),
+                                                            None, None, torch.zeros(4), torch.ones(4), False, 0.0,
+                                                            False),
+        "apply_rotary offset": lambda: m.apply_rotary(q, torch.ones(4, 4), torch.ones(4, 4), None, 2, False, False),
+        "attention_fwd 3-D q": lambda: m.attention_fwd(q[0], q, q, None, 1.0, False),
+        "attention_fwd head_dim": lambda: m.attention_fwd(torch.randn(1, 4, 2, 6), torch.randn(1, 4, 2, 6),
+                                                          torch.randn(1, 4, 2, 6), None, 1.0, False),
+        "attention_bwd dout dtype": lambda: m.attention_bwd(q.double(), q, q, q, q, torch.zeros(1, 2, 4), None,
+                                                            1.0, False),
+        "attention_varlen_fwd cu": lambda: m.attention_varlen_fwd(q[0], q[0], q[0], torch.tensor([0, 9], dtype=torch.int32),
+                                                                  torch.tensor([0, 4], dtype=torch.int32), 9, 4,
+                                                                  None, 1.0, False),
+        "attention_with_kvcache room": lambda: m.attention_with_kvcache(q[:, :1], q.clone(), q.clone(),
+                                                                        torch.tensor([4], dtype=torch.int32), q[:, :1],
+                                                                        q[:, :1], None, 1.0, True),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_direct_calls()))
+def test_bad_direct_calls_of_the_public_custom_ops_raise_before_a_kernel(case):
+    with mptkernels.backend("cpu"), pytest.raises((ValueError, TypeError)):
+        _bad_direct_calls()[case]()
+
+
 @pytest.mark.parametrize("impl", ["auto", "torch", "reference", "cpu"])
 def test_compiled_calls_follow_the_forcing_at_trace_time(impl):
     """torch.compile(fullgraph=True) traces the dispatch: the forcing in effect when the graph is

@@ -17,6 +17,15 @@
 #include <immintrin.h>
 #endif
 
+// Inlining that the CPU kernels pin, where GCC's choice would otherwise depend on how much
+// else the file holds (its inline-unit-growth budget): a per-vector helper always inlined;
+// everything a short per-row function calls inlined into it (FLATTEN: at::vec's erf and exp
+// too); a tile whose loop is the whole work kept out of line (its own registers). See
+// csrc/cpu/gemm/gemm.h.
+#define MPTK_ALWAYS_INLINE inline __attribute__((always_inline))
+#define MPTK_FLATTEN __attribute__((flatten))
+#define MPTK_NOINLINE __attribute__((noinline))
+
 namespace mptk::cpu {
 
 using at::vec::Vectorized;
@@ -172,7 +181,7 @@ inline void transpose_16x16_words(__m512i r[16]) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 // The build host has AVX512-BF16 (CMakeLists.txt gives the GEMM and attention files the flag)
 #define MPTK_BF16_PAIRS 1
-// The multiply-add of the GEMM tiles (csrc/cpu/gemm.cpp, attention.cpp) on bf16 operands: a
+// The multiply-add of the GEMM tiles (csrc/cpu/gemm/, attention.cpp) on bf16 operands: a
 // k-step is a 32-bit word holding two bf16 values of consecutive k; A's word is broadcast,
 // and vdpbf16ps adds both exact products into fp32 lanes (bf16 subnormals read as zero).
 struct Bf16Pairs {

@@ -29,7 +29,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/checks.h"
 #include "common/cpu_vec.h"
 
 namespace mptk::cpu {
@@ -346,9 +345,18 @@ inline void decode_pv(const float* p, const float* vrows, int64_t ld, int64_t nk
   for (int v = 0; v < NV; ++v) acc[v].store(a + v * kW);
 }
 
+// (all three kernels) sequence s of g is query rows [s.q0, s.q0 + s.Sq) and key rows
+// [s.k0, s.k0 + s.Sk) of the token dimension; lse of its row i, head h at
+// lp[s.lse0 + h * g.lse_head_stride + i]
 template <typename T>
-void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* slopes, bool slopes_per_batch,
-                           const Geometry& g, T* op, float* lp) {
+void attention_decode_impl(const T* qp,          // [tokens_q, Hq, D]
+                           const T* kp,          // [tokens_k, Hk, D]
+                           const T* vp,          // [tokens_k, Hk, D]
+                           const float* slopes,  // [Hq], [B, Hq] when slopes_per_batch, or null
+                           bool slopes_per_batch,
+                           const Geometry& g,
+                           T* op,                // [tokens_q, Hq, D]
+                           float* lp) {          // lse, [Hq, tokens_q] or [B, Hq, Sq]
   const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
   const int64_t qrow = g.Hq * D, krow = g.Hk * D;
   // a decode step is often a few microseconds of work: hand a thread at least ~64k
@@ -414,8 +422,14 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
 }
 
 template <typename T>
-void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slopes, bool slopes_per_batch,
-                        const Geometry& g, T* op, float* lp) {
+void attention_fwd_impl(const T* qp,          // [tokens_q, Hq, D]
+                        const T* kp,          // [tokens_k, Hk, D]
+                        const T* vp,          // [tokens_k, Hk, D]
+                        const float* slopes,  // [Hq], [B, Hq] when slopes_per_batch, or null
+                        bool slopes_per_batch,
+                        const Geometry& g,
+                        T* op,                // [tokens_q, Hq, D]
+                        float* lp) {          // lse, [Hq, tokens_q] or [B, Hq, Sq]
   // bf16 where the build host has AVX512-BF16: both GEMMs on vdpbf16ps with bf16 operands as
   // they are (q read in place, K^T and V as word pairs), P rounded to bf16 for P V, as
   // FlashAttention does on GPUs; fp32 sums and softmax. Else everything in fp32.
@@ -528,8 +542,18 @@ inline void transpose_tile(const float* src, int64_t bq, int64_t rows, O* t) {
 }
 
 template <typename T>
-void attention_bwd_impl(const T* dop, const T* qp, const T* kp, const T* vp, const T* op, const float* lp,
-                        const float* slopes, bool slopes_per_batch, const Geometry& g, T* dqp, T* dkp, T* dvp) {
+void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
+                        const T* qp,          // [tokens_q, Hq, D]
+                        const T* kp,          // [tokens_k, Hk, D]
+                        const T* vp,          // [tokens_k, Hk, D]
+                        const T* op,          // [tokens_q, Hq, D] the forward's out
+                        const float* lp,      // the forward's lse, [Hq, tokens_q] or [B, Hq, Sq]
+                        const float* slopes,  // [Hq], [B, Hq] when slopes_per_batch, or null
+                        bool slopes_per_batch,
+                        const Geometry& g,
+                        T* dqp,               // [tokens_q, Hq, D]
+                        T* dkp,               // [tokens_k, Hk, D]
+                        T* dvp) {             // [tokens_k, Hk, D]
   // bf16 where the build host has AVX512-BF16: the five tile GEMMs on vdpbf16ps, q and dO read
   // in place as A, K^T / V^T / K as word pairs, P and dS rounded to bf16 (as FlashAttention
   // does on GPUs), q and dO pairs per query block as the B of dK and dV; fp32 sums, softmax
@@ -673,55 +697,23 @@ Geometry batch_geometry(const at::Tensor& q, const at::Tensor& k, double softmax
   return g;
 }
 
-// cu_seqlens: int32 (B + 1,) on the CPU, non-decreasing from 0, last <= total, and every
-// length <= max_seqlen (the GPU kernels size their grids by max_seqlen)
-std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, int64_t total, int64_t max_seqlen, const char* name) {
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1 && cu.scalar_type() == at::kInt, "attention_varlen: ", name,
-              " must be a 1-D int32 tensor of batch + 1 offsets, got ", cu.scalar_type(), " ", cu.sizes());
+// cu_seqlens: int32 (B + 1,) offsets on the CPU (mptkernels/ops/attention.py has checked them:
+// non-decreasing from 0, each length <= its max_seqlen, the last <= the tensor's tokens)
+std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu) {
   const at::Tensor c = cu.contiguous();
   const int32_t* p = c.const_data_ptr<int32_t>();
-  std::vector<int64_t> out(p, p + c.size(0));
-  TORCH_CHECK(out[0] == 0, "attention_varlen: ", name, "[0] must be 0, got ", out[0]);
-  for (size_t i = 1; i < out.size(); ++i) {
-    const int64_t len = out[i] - out[i - 1];
-    TORCH_CHECK(len >= 0, "attention_varlen: ", name, " must be non-decreasing, got ", out[i - 1], " then ", out[i]);
-    TORCH_CHECK(len <= max_seqlen, "attention_varlen: sequence ", i - 1, " has ", len, " tokens (from ", name,
-                ") but the max_seqlen given for it is ", max_seqlen);
-  }
-  TORCH_CHECK(out.back() <= total, "attention_varlen: ", name, "[-1] = ", out.back(), " exceeds the ", total,
-              " tokens of its tensor");
-  return out;
+  return std::vector<int64_t>(p, p + c.size(0));
 }
 
 // packed: q (total_q, Hq, D), k (total_k, Hk, D), lse (Hq, total_q)
 Geometry varlen_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                         int64_t max_q, int64_t max_k, double softmax_scale, bool causal) {
-  const auto cq = read_cu_seqlens(cu_q, q.size(0), max_q, "cu_seqlens_q");
-  const auto ck = read_cu_seqlens(cu_k, k.size(0), max_k, "cu_seqlens_k");
-  TORCH_CHECK(cq.size() == ck.size(), "attention_varlen: cu_seqlens_q has ", cq.size(), " entries but cu_seqlens_k ",
-              ck.size(), "; both must be batch + 1");
+                         double softmax_scale, bool causal) {
+  const auto cq = read_cu_seqlens(cu_q), ck = read_cu_seqlens(cu_k);
   Geometry g = geometry(q.size(1), k.size(1), q.size(2), softmax_scale, causal);
   g.lse_head_stride = q.size(0);
   for (size_t b = 0; b + 1 < cq.size(); ++b) g.seqs.push_back({cq[b], cq[b + 1] - cq[b], ck[b], ck[b + 1] - ck[b], cq[b]});
   g.finish();
   return g;
-}
-
-// (B, S, H, D) views of packed (total, H, D) tensors, for the shared argument checks
-at::Tensor as_batch(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
-
-void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& alibi_slopes, int64_t batch, const char* op) {
-  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
-    TORCH_CHECK(t->dim() == 3, op, ": ", name, " must be (total_tokens, heads, head_dim), got shape ", t->sizes());
-  mptk::check_attention_args(as_batch(q), as_batch(k), as_batch(v), std::nullopt, op);
-  if (alibi_slopes) {
-    const at::Tensor& s = *alibi_slopes;
-    const bool ok = (s.dim() == 1 && s.size(0) == q.size(1)) || (s.dim() == 2 && s.size(0) == batch && s.size(1) == q.size(1));
-    TORCH_CHECK(ok && s.scalar_type() == at::kFloat && s.is_contiguous() && s.device() == q.device(), op,
-                ": alibi_slopes must be a contiguous float32 (", q.size(1), ",) or (", batch, ", ", q.size(1),
-                ") tensor on ", q.device(), ", got ", s.scalar_type(), " ", s.sizes());
-  }
 }
 
 void run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& alibi,
@@ -749,15 +741,9 @@ void run_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
   });
 }
 
-void check_lse(const at::Tensor& lse, at::IntArrayRef shape, const char* op) {
-  TORCH_CHECK(lse.sizes() == shape && lse.scalar_type() == at::kFloat && lse.is_contiguous(), op,
-              ": lse must be a contiguous float32 ", shape, " tensor, got ", lse.scalar_type(), " ", lse.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& alibi_slopes,
                                                      double softmax_scale, bool causal) {
-  mptk::check_attention_args(q, k, v, alibi_slopes, "attention_fwd");
   const Geometry g = batch_geometry(q, k, softmax_scale, causal);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
@@ -768,10 +754,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal) {
-  mptk::check_attention_args(q, k, v, alibi_slopes, "attention_bwd");
-  mptk::check_same_layout(dout, q, "dout", "q");
-  mptk::check_same_layout(out, q, "out", "q");
-  check_lse(lse, {q.size(0), q.size(2), q.size(1)}, "attention_bwd");
   const Geometry g = batch_geometry(q, k, softmax_scale, causal);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
@@ -787,8 +769,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal) {
-  check_varlen_args(q, k, v, alibi_slopes, cu_seqlens_q.numel() - 1, "attention_varlen_fwd");
-  const Geometry g = varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal);
+  const Geometry g = varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal);
   // rows past cu_seqlens_q[-1] belong to no sequence: zeros (lse -inf), like an empty row
   at::Tensor out = at::zeros(q.sizes(), q.options());
   at::Tensor lse = at::full({q.size(1), q.size(0)}, -std::numeric_limits<double>::infinity(),
@@ -801,11 +782,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal) {
-  check_varlen_args(q, k, v, alibi_slopes, cu_seqlens_q.numel() - 1, "attention_varlen_bwd");
-  mptk::check_same_layout(dout, q, "dout", "q");
-  mptk::check_same_layout(out, q, "out", "q");
-  check_lse(lse, {q.size(1), q.size(0)}, "attention_varlen_bwd");
-  const Geometry g = varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal);
+  const Geometry g = varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal);
   // tokens outside every sequence get zero gradients
   at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
              dv = at::zeros(v.sizes(), v.options());
@@ -819,31 +796,12 @@ at::Tensor attention_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::T
                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k,
                                  const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& alibi_slopes,
                                  double softmax_scale, bool causal) {
-  const char* op = "attention_with_kvcache";
-  mptk::check_attention_args(q, k_cache, v_cache, alibi_slopes, op);
-  const int64_t B = q.size(0), Smax = k_cache.size(1);
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B && cache_seqlens.scalar_type() == at::kInt &&
-                  cache_seqlens.device() == q.device(),
-              op, ": cache_seqlens must be an int32 (", B, ",) tensor on ", q.device(), ", got ",
-              cache_seqlens.scalar_type(), " ", cache_seqlens.sizes());
-  TORCH_CHECK(k.has_value() == v.has_value(), op, ": give both k and v, or neither");
-  int64_t Sn = 0;
-  if (k) {
-    TORCH_CHECK(k->dim() == 4 && k->size(0) == B && k->size(2) == k_cache.size(2) && k->size(3) == q.size(3) &&
-                    k->sizes() == v->sizes(),
-                op, ": k and v must be (", B, ", seqlen_new, ", k_cache.size(2), ", ", q.size(3), "), got ",
-                k->sizes(), " and ", v->sizes());
-    TORCH_CHECK(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(), op,
-                ": k and v must have q's dtype ", q.scalar_type());
-    Sn = k->size(1);
-  }
+  const int64_t B = q.size(0), Smax = k_cache.size(1), Sn = k ? k->size(1) : 0;
   const at::Tensor lens = cache_seqlens.contiguous();
   const int32_t* lp = lens.const_data_ptr<int32_t>();
   Geometry g = geometry(q.size(2), k_cache.size(2), q.size(3), softmax_scale, causal);
   g.lse_head_stride = q.size(1);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lp[b] >= 0 && lp[b] + Sn <= Smax, op, ": cache_seqlens[", b, "] = ", lp[b], " plus ", Sn,
-                " new tokens does not fit the cache of ", Smax, " rows");
+  for (int64_t b = 0; b < B; ++b) {  // ops/attention.py has checked that lp[b] + Sn <= Smax
     g.seqs.push_back({b * q.size(1), q.size(1), b * Smax, lp[b] + Sn, b * g.Hq * q.size(1)});
   }
   g.finish();

@@ -3,7 +3,6 @@
 // (at::vec, two accumulator registers per chunk). A row is walked three times (sum,
 // centred variance, output) but after the first walk it sits in L1/L2, so memory traffic
 // is one read of x (+ residual) and one write of y (+ residual_out): the fusion's point.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,8 +15,8 @@
 #include <tuple>
 #include <vector>
 
-#include "common/checks.h"
 #include "common/cpu_vec.h"
+#include "common/dispatch.h"
 
 namespace mptk::cpu {
 namespace {
@@ -309,33 +308,20 @@ void bwd_impl(const at::Tensor& dy, const std::optional<at::Tensor>& dres, const
   if (need_db) dbias.copy_(db_part.sum(0));
 }
 
-// T: x's dtype; W: the parameters' dtype (weight's, else bias's), x's or float32
-#define MPTK_DISPATCH_WEIGHT(x, weight, bias, ...)                             \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), \
-                                  "mptkernels_norm", [&] {                   \
-                                    using T = scalar_t;                      \
-                                    const auto& param = weight ? weight : bias; \
-                                    if (!param || param->scalar_type() == x.scalar_type()) { \
-                                      using W = T;                           \
-                                      __VA_ARGS__();                         \
-                                    } else {                                 \
-                                      using W = float;                       \
-                                      __VA_ARGS__();                         \
-                                    }                                        \
-                                  })
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, double eps, bool rms_norm, double weight_offset,
     bool cast_before_weight) {
-  mptk::check_norm_args(x, weight, bias, residual, "layer_norm_fwd");
   const int64_t M = x.size(0);
   auto stats_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor y = at::empty_like(x);
   at::Tensor s_out = residual ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({rms_norm ? 0 : M}, stats_opts);
   at::Tensor rstd = at::empty({M}, stats_opts);
-  MPTK_DISPATCH_WEIGHT(x, weight, bias, [&] {
+  const at::ScalarType wt = norm_param_dtype(x, weight, bias);
+  dispatch_dtype_and_param(kFloatDoubleHalfBf16, x.scalar_type(), wt, "layer_norm_fwd", [&](auto t_tag, auto w_tag) {
+    using T = decltype(t_tag);
+    using W = decltype(w_tag);
     fwd_impl<T, W>(x, weight, bias, residual, y, s_out, mean, rstd, eps, rms_norm, weight_offset, cast_before_weight);
   });
   return {y, s_out, mean, rstd};
@@ -345,14 +331,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& dy, const std::optional<at::Tensor>& dresidual_out, const at::Tensor& s,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& rstd, bool rms_norm, double weight_offset, bool cast_before_weight) {
-  mptk::check_norm_args(s, weight, bias, std::nullopt, "layer_norm_bwd");
-  check_same_layout(dy, s, "dy", "s");
-  if (dresidual_out) check_same_layout(*dresidual_out, s, "dresidual_out", "s");
-  check_norm_stats(s, mean, rstd, rms_norm);
   at::Tensor dx = at::empty_like(s);
   at::Tensor dweight = weight ? at::empty_like(*weight) : at::empty({0}, s.options());
   at::Tensor dbias = bias ? at::empty_like(*bias) : at::empty({0}, s.options());
-  MPTK_DISPATCH_WEIGHT(s, weight, bias, [&] {
+  const at::ScalarType wt = norm_param_dtype(s, weight, bias);
+  dispatch_dtype_and_param(kFloatDoubleHalfBf16, s.scalar_type(), wt, "layer_norm_bwd", [&](auto t_tag, auto w_tag) {
+    using T = decltype(t_tag);
+    using W = decltype(w_tag);
     bwd_impl<T, W>(dy, dresidual_out, s, weight, mean, rstd, dx, dweight, dbias, bias.has_value(), rms_norm,
                    weight_offset, cast_before_weight);
   });

@@ -11,15 +11,18 @@
 #include <atomic>
 #include <optional>
 
-#include "common/checks.h"
 #include "common/cpu_vec.h"
 
 namespace mptk::cpu {
 namespace {
 
 template <typename T>
-void rotary_impl(const at::Tensor& x, const float* cos, const float* sin, const int32_t* offsets,
-                 int64_t offset, int64_t max_seqlen, int64_t half, bool interleaved, bool conjugate, at::Tensor& out) {
+void rotary_impl(const at::Tensor& x,     // [B, S, H, D], strides (sb, ss, sh, 1)
+                 const float* cos,        // [max_seqlen, half]
+                 const float* sin,        // [max_seqlen, half]
+                 const int32_t* offsets,  // [B], or null: every sequence starts at offset
+                 int64_t offset, int64_t max_seqlen, int64_t half, bool interleaved, bool conjugate,
+                 at::Tensor& out) {       // [B, S, H, D], contiguous
   using A = acc_type_t<T>;
   using IO = ChunkIO<T, A>;
   using CIO = ChunkIO<float, A>;
@@ -87,7 +90,6 @@ void rotary_impl(const at::Tensor& x, const float* cos, const float* sin, const 
 at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset, bool interleaved,
                       bool conjugate) {
-  mptk::check_rotary_args(x, cos, sin, seqlen_offsets, seqlen_offset, /*allow_double=*/true);
   const int64_t half = cos.size(1);
   const bool has_offsets = seqlen_offsets.has_value() && seqlen_offsets->defined();
   const int32_t* offsets = has_offsets ? seqlen_offsets->const_data_ptr<int32_t>() : nullptr;

@@ -1,5 +1,5 @@
 // LayerNorm / RMSNorm (+ fused residual add) forward and backward in CUDA C++: the
-// cuda_layer_norm_fwd / cuda_layer_norm_bwd ops of csrc/registration.cpp.
+// layer_norm_fwd / layer_norm_bwd ops of csrc/registration.cpp (namespace mptkernels_cuda).
 //
 // Forward: a row per block (a warp per row, several rows per block, for short rows).
 // Each thread owns the 16-byte vectors j * blockDim.x + threadIdx.x of its row and keeps
@@ -26,7 +26,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/dispatch.h"
 
 #include <cuda_runtime.h>
 
@@ -36,6 +36,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/cuda_launch.cuh"
 #include "common/cuda_pack.cuh"
 
 namespace mptk::cuda {
@@ -447,10 +448,6 @@ __global__ void __launch_bounds__(32 * kColLanes)
 // Host side
 // ------------------------------------------------------------------------------------
 
-inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
-inline int round_up32(int64_t a) { return ceil_div(a, 32) * 32; }
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 inline int sm_count() {
   int dev = 0, n = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -462,61 +459,22 @@ inline const at::Tensor* present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? &*t : nullptr;
 }
 
-// Calls f(T{}, W{}) with T the activation type and W the weight/bias type (T or float).
-template <typename F>
-void dispatch_norm(at::ScalarType xt, at::ScalarType wt, F&& f) {
-  switch (xt) {
-    case at::kFloat:
-      f(float{}, float{});
-      break;
-    case at::kHalf:
-      if (wt == at::kFloat) f(at::Half{}, float{});
-      else f(at::Half{}, at::Half{});
-      break;
-    case at::kBFloat16:
-      if (wt == at::kFloat) f(at::BFloat16{}, float{});
-      else f(at::BFloat16{}, at::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "mptkernels cuda layer_norm: unsupported dtype ", xt);
-  }
-}
-
-// what the CUDA kernels add to the shared checks (common/checks.h): a CUDA tensor, no
-// float64, and sizes that fit the kernels' int indexing
-void check_cuda_rows(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": ", name, " must be float32, float16 or bfloat16 on CUDA");
-  TORCH_CHECK(t.size(0) < INT_MAX && t.size(1) < INT_MAX, op, ": ", name, " has too many rows or columns: ",
-              t.sizes());
-}
-
-inline at::ScalarType param_dtype(const at::Tensor& x, const at::Tensor* w, const at::Tensor* b) {
-  return w ? w->scalar_type() : b ? b->scalar_type() : x.scalar_type();
+// The arguments were checked by mptkernels/ops/layer_norm.py; what is left is this kernel's
+// own limit, the int row index (the columns are capped there by MAX_COLS)
+void check_int_rows(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.size(0) < INT_MAX, op, ": ", t.size(0), " rows exceed the CUDA kernel's int row index");
 }
 
 template <typename T, typename W, int VEC>
 void launch_fwd(const T* x, const T* res, const W* w, const W* b, T* y, T* s_out, float* mean, float* rstd, int M,
                 int N, float eps, float w_off, bool rms, bool cast_before, cudaStream_t stream) {
-  const int nvec = N / VEC;
-  // Four cached vectors per thread (16 registers, 1024-thread blocks allowed) cover most
-  // rows with enough loads in flight per thread and few idle lanes on short rows; longer
-  // rows take sixteen (64 registers, so at most 512 threads); longer still are re-read,
-  // as are scalar-path rows past 4096 (not worth another instantiation).
-  int tpr = round_up32(ceil_div(nvec, 4)), nv = 4;
-  if (tpr > 1024) {
-    tpr = round_up32(ceil_div(nvec, 16));
-    nv = 16;
-    if (tpr > 512 || VEC == 1) {
-      tpr = 1024;
-      nv = 0;
-    }
-  }
-  const int rpb = tpr == 32 ? 4 : 1;  // warp-per-row blocks take several rows
-  const dim3 block(tpr, rpb), grid(ceil_div(M, rpb));
-  auto kernel = nv == 4    ? ln_fwd_kernel<T, W, VEC, 4>
-                : nv == 16 ? ln_fwd_kernel<T, W, VEC, VEC == 1 ? 0 : 16>
-                           : ln_fwd_kernel<T, W, VEC, 0>;
+  // 4 or 16 cached vectors per thread (common/cuda_launch.cuh); scalar-path rows past 4096
+  // are re-read rather than cached by 16 (not worth another instantiation)
+  const RowBlock rb = row_block(N / VEC, /*allow_nv16=*/VEC != 1);
+  const dim3 block(rb.tpr, rb.rpb), grid(ceil_div(M, rb.rpb));
+  auto kernel = rb.nv == 4    ? ln_fwd_kernel<T, W, VEC, 4>
+                : rb.nv == 16 ? ln_fwd_kernel<T, W, VEC, VEC == 1 ? 0 : 16>
+                              : ln_fwd_kernel<T, W, VEC, 0>;
   kernel<<<grid, block, 0, stream>>>(x, res, w, b, y, s_out, mean, rstd, M, N, 1.f / N, eps, w_off, rms,
                                      cast_before);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -526,14 +484,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, double eps, bool rms_norm, double weight_offset,
     bool cast_before_weight) {
-  constexpr const char* op = "cuda_layer_norm_fwd";
-  mptk::check_norm_args(x, weight, bias, residual, op);
-  check_cuda_rows(x, op, "x");
+  constexpr const char* op = "layer_norm_fwd (CUDA)";
+  check_int_rows(x, op);
   const at::Tensor* w = present(weight);
   const at::Tensor* b = present(bias);
   const at::Tensor* res = present(residual);
   const int64_t M = x.size(0), N = x.size(1);
-  TORCH_CHECK(N > 0 || M == 0, op, ": x must have at least one column, got shape ", x.sizes());
 
   c10::cuda::CUDAGuard guard(x.device());
   const auto stats_opts = x.options().dtype(at::kFloat);
@@ -544,7 +500,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
   if (M == 0) return {y, s_out, mean, rstd};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_norm(x.scalar_type(), param_dtype(x, w, b), [&](auto t_tag, auto w_tag) {
+  const at::ScalarType wt = mptk::norm_param_dtype(x, weight, bias);
+  dispatch_dtype_and_param(kFloatHalfBf16, x.scalar_type(), wt, op, [&](auto t_tag, auto w_tag) {
     using T = decltype(t_tag);
     using W = decltype(w_tag);
     constexpr int VEC = 16 / sizeof(T);
@@ -625,17 +582,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     const at::Tensor& dy, const std::optional<at::Tensor>& dresidual_out, const at::Tensor& s,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& rstd, bool rms_norm, double weight_offset, bool cast_before_weight) {
-  constexpr const char* op = "cuda_layer_norm_bwd";
-  mptk::check_norm_args(s, weight, bias, std::nullopt, op);
-  check_cuda_rows(s, op, "s");
-  mptk::check_same_layout(dy, s, "dy", "s");
+  constexpr const char* op = "layer_norm_bwd (CUDA)";
+  check_int_rows(s, op);
   const at::Tensor* dres = present(dresidual_out);
-  if (dres) mptk::check_same_layout(*dres, s, "dresidual_out", "s");
-  mptk::check_norm_stats(s, mean, rstd, rms_norm);
   const at::Tensor* w = present(weight);
   const at::Tensor* b = present(bias);
   const int64_t M = s.size(0), N = s.size(1);
-  TORCH_CHECK(N > 0 || M == 0, op, ": s must have at least one column, got shape ", s.sizes());
 
   c10::cuda::CUDAGuard guard(s.device());
   at::Tensor dx = at::empty({M, N}, s.options());
@@ -647,7 +599,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   at::Tensor dbias = b ? at::empty({N}, b->options()) : at::empty({0}, s.options());
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_norm(s.scalar_type(), param_dtype(s, w, b), [&](auto t_tag, auto w_tag) {
+  const at::ScalarType wt = mptk::norm_param_dtype(s, weight, bias);
+  dispatch_dtype_and_param(kFloatHalfBf16, s.scalar_type(), wt, op, [&](auto t_tag, auto w_tag) {
     using T = decltype(t_tag);
     using W = decltype(w_tag);
     constexpr int VEC = 16 / sizeof(T);

@@ -31,8 +31,9 @@
 #include <cstdint>
 #include <tuple>
 
-#include "common/checks.h"
+#include "common/cuda_launch.cuh"
 #include "common/cuda_pack.cuh"
+#include "common/dispatch.h"
 
 namespace mptk::cuda {
 namespace {
@@ -132,45 +133,28 @@ __global__ void __launch_bounds__(NV > 4 ? 512 : 1024)
 // Host side
 // ------------------------------------------------------------------------------------
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int round_up32(int64_t a) { return static_cast<int>(ceil_div(a, 32) * 32); }
-
 template <typename T>
 void launch_quantize_rowwise(const T* x, int8_t* q, float* scale, int64_t M, int K, int64_t ldx,
                              cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
-  const int64_t nvec = std::max<int64_t>(K / VEC, 1);  // a row's vectors, at most
-  // Four cached vectors a thread (16 registers, 1024-thread blocks) up to 4096 vectors a
-  // row, sixteen (64 registers, 512 threads) up to 8192, beyond that the row is read twice
-  int tpr = round_up32(ceil_div(nvec, 4)), nv = 4;
-  if (tpr > 1024) {
-    tpr = round_up32(ceil_div(nvec, 16));
-    nv = 16;
-    if (tpr > 512) {
-      tpr = 1024;
-      nv = 0;
-    }
-  }
-  const int rpb = tpr == 32 ? 4 : 1;  // warp-per-row blocks take several rows
-  const int64_t blocks = ceil_div(M, rpb);
+  // 4 cached vectors a thread up to 4096 vectors a row, 16 up to 8192, beyond that the row
+  // is read twice (common/cuda_launch.cuh)
+  const RowBlock rb = row_block(std::max<int64_t>(K / VEC, 1));  // a row's vectors, at most
+  const int64_t blocks = ceil_div(M, rb.rpb);
   TORCH_CHECK(blocks <= INT_MAX, "quantize_rowwise: x has too many rows: ", M);
-  auto kernel = nv == 4    ? quantize_rowwise_kernel<T, 4>
-                : nv == 16 ? quantize_rowwise_kernel<T, 16>
-                           : quantize_rowwise_kernel<T, 0>;
-  kernel<<<static_cast<unsigned>(blocks), dim3(tpr, rpb), 0, stream>>>(x, q, scale, M, K, ldx);
+  auto kernel = rb.nv == 4    ? quantize_rowwise_kernel<T, 4>
+                : rb.nv == 16 ? quantize_rowwise_kernel<T, 16>
+                              : quantize_rowwise_kernel<T, 0>;
+  kernel<<<static_cast<unsigned>(blocks), dim3(rb.tpr, rb.rpb), 0, stream>>>(x, q, scale, M, K, ldx);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_rowwise_cuda(const at::Tensor& x) {
   constexpr const char* op = "quantize_rowwise";
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": x must be float32, float16 or bfloat16, got ", dt);
+  // the arguments were checked by mptkernels/ops/gemm.py (a 2-D float x whose last dim has
+  // stride 1; rows may have any stride, padded or even overlapping: x is only read); what is
+  // left is this kernel's own limits, its int column index and the alignment it reads at
   const int64_t M = x.size(0), K = x.size(1);
-  // rows may have any stride (padded, or even overlapping: x is only read)
-  TORCH_CHECK(x.stride(1) == 1 || K <= 1, op, ": x's last dim (K) must have stride 1, got strides ", x.strides());
   TORCH_CHECK(K < INT_MAX, op, ": x has too many columns: ", x.sizes());
 
   c10::cuda::CUDAGuard guard(x.device());
@@ -190,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rowwise_cuda(const at::Tensor& x) {
     launch_quantize_rowwise<T>(x.const_data_ptr<T>(), q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(), M,
                                static_cast<int>(K), ldx, stream);
   };
-  dispatch_float_half_bf16(dt, op, run);
+  dispatch_dtype(kFloatHalfBf16, x.scalar_type(), op, run);
   return {q, scale};
 }
 

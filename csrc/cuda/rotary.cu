@@ -17,7 +17,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/dispatch.h"
 
 #include <cuda_runtime.h>
 
@@ -26,6 +26,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "common/cuda_launch.cuh"
 #include "common/cuda_pack.cuh"
 
 namespace mptk::cuda {
@@ -134,8 +135,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T, int VEC, bool ALIGNED, bool INTERLEAVED>
 void launch_rotary(const T* x, const float* cos_t, const float* sin_t, const int* offsets, T* out, int64_t B, int S,
                    int H, int D, int half, int64_t max_seqlen, int64_t offset, int64_t sb, int64_t ss, int64_t sh,
@@ -144,10 +143,10 @@ void launch_rotary(const T* x, const float* cos_t, const float* sin_t, const int
   const int units = (INTERLEAVED ? 2 * half : half) / VEC + (D - 2 * half) / CV;
   const int64_t work = static_cast<int64_t>(H) * units;  // threads' worth of work per token
   // 256 threads a block: one token's units when there are that many, else several tokens
-  const int bx = static_cast<int>(std::min<int64_t>(256, (work + 31) / 32 * 32));
+  const int bx = static_cast<int>(std::min<int64_t>(256, round_up32(work)));
   const int by = 256 / bx;
   const int64_t n_tok = B * S;
-  const int64_t blocks = (n_tok + by - 1) / by;
+  const int64_t blocks = ceil_div(n_tok, by);
   TORCH_CHECK(blocks <= INT_MAX && work <= INT_MAX, "rotary: x has too many tokens or heads: (", B, ", ", S, ", ", H,
               ", ", D, ")");
   rotary_kernel<T, VEC, ALIGNED, INTERLEAVED><<<static_cast<unsigned>(blocks), dim3(bx, by), 0, stream>>>(
@@ -158,8 +157,8 @@ void launch_rotary(const T* x, const float* cos_t, const float* sin_t, const int
 at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                        const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset, bool interleaved,
                        bool conjugate) {
-  TORCH_CHECK(x.is_cuda(), "rotary: x must be a CUDA tensor, got ", x.device());
-  mptk::check_rotary_args(x, cos, sin, seqlen_offsets, seqlen_offset, /*allow_double=*/false);
+  // the arguments were checked by mptkernels/ops/rotary.py; what is left is this kernel's
+  // own limit, its int indexing
   const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
   const int64_t half = cos.size(1), max_seqlen = cos.size(0);
   TORCH_CHECK(S < INT_MAX && H < INT_MAX && D < INT_MAX, "rotary: x's shape ", x.sizes(), " is too large");
@@ -196,7 +195,7 @@ at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Ten
       else args(launch_rotary<T, 1, true, false>);
     }
   };
-  dispatch_float_half_bf16(x.scalar_type(), "rotary", run);
+  dispatch_dtype(kFloatHalfBf16, x.scalar_type(), "rotary", run);
   return out;
 }
 

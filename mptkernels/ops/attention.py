@@ -370,8 +370,8 @@ def _check_fwd(q, k, v, alibi_slopes, softmax_scale, causal):
 
 def _check_grad_inputs(op, dout, q, out, lse, lse_shape):
     for t, name in ((dout, "dout"), (out, "out")):
-        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.device != q.device:
-            raise ValueError(f"{op}: {name} must have q's shape {tuple(q.shape)} on {q.device}")
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{op}: {name} must have q's shape {tuple(q.shape)} and dtype {q.dtype} on {q.device}")
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != lse_shape or lse.dtype != torch.float32:
         raise ValueError(f"{op}: lse must be a float32 {lse_shape} tensor, got "
                          f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")

@@ -71,10 +71,13 @@ def quantize_rowwise(x):
         x = x.detach()
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("quantize_rowwise: x must be a tensor with at least one dim")
-    _check_quantize(_rows(x))
+    _check_quantize(x)
 
     def kernel(x):
-        q, scale = _ops.quantize_rowwise.default(_rows(x))
+        rows = _rows(x)
+        if rows.stride(1) != 1:  # the kernels take padded rows but not a strided last dim
+            rows = rows.contiguous()
+        q, scale = _ops.quantize_rowwise.default(rows)
         return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
     return _dispatch.route("quantize_rowwise", (x,), device=x.device, dtype=x.dtype, torch_why=_dispatch.no_torch_op,
@@ -204,8 +207,25 @@ def _check_quantize(x):
         raise TypeError(f"quantize_rowwise: x must be float32, float16 or bfloat16, got {x.dtype}")
 
 
+def _check_matrix(op, **tensors):
+    """The custom ops take the (rows, K) matrices the public functions make (_rows): the C++ and
+    Triton kernels trust these checks."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be a 2-D tensor here, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+
+
+def _check_quantize_op(x):
+    _check_matrix("quantize_rowwise", x=x)
+    _check_quantize(x)
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        raise ValueError(f"quantize_rowwise: x's last dim must have stride 1 here, got strides {x.stride()}")
+
+
 def _check_linear_bwd(dout, x, weight, saved, activation, has_bias):
     _check_linear(x, weight, None, activation)
+    _check_matrix("linear (backward)", x=x)
     shape = (x.shape[0], weight.shape[0])
     if not isinstance(dout, torch.Tensor) or tuple(dout.shape) != shape or dout.dtype != x.dtype:
         raise ValueError(f"linear (backward): dout must be a {x.dtype} {shape} tensor")
@@ -254,24 +274,26 @@ def _dtype0(a):
 
 
 for _schema in (
-        _dispatch.Schema("linear_fwd", check=lambda x, w, b, act: _check_linear(x, w, b, act),
+        _dispatch.Schema("linear_fwd", check=lambda x, w, b, act: (_check_linear(x, w, b, act), _check_matrix("linear", x=x)),
                          public_of=lambda a: "linear", dtype_of=_dtype0,
                          shape_class=lambda a: _gemm_class(a[0], a[1].shape[0], a[3], a[2] is not None),
                          fake=_fake_linear_fwd),
         _dispatch.Schema("linear_bwd", check=_check_linear_bwd, public_of=lambda a: "linear",
                          dtype_of=lambda a: a[1].dtype,
                          shape_class=lambda a: _gemm_class(a[1], a[2].shape[0], a[4], a[5]), fake=_fake_linear_bwd),
-        _dispatch.Schema("quantize_rowwise", check=_check_quantize, public_of=lambda a: "quantize_rowwise",
+        _dispatch.Schema("quantize_rowwise", check=_check_quantize_op, public_of=lambda a: "quantize_rowwise",
                          dtype_of=_dtype0, shape_class=lambda a: (a[0].dtype, a[0].shape[1]), fake=_fake_quantize),
         _dispatch.Schema("int8_mm", check=_check_int8_mm, public_of=lambda a: "int8_mm", dtype_of=_dtype0,
                          shape_class=lambda a: _gemm_class(a[0], a[1].shape[0]), fake=_fake_int8_mm),
         _dispatch.Schema("int8_linear", check=lambda x, w, s, b, act: (_check_int8(x, w, s, b, "int8_linear"),
+                                                                        _check_matrix("int8_linear", x=x),
                                                                         check_activation(act, "int8_linear")),
                          public_of=lambda a: "int8_linear", dtype_of=_dtype0,
                          shape_class=lambda a: _gemm_class(a[0], a[1].shape[0], a[4], a[3] is not None),
                          fake=_fake_int8_linear),
         _dispatch.Schema("weight_only_int8_linear",
-                         check=lambda x, w, s, b: _check_int8(x, w, s, b, "weight_only_int8_linear"),
+                         check=lambda x, w, s, b: (_check_int8(x, w, s, b, "weight_only_int8_linear"),
+                                                   _check_matrix("weight_only_int8_linear", x=x)),
                          public_of=lambda a: "weight_only_int8_linear", dtype_of=_dtype0,
                          shape_class=lambda a: _gemm_class(a[0], a[1].shape[0], a[3] is not None),
                          fake=_fake_int8_linear)):

@@ -112,6 +112,9 @@ def _check(x, cos, sin, seqlen_offsets, seqlen_offset, interleaved, conjugate):
             raise ValueError(f"apply_rotary: {name} must be a contiguous float32 table here, got {t.dtype}")
     if x.stride(-1) != 1 and x.shape[-1] > 1 and x.numel():
         raise ValueError(f"apply_rotary: x's last dim (head_dim) must have stride 1 here, got strides {x.stride()}")
+    if seqlen_offsets is None and x.numel() and not 0 <= seqlen_offset <= cos.shape[0] - x.shape[1]:
+        raise ValueError(f"apply_rotary: seqlen_offset {seqlen_offset} puts tokens at rows [{seqlen_offset}, "
+                         f"{seqlen_offset + x.shape[1]}), outside the cos/sin table of {cos.shape[0]} rows")
     if seqlen_offsets is not None:
         if seqlen_offsets.dtype != torch.int32 or not seqlen_offsets.is_contiguous():
             raise ValueError(f"apply_rotary: seqlen_offsets must be a contiguous int32 tensor here, got "
