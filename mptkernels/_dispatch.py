@@ -469,6 +469,47 @@ def register(schema: Schema):
     kernel.__name__ = f"{schema.name}_chooser"
     for key in ("CPU", "CUDA"):  # Library.impl: no torch.compile guard around it (it runs at run time only)
         _lib.impl(schema.name, kernel, key)
+    setattr(CUSTOM_OPS, schema.name, _DirectOp(getattr(torch.ops.mptkernels, schema.name).default, kernel))
+
+
+class _Ops:
+    """``CUSTOM_OPS.<schema op>.default(*args)``: what the ops modules call instead of
+    ``torch.ops.mptkernels.<schema op>.default``; the same op, with one shortcut (_DirectOp)."""
+
+
+CUSTOM_OPS = _Ops()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class _DirectOp:
+    """The custom op, or its CPU/CUDA kernel (the chooser) called directly where the dispatcher
+    would run nothing else before it: no gradient to record, not traced (torch.compile, fake
+    or meta tensors), no dispatch or function mode, no tensor subclass. The dispatcher's round
+    trip into Python and the autograd wrapper cost ~30 us a call on the CPU, as much as a small
+    op's whole kernel (a decode step is hundreds of them)."""
+
+    __slots__ = ("op", "chooser")
+
+    def __init__(self, op, chooser):
+        self.op, self.chooser = op, chooser
+
+    def default(self, *args):
+        if not torch.compiler.is_compiling() and _plain(args):
+            return self.chooser(*args)
+        return self.op(*args)
+
+
+def _plain(args) -> bool:
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    device = None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN or grad and a.requires_grad:
+                return False
+            device = device or a.device.type
+    return device in ("cpu", "cuda")
 
 
 # ---------------------------------------------------------------------------------------

@@ -461,6 +461,49 @@ def test_bad_direct_calls_of_the_public_custom_ops_raise_before_a_kernel(case):
         _bad_direct_calls()[case]()
 
 
+def test_the_custom_op_is_skipped_only_where_the_dispatcher_would_run_nothing_but_the_kernel(monkeypatch):
+    """_dispatch.CUSTOM_OPS calls the chooser directly for plain tensors without a gradient to
+    record; with one, under a dispatch mode or on meta tensors it goes through the dispatcher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    direct = _dispatch.CUSTOM_OPS.layer_norm_fwd
+    through = []
+    real_op = direct.op
+    monkeypatch.setattr(direct, "op", lambda *a: through.append(1) or real_op(*a))
+    x, w = torch.randn(5, 24), torch.randn(24)
+    want = reference.layer_norm(x, w, None, 1e-5)
+
+    with torch.no_grad():
+        got = ops.layer_norm(x, w)
+    assert not through and rel_err(got, want) <= TOL[torch.float32]
+    got = ops.layer_norm(x, w)  # grad mode on, nothing requires grad: still direct
+    assert not through and rel_err(got, want) <= TOL[torch.float32]
+
+    xg = x.clone().requires_grad_()
+    got = ops.layer_norm(xg, w)
+    assert through and got.grad_fn is not None
+    got.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    through.clear()
+    with torch.no_grad(), Seen() as seen:
+        ops.layer_norm(x, w)
+    assert through and "mptkernels.layer_norm_fwd.default" in seen.ops
+
+    through.clear()
+    out = direct.default(torch.empty(5, 24, device="meta"), None, None, None, 1e-5, False, 0.0, False)[0]
+    assert through and out.device.type == "meta" and out.shape == (5, 24)
+
+
 @pytest.mark.parametrize("impl", ["auto", "torch", "reference", "cpu"])
 def test_compiled_calls_follow_the_forcing_at_trace_time(impl):
     """torch.compile(fullgraph=True) traces the dispatch: the forcing in effect when the graph is

@@ -14,7 +14,7 @@ import torch
 
 from .. import _dispatch, reference, torch_impl
 
-_ops = torch.ops.mptkernels
+_ops = _dispatch.CUSTOM_OPS  # torch.ops.mptkernels, called directly where nothing else would run
 MAX_HEAD_DIM = 256  # the kernels' limit (the Triton tiles go up to BLOCK_D 256; the C++ kernel's rows)
 # the dtypes some attention kernel takes (scaled_dot_product_attention hands others to PyTorch)
 _KERNEL_DTYPES = tuple(set().union(*_dispatch.TABLE["attention"].kernels.values()))

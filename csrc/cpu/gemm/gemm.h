@@ -29,7 +29,8 @@
 // oneDNN's native bf16 matmul where the CPU has it (see linear_bwd_bf16).
 //
 // int8: torch._int_mm runs 12-40x slower than sgemm on AVX2 machines, so the int8 product has
-// its own kernel, exact in int32 (the lanes overflow only past K ~ 130k, which is checked).
+// its own kernel, exact in int32 (the lanes overflow only past K ~ 130k: ops/gemm.py refuses
+// K > INT8_MAX_K before a kernel runs).
 // Results reach the epilogue (int32 store, or scale + bias + activation + rounding for
 // int8_linear) a row-run at a time, while still in cache.
 //
