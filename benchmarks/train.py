@@ -95,7 +95,8 @@ def run(device, model_name, batch, seq, steps, dtype=None):
           f"seq {seq}, {str(dtype).replace('torch.', '')}, {device}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; peak {peak / 1e12:.3g} TFLOP/s")
     for name, tps, mfu, mem in rows:
-        print(f"  {name:14s} {tps:12,.0f} tokens/s  MFU {mfu:6.1%}  peak memory {mem:.2f} GiB")
+        memory = f"  peak memory {mem:.2f} GiB" if mem == mem else ""  # NaN: not measured on the CPU
+        print(f"  {name:14s} {tps:12,.0f} tokens/s  MFU {mfu:6.1%}{memory}")
     print(f"  mptkernels / transformers: {rows[1][1] / rows[0][1]:.2f}x tokens/s")
     return rows
 

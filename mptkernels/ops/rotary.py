@@ -34,14 +34,10 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
     if isinstance(seqlen_offsets, torch.Tensor):
         offsets, offset = _int32_offsets(seqlen_offsets, x, seqlen, cos.shape[0]), 0
     else:
-        offsets, offset = None, int(seqlen_offsets)
-        if offset < 0 or offset + seqlen > cos.shape[0]:
-            raise ValueError(f"apply_rotary: cos/sin have {cos.shape[0]} rows but seqlen_offsets={offset} + "
-                             f"seqlen={seqlen} needs {offset + seqlen}")
+        offsets, offset = None, int(seqlen_offsets)  # its range: _check
     cos32, sin32 = cos.float().contiguous(), sin.float().contiguous()
     if x.stride(-1) != 1:  # the kernels take any strides but a unit one along head_dim
         x = x.contiguous()
-    _check(x, cos32, sin32, offsets, offset, interleaved, False)
 
     def kernel(x):
         return _ops.apply_rotary.default(x, cos32, sin32, offsets, offset, interleaved, False)
@@ -50,7 +46,8 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
         return reference.apply_rotary(x, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets)
 
     return _dispatch.route("apply_rotary", (x,), device=x.device, dtype=x.dtype, torch_why=_dispatch.no_torch_op,
-                           shape_class=tuple, kernel=kernel, torch_fn=None, reference=ref)
+                           shape_class=tuple, kernel=kernel, torch_fn=None, reference=ref,
+                           check=lambda: _check(x, cos32, sin32, offsets, offset, interleaved, False))
 
 
 def _int32_offsets(seqlen_offsets, x, seqlen, rows):
@@ -112,9 +109,9 @@ def _check(x, cos, sin, seqlen_offsets, seqlen_offset, interleaved, conjugate):
             raise ValueError(f"apply_rotary: {name} must be a contiguous float32 table here, got {t.dtype}")
     if x.stride(-1) != 1 and x.shape[-1] > 1 and x.numel():
         raise ValueError(f"apply_rotary: x's last dim (head_dim) must have stride 1 here, got strides {x.stride()}")
-    if seqlen_offsets is None and x.numel() and not 0 <= seqlen_offset <= cos.shape[0] - x.shape[1]:
-        raise ValueError(f"apply_rotary: seqlen_offset {seqlen_offset} puts tokens at rows [{seqlen_offset}, "
-                         f"{seqlen_offset + x.shape[1]}), outside the cos/sin table of {cos.shape[0]} rows")
+    if seqlen_offsets is None and not 0 <= seqlen_offset <= cos.shape[0] - x.shape[1]:
+        raise ValueError(f"apply_rotary: cos/sin have {cos.shape[0]} rows but seqlen_offsets={seqlen_offset} + "
+                         f"seqlen={x.shape[1]} needs {seqlen_offset + x.shape[1]}")
     if seqlen_offsets is not None:
         if seqlen_offsets.dtype != torch.int32 or not seqlen_offsets.is_contiguous():
             raise ValueError(f"apply_rotary: seqlen_offsets must be a contiguous int32 tensor here, got "
