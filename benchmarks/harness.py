@@ -237,6 +237,12 @@ def write_outputs(rows: list[Row], env: dict, out_dir: str):
     impls = list(dict.fromkeys(r.impl for r in rows))
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cases)), 5))
     width = 0.8 / max(len(impls), 1)
+    # ours in greens, the baselines in the other tab20 colours (never a green): with more
+    # implementations than a 10-colour cycle, a baseline would otherwise share our colour
+    ours = [impl for impl in impls if impl.startswith("mptkernels")]
+    others = [c for k, c in enumerate(plt.cm.tab20.colors) if k not in (4, 5)]
+    colors = {impl: plt.cm.Greens(0.9 - 0.4 * k / max(len(ours) - 1, 1)) for k, impl in enumerate(ours)}
+    colors.update({impl: others[k % len(others)] for k, impl in enumerate(i for i in impls if i not in colors)})
     for i, impl in enumerate(impls):
         xs, ys = [], []
         for j, c in enumerate(cases):
@@ -244,7 +250,7 @@ def write_outputs(rows: list[Row], env: dict, out_dir: str):
             if hit:
                 xs.append(j + i * width)
                 ys.append(hit[0])
-        ax.bar(xs, ys, width, label=impl)
+        ax.bar(xs, ys, width, label=impl, color=colors[impl])
     ax.axhline(100, color="k", linestyle="--", linewidth=1, label="measured ceiling (copy; matmul for attention)")
     ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(cases))])
     ax.set_xticklabels([c[1] for c in cases], rotation=20, ha="right", fontsize=7)
