@@ -41,6 +41,7 @@ import platform
 import re
 import threading
 import time
+import types
 import warnings
 from typing import Callable
 
@@ -472,12 +473,9 @@ def register(schema: Schema):
     setattr(CUSTOM_OPS, schema.name, _DirectOp(getattr(torch.ops.mptkernels, schema.name).default, kernel))
 
 
-class _Ops:
-    """``CUSTOM_OPS.<schema op>.default(*args)``: what the ops modules call instead of
-    ``torch.ops.mptkernels.<schema op>.default``; the same op, with one shortcut (_DirectOp)."""
-
-
-CUSTOM_OPS = _Ops()
+# CUSTOM_OPS.<schema op>.default(*args): what the ops modules call instead of
+# torch.ops.mptkernels.<schema op>.default; the same op, with one shortcut (_DirectOp)
+CUSTOM_OPS = types.SimpleNamespace()
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -348,15 +348,12 @@ inline void decode_pv(const float* p, const float* vrows, int64_t ld, int64_t nk
 // (all three kernels) sequence s of g is query rows [s.q0, s.q0 + s.Sq) and key rows
 // [s.k0, s.k0 + s.Sk) of the token dimension; lse of its row i, head h at
 // lp[s.lse0 + h * g.lse_head_stride + i]
+// The arguments of attention_decode_impl and attention_fwd_impl, the same for both:
+//   qp [tokens_q, Hq, D]; kp, vp [tokens_k, Hk, D]; slopes [Hq], [B, Hq] when
+//   slopes_per_batch, or null; op [tokens_q, Hq, D]; lp the lse, [Hq, tokens_q] or [B, Hq, Sq]
 template <typename T>
-void attention_decode_impl(const T* qp,          // [tokens_q, Hq, D]
-                           const T* kp,          // [tokens_k, Hk, D]
-                           const T* vp,          // [tokens_k, Hk, D]
-                           const float* slopes,  // [Hq], [B, Hq] when slopes_per_batch, or null
-                           bool slopes_per_batch,
-                           const Geometry& g,
-                           T* op,                // [tokens_q, Hq, D]
-                           float* lp) {          // lse, [Hq, tokens_q] or [B, Hq, Sq]
+void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* slopes, bool slopes_per_batch,
+                           const Geometry& g, T* op, float* lp) {
   const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
   const int64_t qrow = g.Hq * D, krow = g.Hk * D;
   // a decode step is often a few microseconds of work: hand a thread at least ~64k
@@ -422,14 +419,8 @@ void attention_decode_impl(const T* qp,          // [tokens_q, Hq, D]
 }
 
 template <typename T>
-void attention_fwd_impl(const T* qp,          // [tokens_q, Hq, D]
-                        const T* kp,          // [tokens_k, Hk, D]
-                        const T* vp,          // [tokens_k, Hk, D]
-                        const float* slopes,  // [Hq], [B, Hq] when slopes_per_batch, or null
-                        bool slopes_per_batch,
-                        const Geometry& g,
-                        T* op,                // [tokens_q, Hq, D]
-                        float* lp) {          // lse, [Hq, tokens_q] or [B, Hq, Sq]
+void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slopes, bool slopes_per_batch,
+                        const Geometry& g, T* op, float* lp) {  // the arguments: above attention_decode_impl
   // bf16 where the build host has AVX512-BF16: both GEMMs on vdpbf16ps with bf16 operands as
   // they are (q read in place, K^T and V as word pairs), P rounded to bf16 for P V, as
   // FlashAttention does on GPUs; fp32 sums and softmax. Else everything in fp32.
