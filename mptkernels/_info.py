@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import _dispatch
-from ._loader import build_info
+from ._loader import build_info, cpu_isa
 from .triton import version as triton_version
 
 
@@ -31,7 +31,8 @@ def info(file=None) -> dict:
         "triton": triton_version() or "not installed",
         "python": platform.python_version(),
         "built against torch": build_info.torch_version,
-        "CPU kernels ISA": " + ".join([build_info.cpu_isa, *getattr(build_info, "cpu_extensions", [])]),
+        "CPU kernels ISA": cpu_isa(),
+        "CPU ISA levels": {"built": build_info.cpu_isa_levels, "this CPU runs up to": torch.ops.mptkernels_isa.cpu_isa(None)[1]},
         "CUDA kernels": (f"yes, archs {', '.join(build_info.cuda_archs)}" if build_info.with_cuda else "no"),
         "GPU": torch.cuda.get_device_name() if cuda_ok else "none visible",
         "backend (this thread)": _forcing() + "   (MPTK_BACKEND or mptkernels.backend())",
@@ -42,8 +43,12 @@ def info(file=None) -> dict:
         "scaled_dot_product_attention falls back to PyTorch for": SDPA_FALLBACKS,
     }
     lines = ["mptkernels.info()"]
-    for k in ("mptkernels", "torch", "triton", "python", "built against torch", "CPU kernels ISA", "CUDA kernels",
-              "GPU", "backend (this thread)"):
+    for k in ("mptkernels", "torch", "triton", "python", "built against torch"):
+        lines.append(f"  {k}: {facts[k]}")
+    levels = facts["CPU ISA levels"]
+    lines.append(f"  CPU kernels ISA: {facts['CPU kernels ISA']}   (built: {', '.join(levels['built'])}; this CPU "
+                 f"runs up to {levels['this CPU runs up to']}; MPTK_CPU_ISA or mptkernels.cpu_isa() caps it)")
+    for k in ("CUDA kernels", "GPU", "backend (this thread)"):
         lines.append(f"  {k}: {facts[k]}")
     for d in ("cpu", "cuda"):
         lines.append(f"  {d} tensors — auto runs {facts['auto'][d]}:")

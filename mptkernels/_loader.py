@@ -1,4 +1,5 @@
-"""Loads mptkernels/_C (every op's schema and C++ kernel) and checks it matches this torch.
+"""Loads mptkernels/_C (every op's schema and C++ kernel) and checks it matches this torch;
+chooses the ISA level of the C++ CPU kernels (MPTK_CPU_ISA, cpu_isa()).
 
 A _C built against another torch fails with an undefined-symbol error deep inside the
 loader; we compare the torch version recorded at build time first and say what to do.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 
 import torch
 
@@ -14,23 +16,58 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 REBUILD = "rebuild it: pip install --no-build-isolation --no-deps --force-reinstall -e . (from the mptkernels source folder)"
 
 
-def _load():
+def library_path() -> str | None:
+    """The compiled library, _C<python's extension suffix>, beside this file (None if not built)."""
     libs = sorted(glob.glob(os.path.join(_HERE, "_C*.so")))
+    return libs[0] if libs else None
+
+
+def _load():
+    lib = library_path()
     try:
         from . import _build_info
     except ImportError:
         _build_info = None
-    if not libs or _build_info is None:
+    if lib is None or _build_info is None:
         raise ImportError(f"mptkernels._C is not built (no _C*.so or _build_info.py in {_HERE}); build it: "
                           "pip install --no-build-isolation -e .")
     if _build_info.torch_version != torch.__version__:
         raise ImportError(f"mptkernels._C was built against torch {_build_info.torch_version} but torch "
                           f"{torch.__version__} is installed; {REBUILD}")
     try:
-        torch.ops.load_library(libs[0])
+        torch.ops.load_library(lib)
     except OSError as e:
         raise ImportError(f"mptkernels._C failed to load ({e}); {REBUILD}") from e
     return _build_info
 
 
+def cpu_isa(level: str | None = None) -> str:
+    """The ISA level the C++ CPU kernels run at: one of ``build_info.cpu_isa_levels`` (lowest
+    first: default, avx2, avx512, avx512_bf16 on x86-64). ``_C`` starts at the highest level
+    this CPU runs (csrc/cpu/isa.cpp says what each needs). With ``level``, cap it there
+    (``"auto"``: no cap), as ``MPTK_CPU_ISA`` does at import: for the same numerics on
+    different machines, or to test a lower level. A cap above what this CPU runs is lowered to
+    what it runs, with a warning. Returns the level now in use; process-wide."""
+    if level is not None and not isinstance(level, str):
+        raise TypeError(f"cpu_isa: level must be a str such as 'avx2', got {type(level).__name__}")
+    try:
+        in_use, cpu_best = torch.ops.mptkernels_isa.cpu_isa(level)
+    except RuntimeError as e:  # an unknown level: the C++ message lists the valid ones
+        raise ValueError(f"cpu_isa: {str(e).splitlines()[0]}") from None
+    if level not in (None, "auto") and in_use != level:
+        warnings.warn(f"mptkernels: CPU ISA level {level!r} asked for, but this CPU runs at most {cpu_best!r}; "
+                      f"the CPU kernels use {in_use!r}", stacklevel=2)
+    return in_use
+
+
+def _cap_from_env():
+    value = os.environ.get("MPTK_CPU_ISA")
+    if value:
+        try:
+            cpu_isa(value)
+        except ValueError as e:
+            raise ValueError(f"MPTK_CPU_ISA={value!r}: {str(e).removeprefix('cpu_isa: ')}") from None
+
+
 build_info = _load()
+_cap_from_env()

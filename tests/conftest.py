@@ -35,6 +35,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_triton_interpreter_loop_bounds()
 
 
+def pytest_report_header(config):
+    import mptkernels
+
+    return f"mptkernels CPU ISA level: {mptkernels.cpu_isa()} (built: {', '.join(mptkernels.build_info.cpu_isa_levels)})"
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -52,7 +52,7 @@ def test_cpu_forward_matches_reference(dtype, shape, causal, alibi):
     assert torch.equal(ops.attention(q, k, v, causal=causal, alibi_slopes=slopes), out)
 
 
-# bf16 on the CPU (vdpbf16ps where the build host has AVX512-BF16): q K^T products exact in
+# bf16 on the CPU (vdpbf16ps at the avx512_bf16 level): q K^T products exact in
 # fp32, P rounded to bf16 for P V, one rounding of the output: element by element within
 # 2^-8 of the fp64 result (relative) plus 2^-8 of the largest |v| (P's rounding), so a dropped
 # key (an odd last one of a pair) or head-dim column shows even where a norm would hide it
@@ -86,7 +86,7 @@ def test_cpu_gradients_match_reference(dtype, shape, causal, alibi):
             assert rel_err(g, ref) <= GRAD_TOL[dtype], (name, rel_err(g, ref))
 
 
-# bf16 backward on the CPU (vdpbf16ps where the build host has AVX512-BF16: P and dS rounded
+# bf16 backward on the CPU (vdpbf16ps at the avx512_bf16 level: P and dS rounded
 # to bf16, query rows paired): every token's gradient row against fp64, so one row dropped
 # from a pair (odd seqlen_q; with causal the last key gets its gradient from the last query
 # alone) shows even where a whole-tensor norm would hide it

@@ -26,7 +26,7 @@
 #define MPTK_FLATTEN __attribute__((flatten))
 #define MPTK_NOINLINE __attribute__((noinline))
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -179,7 +179,7 @@ inline void transpose_16x16_words(__m512i r[16]) {
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-// The build host has AVX512-BF16 (CMakeLists.txt gives the GEMM and attention files the flag)
+// The avx512_bf16 level (CMakeLists.txt compiles the GEMM and attention files with -mavx512bf16)
 #define MPTK_BF16_PAIRS 1
 // The multiply-add of the GEMM tiles (csrc/cpu/gemm/, attention.cpp) on bf16 operands: a
 // k-step is a 32-bit word holding two bf16 values of consecutive k; A's word is broadcast,
@@ -198,4 +198,4 @@ struct Bf16Pairs {
 };
 #endif
 
-}  // namespace mptk::cpu
+}  // namespace mptk::cpu::CPU_CAPABILITY

@@ -19,7 +19,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
@@ -30,8 +29,9 @@
 #include <vector>
 
 #include "common/cpu_vec.h"
+#include "cpu/kernels.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 using Vf = Vectorized<float>;
@@ -47,7 +47,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 constexpr int kRows = kW >= 16 ? 4 : 2;
 
 // The multiply-add of the tile GEMMs, per operand type. A k-step is a 32-bit word of B: one
-// fp32 value (FMA, below), or, where the build host has AVX512-BF16, a pair of bf16 values of
+// fp32 value (FMA, below), or, at the avx512_bf16 level, a pair of bf16 values of
 // consecutive k (Bf16Pairs in common/cpu_vec.h: vdpbf16ps, twice the FMA's work per
 // instruction); A's word k is then elements 2k and 2k + 1 of its row.
 struct F32Words {
@@ -421,7 +421,7 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
 template <typename T>
 void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slopes, bool slopes_per_batch,
                         const Geometry& g, T* op, float* lp) {  // the arguments: above attention_decode_impl
-  // bf16 where the build host has AVX512-BF16: both GEMMs on vdpbf16ps with bf16 operands as
+  // bf16 at the avx512_bf16 level: both GEMMs on vdpbf16ps with bf16 operands as
   // they are (q read in place, K^T and V as word pairs), P rounded to bf16 for P V, as
   // FlashAttention does on GPUs; fp32 sums and softmax. Else everything in fp32.
 #ifdef MPTK_BF16_PAIRS
@@ -545,7 +545,7 @@ void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
                         T* dqp,               // [tokens_q, Hq, D]
                         T* dkp,               // [tokens_k, Hk, D]
                         T* dvp) {             // [tokens_k, Hk, D]
-  // bf16 where the build host has AVX512-BF16: the five tile GEMMs on vdpbf16ps, q and dO read
+  // bf16 at the avx512_bf16 level: the five tile GEMMs on vdpbf16ps, q and dO read
   // in place as A, K^T / V^T / K as word pairs, P and dS rounded to bf16 (as FlashAttention
   // does on GPUs), q and dO pairs per query block as the B of dK and dV; fp32 sums, softmax
   // and delta. Else everything in fp32.
@@ -808,12 +808,14 @@ at::Tensor attention_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::T
 }
 
 }  // namespace
-}  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
-  m.impl("attention_fwd", &mptk::cpu::attention_fwd_cpu);
-  m.impl("attention_bwd", &mptk::cpu::attention_bwd_cpu);
-  m.impl("attention_varlen_fwd", &mptk::cpu::attention_varlen_fwd_cpu);
-  m.impl("attention_varlen_bwd", &mptk::cpu::attention_varlen_bwd_cpu);
-  m.impl("attention_with_kvcache", &mptk::cpu::attention_kvcache_cpu);
+// this level's entries of the kernel table (cpu/kernels.h)
+void add_attention(Kernels& k) {
+  k.attention_fwd = &attention_fwd_cpu;
+  k.attention_bwd = &attention_bwd_cpu;
+  k.attention_varlen_fwd = &attention_varlen_fwd_cpu;
+  k.attention_varlen_bwd = &attention_varlen_bwd_cpu;
+  k.attention_with_kvcache = &attention_kvcache_cpu;
 }
+
+}  // namespace mptk::cpu::CPU_CAPABILITY

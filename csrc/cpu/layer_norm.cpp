@@ -8,7 +8,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <optional>
@@ -17,8 +16,9 @@
 
 #include "common/cpu_vec.h"
 #include "common/dispatch.h"
+#include "cpu/kernels.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 template <typename A>
@@ -345,9 +345,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
 }
 
 }  // namespace
-}  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
-  m.impl("layer_norm_fwd", &mptk::cpu::layer_norm_fwd_cpu);
-  m.impl("layer_norm_bwd", &mptk::cpu::layer_norm_bwd_cpu);
+// this level's entries of the kernel table (cpu/kernels.h)
+void add_layer_norm(Kernels& k) {
+  k.layer_norm_fwd = &layer_norm_fwd_cpu;
+  k.layer_norm_bwd = &layer_norm_bwd_cpu;
 }
+
+}  // namespace mptk::cpu::CPU_CAPABILITY

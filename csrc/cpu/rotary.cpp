@@ -6,14 +6,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <atomic>
 #include <optional>
 
 #include "common/cpu_vec.h"
+#include "cpu/kernels.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 template <typename T>
@@ -103,6 +103,10 @@ at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 }
 
 }  // namespace
-}  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) { m.impl("apply_rotary", &mptk::cpu::rotary_cpu); }
+// this level's entries of the kernel table (cpu/kernels.h)
+void add_rotary(Kernels& k) {
+  k.apply_rotary = &rotary_cpu;
+}
+
+}  // namespace mptk::cpu::CPU_CAPABILITY

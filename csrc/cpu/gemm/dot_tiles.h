@@ -1,5 +1,5 @@
 // The GEMM family's dot-product tiles (see gemm.h), for few rows of x: fp32 x against fp32
-// or 16-bit weights (widened in registers), or, where the build host has AVX512-BF16, bf16
+// or 16-bit weights (widened in registers), or, at the avx512_bf16 level, bf16
 // against bf16 on vdpbf16ps. Used by the linears with few rows (decoding: the weight is
 // streamed once) and by the weight-only int8 linear on converted weight blocks. Templates,
 // so the tiles are compiled, unrolled and inlined in the file that runs them.
@@ -12,7 +12,7 @@
 
 #include "cpu/gemm/gemm.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {  // internal to each including file: see gemm.h
 
 // ---------------------------------------------------------------- dot-product tiles
@@ -192,4 +192,4 @@ void dot_gemm(const typename Ops::XE* x,  // [M, K]
 }
 
 }  // namespace
-}  // namespace mptk::cpu
+}  // namespace mptk::cpu::CPU_CAPABILITY

@@ -13,7 +13,7 @@
 
 #include "cpu/gemm/gemm.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {  // internal to each including file: see gemm.h
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
@@ -109,4 +109,4 @@ void linear_epilogue(float* h,            // [M, N] fp32 sums, overwritten
 }
 
 }  // namespace
-}  // namespace mptk::cpu
+}  // namespace mptk::cpu::CPU_CAPABILITY

@@ -21,7 +21,7 @@
 // (declared below).
 //
 // Floating GEMMs are ours (MKL's sgemm runs AVX2 code on AMD CPUs): dot-product tiles for
-// few rows, AVX-512 panels for more, both in fp32 or, where the build host has AVX512-BF16,
+// few rows, AVX-512 panels for more, both in fp32 or, at the avx512_bf16 level,
 // on bf16 operands with vdpbf16ps. Other 16-bit inputs are widened to fp32 (on CPUs without
 // native bf16, PyTorch's bf16 matmul is ~350x slower than sgemm) and the result rounded once
 // in the epilogue (bias, activation, the pre-activation copy the gelus' backward needs),
@@ -34,8 +34,9 @@
 // Results reach the epilogue (int32 store, or scale + bias + activation + rounding for
 // int8_linear) a row-run at a time, while still in cache.
 //
-// Every file of the family is built with MPTK_GEMM_FLAGS (CMakeLists.txt): the CPU ISA, plus
-// AVX512-VNNI / AVX512-BF16 where the build host has them.
+// Every file of the family is compiled once per CPU ISA level (cpu/kernels.h); the
+// avx512_bf16 level adds AVX512-VNNI and AVX512-BF16, the only level where vpdpbusd and
+// vdpbf16ps appear.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -47,7 +48,7 @@
 
 #include "common/cpu_vec.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 
 using Vf = Vectorized<float>;
 constexpr int64_t kWf = Vf::size();
@@ -81,4 +82,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_bf16(const at::Tensor&
                                                                Act act, bool has_bias);
 #endif
 
-}  // namespace mptk::cpu
+}  // namespace mptk::cpu::CPU_CAPABILITY

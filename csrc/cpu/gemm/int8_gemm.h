@@ -20,7 +20,7 @@
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/panel_gemm.h"  // pack_words_x64
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {  // internal to each including file: see gemm.h
 
 // ---------------------------------------------------------------- int8 GEMM core
@@ -384,4 +384,4 @@ void int8_gemm(const at::Tensor& a,  // [M, K] int8
 }
 
 }  // namespace
-}  // namespace mptk::cpu
+}  // namespace mptk::cpu::CPU_CAPABILITY

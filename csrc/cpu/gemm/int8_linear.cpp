@@ -4,7 +4,6 @@
 // both on the core of int8_gemm.h.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <cstring>
@@ -16,8 +15,9 @@
 #include "cpu/gemm/epilogue.h"
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/int8_gemm.h"
+#include "cpu/kernels.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
@@ -66,9 +66,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_int8, const 
 }
 
 }  // namespace
-}  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
-  m.impl("int8_mm", &mptk::cpu::int8_mm_cpu);
-  m.impl("int8_linear", &mptk::cpu::int8_linear_cpu);
+// this level's entries of the kernel table (cpu/kernels.h)
+void add_int8_linear(Kernels& k) {
+  k.int8_mm = &int8_mm_cpu;
+  k.int8_linear = &int8_linear_cpu;
 }
+
+}  // namespace mptk::cpu::CPU_CAPABILITY

@@ -1,7 +1,7 @@
 // The GEMM family's linear (see gemm.h): linear_fwd and linear_bwd on the CPU, and the choice
 // of GEMM per shape and dtype. Forward: few rows on the dot tiles (the weight streamed once),
 // more on the AVX-512 panels with the epilogue fused per block (bf16 straight into vdpbf16ps
-// where the build host has AVX512-BF16, other 16-bit inputs widened to fp32), else at::mm
+// at the avx512_bf16 level, other 16-bit inputs widened to fp32), else at::mm
 // then one epilogue pass; float64 on plain ATen. Backward: dpre = dout * act'(h) in one pass,
 // then dx and dw on the same GEMMs (the bf16 backward is linear_bwd_bf16.cpp's).
 #include <ATen/Dispatch.h>
@@ -14,7 +14,6 @@
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <string_view>
@@ -25,8 +24,9 @@
 #include "cpu/gemm/epilogue.h"
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/panel_gemm.h"
+#include "cpu/kernels.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 // a contiguous fp32 (M, N) -> its transpose (N, M), contiguous. AVX-512: 16 x 16 blocks
@@ -203,9 +203,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
 }
 
 }  // namespace
-}  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
-  m.impl("linear_fwd", &mptk::cpu::linear_fwd_cpu);
-  m.impl("linear_bwd", &mptk::cpu::linear_bwd_cpu);
+// this level's entries of the kernel table (cpu/kernels.h)
+void add_linear(Kernels& k) {
+  k.linear_fwd = &linear_fwd_cpu;
+  k.linear_bwd = &linear_bwd_cpu;
 }
+
+}  // namespace mptk::cpu::CPU_CAPABILITY

@@ -15,7 +15,7 @@
 #include "cpu/gemm/gemm.h"
 
 #ifdef MPTK_BF16_PAIRS
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 // 32 bf16 (a masked load) as two fp32 vectors, and back rounded to nearest even: ATen's conversions
@@ -104,5 +104,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_bf16(const at::Tensor&
   return {at::mm(dpre, weight), at::mm(dpre.t(), x), db};
 }
 
-}  // namespace mptk::cpu
+}  // namespace mptk::cpu::CPU_CAPABILITY
 #endif  // MPTK_BF16_PAIRS

@@ -1,5 +1,5 @@
 // The GEMM family's panel GEMM (see gemm.h), AVX-512 only: C = A @ op(B) on 64-column
-// panels of B packed word-major, in fp32 (FMA) or, where the build host has AVX512-BF16, on
+// panels of B packed word-major, in fp32 (FMA) or, at the avx512_bf16 level, on
 // bf16 pairs (vdpbf16ps), with an optional epilogue on each finished block; a split-K variant
 // for K far larger than M and N. Also the 16x16-transposing panel packer the int8 VNNI panels
 // share (int8_gemm.h). Templates and inline functions, so the tiles inline into the callers
@@ -17,7 +17,7 @@
 
 #include "cpu/gemm/gemm.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {  // internal to each including file: see gemm.h
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -268,4 +268,4 @@ void sgemm_split_k(const typename Dot::E* A,  // [M, K]
 #endif  // CPU_CAPABILITY_AVX512
 
 }  // namespace
-}  // namespace mptk::cpu
+}  // namespace mptk::cpu::CPU_CAPABILITY

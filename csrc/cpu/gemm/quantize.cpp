@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,8 +15,9 @@
 #include <vector>
 
 #include "cpu/gemm/gemm.h"
+#include "cpu/kernels.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 // a row of x as fp32: itself when it already is, else widened into buf
@@ -94,8 +94,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_rowwise_cpu(const at::Tensor& x) {
   return {q, scale};
 }
 
-}  // namespace mptk::cpu
-
-TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
-  m.impl("quantize_rowwise", &mptk::cpu::quantize_rowwise_cpu);
+// this level's entries of the kernel table (cpu/kernels.h)
+void add_quantize(Kernels& k) {
+  k.quantize_rowwise = &quantize_rowwise_cpu;
 }
+
+}  // namespace mptk::cpu::CPU_CAPABILITY

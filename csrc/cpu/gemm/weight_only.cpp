@@ -1,12 +1,11 @@
 // The GEMM family's weight-only int8 linear on the CPU (see gemm.h): out = x @ (w_int8 *
 // w_scale)^T + bias for decoding and small batches, the int8 weight converted a few rows at a
 // time into a block that stays in L1 and run through the dot tiles (dot_tiles.h): fp32, or
-// bf16 on vdpbf16ps for bf16 x where the build host has AVX512-BF16.
+// bf16 on vdpbf16ps for bf16 x at the avx512_bf16 level.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -16,8 +15,9 @@
 
 #include "cpu/gemm/dot_tiles.h"
 #include "cpu/gemm/gemm.h"
+#include "cpu/kernels.h"
 
-namespace mptk::cpu {
+namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 // ---------------------------------------------------------------- weight-only int8
@@ -116,8 +116,10 @@ at::Tensor weight_only_int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_
 }
 
 }  // namespace
-}  // namespace mptk::cpu
 
-TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
-  m.impl("weight_only_int8_linear", &mptk::cpu::weight_only_int8_linear_cpu);
+// this level's entries of the kernel table (cpu/kernels.h)
+void add_weight_only(Kernels& k) {
+  k.weight_only_int8_linear = &weight_only_int8_linear_cpu;
 }
+
+}  // namespace mptk::cpu::CPU_CAPABILITY
