@@ -2,13 +2,15 @@
 wrong: crashes (exact resume from the latest complete checkpoint), out-of-memory (halve the
 micro-batch, keep the maths), loss spikes and non-finite values (skip, then roll back).
 
-    python -m mptkernels.train CONFIG.yaml [key.sub=value ...] [--export DIR]
-    torchrun --nproc_per_node N -m mptkernels.train CONFIG.yaml [...]
+    python -m mptkernels.train CONFIG [key.sub=value ...] [--export DIR]
+    torchrun --nproc_per_node N -m mptkernels.train CONFIG [...]
 
-The config (YAML; see configs/) has the sections below; every key has a default in DEFAULTS
-(``model:`` takes every MPTConfig field, attn_config's keys included), an unknown key is an
-error naming it, and every value is checked against its default's type and range. A bad
-config, data directory or run directory is a one-line ``error: ...`` and exit status 2.
+CONFIG is a YAML file, or the name of a preset shipped in mptkernels/configs/ (tiny, 125m, 1b:
+the file's stem; a file of that name in the working directory wins). The config has the
+sections below; every key has a default in DEFAULTS (``model:`` takes every MPTConfig field,
+attn_config's keys included), an unknown key is an error naming it, and every value is checked
+against its default's type and range. A bad config, data directory or run directory is a
+one-line ``error: ...`` and exit status 2.
 ``--export DIR`` writes the latest checkpoint's model as a Hugging Face MPT directory (for
 ``from_hf`` / transformers) instead of training.
 
@@ -58,7 +60,7 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 
 DEFAULTS = {
     # an MPTConfig (see mptkernels.models.mpt), or from_hf: DIR. Read from MPTConfig itself, so
-    # every field it has (and only those) is a key; the sizes are configs/tiny.yaml's
+    # every field it has (and only those) is a key; the sizes are the tiny preset's
     "model": {"from_hf": None, **dataclasses.asdict(MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
                                                               vocab_size=256))},
     "data": {"path": None, "seq_len": 64, "seed": 0, "doc_attention": True},
@@ -87,6 +89,21 @@ _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "
 
 class ConfigError(ValueError):
     """A bad config, data directory or run directory: ``main`` reports it as one line."""
+
+
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def presets() -> list:
+    """The preset names: the stems of the YAML files in mptkernels/configs/ (shipped in the wheel)."""
+    return sorted(name[:-len(".yaml")] for name in os.listdir(PRESETS_DIR) if name.endswith(".yaml"))
+
+
+def config_path(config: str) -> str:
+    """The file of a config argument: a preset's (tiny, 125m, 1b) unless a file of that name exists."""
+    if os.path.exists(config) or config not in presets():
+        return config
+    return os.path.join(PRESETS_DIR, f"{config}.yaml")
 
 
 # ------------------------------------------------------------------ config
@@ -140,15 +157,18 @@ def _merge(base: dict, over, path=""):
 
 
 def load_config(path=None, overrides=()) -> dict:
-    """DEFAULTS <- the YAML file <- key.sub=value overrides (values parsed as YAML), checked;
-    any problem is a ConfigError naming the file or key."""
+    """DEFAULTS <- the YAML file (or preset) <- key.sub=value overrides (values parsed as YAML),
+    checked; any problem is a ConfigError naming the file or key."""
     import yaml
 
     cfg = copy.deepcopy(DEFAULTS)
     if path:
+        path = config_path(path)
         try:
             with open(path) as fh:
                 doc = yaml.safe_load(fh)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}, nor a preset ({', '.join(presets())})") from e
         except OSError as e:
             raise ConfigError(f"config file {path}: {e.strerror}") from e
         except yaml.YAMLError as e:
@@ -674,7 +694,7 @@ def export_hf(cfg, out_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mptkernels.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="a YAML config (see configs/)")
+    p.add_argument("config", help=f"a YAML config file, or a preset: {', '.join(presets())}")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.add_argument("--export", metavar="DIR", help="write the latest checkpoint as an HF MPT directory and exit")
     args = p.parse_args(argv)

@@ -21,6 +21,10 @@ for mod_pkg in numpy:numpy yaml:pyyaml pytest:pytest pytest_benchmark:pytest-ben
 done
 command -v ninja >/dev/null || missing+=(ninja)
 command -v cmake >/dev/null || missing+=(cmake)
+# pip builds through a wheel: setuptools < 70.1 needs the 'wheel' package for that (a fresh venv
+# has setuptools 65.5 and no wheel: "invalid command 'bdist_wheel'")
+"$PY" -c "import setuptools.command.bdist_wheel" 2>/dev/null || "$PY" -c "import wheel" 2>/dev/null \
+  || missing+=("setuptools>=70.1")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing ${missing[*]}"
   pip_install "${missing[@]}"

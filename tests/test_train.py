@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+TINY = os.path.join(ROOT, "mptkernels", "configs", "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +343,8 @@ def big_vocab_data(data_dir, tmp_path_factory):
     (["model.attn_config=5"], "'model.attn_config' must be a mapping"),
     (["data.seq_len=129", "model.learned_pos_emb=true"], "data.seq_len (129) must be <= model.max_seq_len (128)"),
     (["big_vocab"], "the data's tokenizer has 300 tokens (meta.json vocab_size) but model.vocab_size is 256"),
-    (["--config", "missing.yaml"], "config file missing.yaml: No such file or directory"),
+    (["--config", "missing.yaml"], "config file missing.yaml: No such file or directory, nor a preset (125m, 1b, "),
+    (["--config", "tinyy"], "config file tinyy: No such file or directory, nor a preset (125m, 1b, tiny)"),
     (["--config", "list.yaml"], "config file list.yaml: the top level must be a mapping of sections"),
 ])
 def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir, big_vocab_data, capsys, monkeypatch):
@@ -359,6 +360,16 @@ def test_bad_input_is_a_one_line_error(args, message, tmp_path, data_dir, big_vo
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err, err
+
+
+def test_a_preset_name_is_its_shipped_config_and_a_file_of_that_name_wins(tmp_path, monkeypatch):
+    from mptkernels import train as tr
+
+    assert tr.presets() == ["125m", "1b", "tiny"]
+    assert tr.load_config("tiny", ["data.path=d"]) == tr.load_config(TINY, ["data.path=d"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text("train: {steps: 3}\n")
+    assert tr.load_config("tiny", ["data.path=d"])["train"]["steps"] == 3
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path, data_dir):
