@@ -8,7 +8,6 @@ Environment:
   MPTK_CUDA_ARCHS="80;90a"   CUDA archs to compile. Default: the visible GPU's arch for an in-place
                              or editable build (it runs here), "80;90a" for a wheel (it must run on
                              A100 and H100/H200) and where no GPU is visible
-  MPTK_CPU_ISA=auto|avx512|avx2|default   vector ISA of the CPU kernels
   MAX_JOBS=N                 parallel compile jobs (default: the number of CPUs)
 """
 import hashlib
@@ -96,7 +95,6 @@ class CMakeBuild(build_ext):
             f"-DMPTK_OUTPUT_SUFFIX={self.suffix(ext)}",
             f"-DMPTK_CUDA={env.get('MPTK_CUDA', 'auto')}",
             f"-DMPTK_CUDA_ARCHS={env.get('MPTK_CUDA_ARCHS') or default_cuda_archs(self.in_place)}",
-            f"-DMPTK_CPU_ISA={env.get('MPTK_CPU_ISA', 'auto')}",
         ]
         subprocess.run(configure, cwd=out, check=True)
         jobs = env.get("MAX_JOBS", str(os.cpu_count() or 1))

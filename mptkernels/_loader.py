@@ -13,7 +13,34 @@ import warnings
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-REBUILD = "rebuild it: pip install --no-build-isolation --no-deps --force-reinstall -e . (from the mptkernels source folder)"
+
+
+def rebuild_hint(from_source: bool) -> str:
+    if from_source:
+        return ("rebuild it: pip install --no-build-isolation --no-deps --force-reinstall -e . (from the mptkernels "
+                "source folder)")
+    return ("install the mptkernels wheel built for this torch (a wheel pins the torch it was built against), "
+            "or build from source: pip install --no-build-isolation <mptkernels source folder>")
+
+
+# a source checkout (an editable install) has setup.py beside the package; a wheel does not
+REBUILD = rebuild_hint(os.path.exists(os.path.join(_HERE, os.pardir, "setup.py")))
+
+
+def _public(version: str) -> str:
+    return version.split("+")[0]
+
+
+def _torch_mismatch(info) -> str | None:
+    """Why this torch cannot load _C, or None. _C uses the C++ ABI of one torch version, the same
+    in its CPU and CUDA builds (+cpu, +cu128: the local label), so the public versions must match;
+    CUDA kernels also link torch's CUDA libraries, so then the CUDA major version must match too."""
+    if _public(info.torch_version) != _public(torch.__version__):
+        return f"mptkernels._C was built against torch {info.torch_version} but torch {torch.__version__} is installed"
+    if info.with_cuda and (torch.version.cuda or "").split(".")[0] != info.torch_cuda.split(".")[0]:
+        return (f"mptkernels._C has CUDA kernels built against torch {info.torch_version} (CUDA {info.torch_cuda}) "
+                f"but torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}) is installed")
+    return None
 
 
 def library_path() -> str | None:
@@ -31,9 +58,9 @@ def _load():
     if lib is None or _build_info is None:
         raise ImportError(f"mptkernels._C is not built (no _C*.so or _build_info.py in {_HERE}); build it: "
                           "pip install --no-build-isolation -e .")
-    if _build_info.torch_version != torch.__version__:
-        raise ImportError(f"mptkernels._C was built against torch {_build_info.torch_version} but torch "
-                          f"{torch.__version__} is installed; {REBUILD}")
+    mismatch = _torch_mismatch(_build_info)
+    if mismatch:
+        raise ImportError(f"{mismatch}; {REBUILD}")
     try:
         torch.ops.load_library(lib)
     except OSError as e:

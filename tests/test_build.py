@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import types
 
 import pytest
 import torch
@@ -19,8 +20,26 @@ def test_stale_build_is_detected_with_a_rebuild_message(monkeypatch):
     from mptkernels import _build_info
 
     monkeypatch.setattr(_build_info, "torch_version", "1.0.0")
-    with pytest.raises(ImportError, match=r"built against torch 1\.0\.0 but torch .* is installed; rebuild it"):
+    with pytest.raises(ImportError, match=r"built against torch 1\.0\.0 but torch .* is installed; rebuild it: pip "):
         _loader._load()
+    # an installed wheel (no source folder around it) is told to get the wheel for this torch
+    assert _loader.rebuild_hint(from_source=False).startswith("install the mptkernels wheel built for this torch")
+
+
+def test_the_torch_build_label_does_not_matter_but_the_version_and_cuda_do(monkeypatch):
+    """A wheel built against 2.13.0+cpu loads under PyPI's 2.13.0 (its metadata pins torch==2.13.0);
+    another version does not; CUDA kernels need a torch with the same CUDA major version."""
+    public = torch.__version__.split("+")[0]
+    info = lambda **kw: types.SimpleNamespace(**{"torch_version": public, "with_cuda": False, "torch_cuda": "", **kw})
+    for label in ("", "+cpu", "+cu128"):
+        assert _loader._torch_mismatch(info(torch_version=public + label)) is None
+    assert "built against torch 1.0.0+cpu" in _loader._torch_mismatch(info(torch_version="1.0.0+cpu"))
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CUDA kernels built against torch" in _loader._torch_mismatch(info(with_cuda=True, torch_cuda="12.8"))
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    assert _loader._torch_mismatch(info(with_cuda=True, torch_cuda="12.8")) is None
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert "(CUDA 13.0) is installed" in _loader._torch_mismatch(info(with_cuda=True, torch_cuda="12.8"))
 
 
 def test_missing_build_is_explained(monkeypatch, tmp_path):

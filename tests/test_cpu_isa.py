@@ -6,6 +6,7 @@ The main suite runs the kernel tests at the level this CPU chooses; the lower le
 here, each in a subprocess with MPTK_CPU_ISA set. CPUs without AVX-512 or AVX2 are emulated by
 qemu-user (TCG emulates up to AVX2, none of AVX-512), so a stray instruction would stop there.
 """
+import json
 import os
 import re
 import shutil
@@ -89,11 +90,11 @@ def test_emulated_cpus_run_every_op_at_their_level(cpu, cap, level, tmp_path):
         env["MPTK_CPU_ISA"] = cap
     proc = subprocess.run([QEMU, "-cpu", cpu, sys.executable, os.path.join(ROOT, "tests", "every_op.py")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert f"every op matches the reference at CPU ISA level {level}" in out
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["cpu_isa"] == level and result["checked"] == sorted(mptkernels.ops.__all__), result
     if cap:
-        assert f"CPU ISA level '{cap}' asked for, but this CPU runs at most '{level}'" in out
+        assert f"CPU ISA level '{cap}' asked for, but this CPU runs at most '{level}'" in proc.stderr
 
 
 # instruction classes by what objdump prints: AVX-512 (EVEX: zmm, mask or upper 16 registers),

@@ -73,11 +73,16 @@ def test_wheel_is_manylinux_with_torch_pinned_and_torch_libraries_not_grafted(wh
 
 
 def test_installed_wheel_runs_every_op_against_the_reference(wheel):
-    shutil.copy(os.path.join(ROOT, "tests", "wheel_ops_check.py"), wheel.work)
-    out = json.loads(_in_venv(wheel, "wheel_ops_check.py").stdout.strip().splitlines()[-1])
+    shutil.copy(os.path.join(ROOT, "tests", "every_op.py"), wheel.work)
+    out = json.loads(_in_venv(wheel, "every_op.py").stdout.strip().splitlines()[-1])
     assert out["file"].startswith(str(wheel.venv)), out["file"]  # the installed package, not the repo
     assert out["torch"].split("+")[0] == TORCH
     import mptkernels.ops
+
+    # the wheel carries every CPU ISA level and runs this CPU's own
+    assert out["cpu_isa"] == torch.ops.mptkernels_isa.cpu_isa(None)[1]
+    levels = _in_venv(wheel, "-c", "import mptkernels; print(','.join(mptkernels.build_info.cpu_isa_levels))")
+    assert levels.stdout.split() == [",".join(mptkernels.build_info.cpu_isa_levels)]
 
     assert out["checked"] == sorted(mptkernels.ops.__all__)
 
