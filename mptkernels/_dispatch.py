@@ -184,8 +184,16 @@ def forced(op: str) -> str:
     return m.get(op) or m.get("*") or "auto"
 
 
+def _constant_when_traced(fn):
+    """torch.compiler.assume_constant_result(fn): torch.compile takes fn's answer as a constant of
+    the graph. That function only sets this attribute, but it imports torch._dynamo to do so
+    (~1 s at `import mptkernels`); tests/test_dispatch.py checks the attribute is what it sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # torch.compile cannot trace a ContextVar: it takes the answer as a constant of the graph
-_forced_for_trace = torch.compiler.assume_constant_result(forced)
+_forced_for_trace = _constant_when_traced(forced)
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +297,7 @@ def _not_available(public: str, asked: str, device_type: str, dtype, torch_why: 
 # ---------------------------------------------------------------------------------------
 # The public function's choice: a kernel (the custom op), torch or the reference
 # ---------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result
+@_constant_when_traced
 def _static_route(public: str, device_type: str, dtype: torch.dtype, torch_why: str | None, asked: str) -> str:
     """"kernel", "torch", "reference" or "measure" (kernel and torch both cover: time them)."""
     key = ("route", public, device_type, dtype, torch_why, asked)
@@ -328,7 +336,7 @@ def torch_covers():
     return None
 
 
-@torch.compiler.assume_constant_result
+@_constant_when_traced
 def _kernel_regardless(public: str, device_type: str, dtype: torch.dtype, asked: str) -> bool:
     """Whether the custom op runs whatever PyTorch's op covers (a forced kernel language that
     can run, or auto where nothing is measured and a kernel covers): the common case, which
@@ -375,7 +383,7 @@ def _measured_route(public, device, shape_class, args, kernel, torch_fn) -> str:
     return entry["choice"]
 
 
-@torch.compiler.assume_constant_result
+@_constant_when_traced
 def _traced_choice(device_type: str, key: str):
     entry = measured.lookup(device_type, key)
     return None if entry is None else entry["choice"]

@@ -276,6 +276,8 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = 
     every swapped module's output and of the model's output — a swap that silently did
     nothing or changed the maths shows at once.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
     plan = []  # (name, module, kind, detail)
     for name, module in model.named_modules():

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import types
 
 import pytest
@@ -91,3 +92,21 @@ def test_cuda_source_compiles_for_sm80_and_sm90a(source, tmp_path):
 def test_cuda_sources_exist():
     names = {os.path.basename(p) for p in CUDA_SOURCES}
     assert {"layer_norm.cu", "rotary.cu"} <= names
+
+
+def test_import_costs_at_most_half_a_second_more_than_torch():
+    """Nothing heavy at import (torch._dynamo, triton, transformers load when first needed):
+    `import mptkernels` within torch's own import time + 0.5 s, each the best of 3 fresh
+    processes (a busy machine only ever adds time)."""
+    def best(stmt):
+        code = f"import time; t = time.perf_counter(); {stmt}; print(time.perf_counter() - t)"
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                        check=True).stdout) for _ in range(3))
+
+    heavy = subprocess.run([sys.executable, "-c", "import sys, mptkernels; print(sorted(m for m in "
+                            "('torch._dynamo', 'triton', 'transformers') if m in sys.modules))"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert heavy == "[]", f"imported by `import mptkernels`: {heavy}"
+    t_torch, t_ours = best("import torch"), best("import mptkernels")
+    assert t_ours <= t_torch + 0.5, (t_torch, t_ours)

@@ -504,6 +504,18 @@ def test_the_custom_op_is_skipped_only_where_the_dispatcher_would_run_nothing_bu
     assert through and out.device.type == "meta" and out.shape == (5, 24)
 
 
+def test_the_forcing_is_marked_constant_as_torch_marks_it():
+    """_dispatch marks its trace-time lookups itself (calling torch.compiler.assume_constant_result
+    would import torch._dynamo at `import mptkernels`): the mark must be the one torch sets."""
+    def probe(op):
+        return op
+
+    marked = torch.compiler.assume_constant_result(probe)
+    names = [k for k in vars(marked) if "constant" in k]
+    assert names == ["_dynamo_marked_constant"]
+    assert vars(_dispatch._constant_when_traced(lambda op: op)) == vars(marked)
+
+
 @pytest.mark.parametrize("impl", ["auto", "torch", "reference", "cpu"])
 def test_compiled_calls_follow_the_forcing_at_trace_time(impl):
     """torch.compile(fullgraph=True) traces the dispatch: the forcing in effect when the graph is

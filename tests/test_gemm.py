@@ -326,6 +326,8 @@ def test_torch_compile_fullgraph_mlp():
     (lambda x, w, q, s: ops.linear(x, w.double()), "weight must have x's dtype"),
     (lambda x, w, q, s: ops.linear(x, w, torch.randn(3)), r"bias must be a float \(7,\)"),
     (lambda x, w, q, s: ops.linear(x, w, activation="swish"), "activation must be one of"),
+    (lambda x, w, q, s: ops.linear(x.long(), w.long()),
+     r"linear: x must be a float tensor \(\.\.\., K\), got a torch.int64 tensor of shape \(5, 24\)"),
     (lambda x, w, q, s: ops.int8_linear(x, q.float(), s), "w_int8 must be an int8"),
     (lambda x, w, q, s: ops.int8_linear(x[:, :20], q, s), r"w_int8 is \(N, K\) = \(7, 24\) but x has K = 20"),
     (lambda x, w, q, s: ops.int8_linear(x, q, s[:3]), r"w_scale must be a float32 \(7,\)"),

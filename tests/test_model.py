@@ -63,6 +63,9 @@ def test_hf_checkpoints_in_and_out(tmp_path):
     (tmp_path / "empty" / "config.json").write_text((tmp_path / "ours" / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         MPTForCausalLM.from_hf(str(tmp_path / "empty"))
+    with pytest.raises(TypeError, match="from_hf: src must be a save_pretrained directory or a transformers "
+                                        "MptForCausalLM, got int"):
+        MPTForCausalLM.from_hf(123)
     # transformers' MPT has all kv heads and no biases whatever its config says (llm-foundry's
     # defaults carry kv_n_heads=1 beside multihead_attention; no_bias=False builds no biases)
     odd = _hf_model(no_bias_false=True)

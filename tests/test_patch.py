@@ -9,6 +9,11 @@ from mptkernels import nn as mnn
 from conftest import rel_err
 
 
+def test_patch_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match="patch: model must be a torch.nn.Module, got str"):
+        mptkernels.patch("model")
+
+
 def test_layer_norm_module_is_a_drop_in():
     for kwargs in ({}, {"bias": False}, {"elementwise_affine": False}):
         ref = torch.nn.LayerNorm(48, eps=1e-6, **kwargs)

@@ -34,6 +34,7 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, d
     gradient has one owner, no atomics), so ``deterministic`` is accepted and always holds.
     """
     _precheck((q, k, v), alibi_slopes, softmax_scale)
+    _check_causal(causal, "attention")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
 
@@ -71,6 +72,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     the backward is deterministic (see ``attention``).
     """
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale)
+    _check_causal(causal, "attention_varlen")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
     max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
@@ -113,6 +115,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
     the partial results (flash-decoding), so a batch of one still fills the GPU.
     """
     _precheck((q,), alibi_slopes, softmax_scale, "attention_with_kvcache", ("q",))
+    _check_causal(causal, "attention_with_kvcache")
     for t, name in ((k, "k"), (v, "v")):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"attention_with_kvcache: {name} must be a tensor or None, got {type(t).__name__}")
@@ -208,6 +211,11 @@ def _precheck(tensors, alibi_slopes, softmax_scale, op="attention", names=("q", 
         raise TypeError(f"{op}: alibi_slopes must be a float32 tensor or None, got {type(alibi_slopes).__name__}")
     if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"{op}: softmax_scale must be a number, got {type(softmax_scale).__name__}")
+
+
+def _check_causal(causal, op):
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be True or False, got {causal!r}")
 
 
 def _check(q, k, v, alibi_slopes, softmax_scale):

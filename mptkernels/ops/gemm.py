@@ -142,7 +142,9 @@ def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
 # ---- argument checks (clear errors before any kernel sees the tensors)
 def _check_linear(x, weight, bias, activation):
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
-        raise TypeError("linear: x must be a float tensor (..., K)")
+        got = (f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+               else type(x).__name__)
+        raise TypeError(f"linear: x must be a float tensor (..., K), got {got}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("linear: weight must be a (N, K) tensor")
     if weight.shape[1] != x.shape[-1]:

@@ -31,9 +31,12 @@ class HFCheckpointMixin:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"from_hf: {os.path.join(src, 'config.json')} is not valid JSON: {e}") from None
             state = _load_state_dict(src)
-        else:
+        elif isinstance(src, torch.nn.Module) and hasattr(src, "config"):
             hf = src.config.to_dict()
             state = src.state_dict()
+        else:
+            raise TypeError("from_hf: src must be a save_pretrained directory or a transformers MptForCausalLM, "
+                            f"got {type(src).__name__}")
         cfg = _config_from_hf(hf)
         model = cls(cfg, device="meta")
         model.load_state_dict({k: v for k, v in state.items() if k != "lm_head.weight"}, strict=False, assign=True)
