@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -225,6 +226,10 @@ def _check_ranges(cfg):
     need("spike.window", sp["window"] >= 1, ">= 1")
     need("spike.max_consecutive", sp["max_consecutive"] >= 1, ">= 1")
     need("log.every", cfg["log"]["every"] >= 1, ">= 1")
+    # the optional loggers' packages, checked before anything is created
+    for key, package in (("tensorboard", "tensorboard"), ("wandb_project", "wandb")):
+        if cfg["log"][key] and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"config: 'log.{key}' needs the {package} package (pip install {package})")
     for k, v in cfg["test_hooks"].items():
         need(f"test_hooks.{k}", v is None or v >= 0, ">= 0 or null")
     if not cfg["model"]["from_hf"]:  # a from_hf model is checked when it is read (build_model)
@@ -626,18 +631,12 @@ def _log_sinks(cfg, run_dir):
     """TensorBoard and W&B, when the config asks for them (each needs its package)."""
     sinks = []
     if cfg["log"]["tensorboard"]:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise RuntimeError("log.tensorboard: true needs the tensorboard package (pip install tensorboard)") from e
+        from torch.utils.tensorboard import SummaryWriter  # the package: checked with the config
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         sinks.append(lambda rec: [writer.add_scalar(k, v, rec["step"]) for k, v in rec.items()
                                   if isinstance(v, (int, float)) and k != "step"] and writer.flush())
     if cfg["log"]["wandb_project"]:
-        try:
-            import wandb
-        except ImportError as e:
-            raise RuntimeError("log.wandb_project needs the wandb package (pip install wandb)") from e
+        import wandb  # checked with the config
         run = wandb.init(project=cfg["log"]["wandb_project"], config=cfg, dir=run_dir, resume="allow")
         sinks.append(lambda rec: run.log({k: v for k, v in rec.items() if v is not None}, step=rec["step"]))
     return sinks

@@ -148,8 +148,10 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path, data_dir):
     r = _run(run, data_dir, "train.steps=2", "checkpoint.every=0", "log.tensorboard=true", expect_ok=has_tb)
     if has_tb:
         assert os.listdir(os.path.join(run, "tensorboard"))
-    else:
-        assert r.returncode != 0 and "needs the tensorboard package" in r.stderr
+    else:  # one line, exit 2, before the run directory exists
+        assert r.returncode == 2 and r.stderr.strip() == (
+            "error: config: 'log.tensorboard' needs the tensorboard package (pip install tensorboard)"), r.stderr
+        assert not os.path.exists(run)
 
 
 def test_compiled_blocks_give_the_same_losses(tmp_path, data_dir):
