@@ -696,7 +696,7 @@ def main(argv=None):
     p.add_argument("config", help=f"a YAML config file, or a preset: {', '.join(presets())}")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.add_argument("--export", metavar="DIR", help="write the latest checkpoint as an HF MPT directory and exit")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # --export before or after the overrides
     try:
         cfg = load_config(args.config, args.overrides)
         if args.export:

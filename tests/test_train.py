@@ -272,6 +272,17 @@ def test_last_steps_are_checkpointed_and_exported(tmp_path, data_dir):
     assert not [n for n in os.listdir(tmp_path / "off") if n.startswith("ckpt-")]  # 0: no checkpoints at all
 
 
+def test_export_may_come_before_the_overrides(tmp_path, data_dir):
+    run, out = str(tmp_path / "order"), str(tmp_path / "hf")
+    _run(run, data_dir, "train.steps=2", "checkpoint.every=2")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TRITON_INTERPRET")}
+    r = subprocess.run([sys.executable, "-m", "mptkernels.train", TINY, "--export", out, f"data.path={data_dir}",
+                        f"checkpoint.dir={run}", "train.device=cpu"], capture_output=True, text=True, timeout=600,
+                       env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.exists(os.path.join(out, "config.json"))
+
+
 def test_export_of_a_from_hf_run_has_the_hf_model(tmp_path, data_dir):
     from mptkernels.models import MPTConfig, MPTForCausalLM
 
