@@ -9,4 +9,13 @@ if ! "${PYTHON:-python3}" -c "import transformers" 2>/dev/null; then
   echo "[test] installing transformers 4.57.1 (the reference MPT implementation the model tests compare with)"
   "${PYTHON:-python3}" -m pip install --disable-pip-version-check -q "transformers==4.57.1"
 fi
+# test-only: tests/test_cpu_isa.py runs the CPU kernels on emulated CPUs without AVX-512 / AVX2
+# (qemu-user, Debian's package: as root, or with sudo that needs no password)
+if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null && command -v apt-get >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  echo "[test] installing qemu-user (the emulated CPUs of tests/test_cpu_isa.py)"
+  $sudo apt-get install -y -q qemu-user >/dev/null 2>&1 ||
+    { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q qemu-user >/dev/null 2>&1; } ||
+    echo "[test] could not install qemu-user: install it (apt-get install qemu-user), or test_cpu_isa's emulated-CPU tests fail"
+fi
 exec "${PYTHON:-python3}" -m pytest -q tests "$@"
