@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import _dispatch
-from ._loader import build_info, cpu_isa
+from ._loader import build_info, cpu_isa, cpu_isa_supported
 from .triton import version as triton_version
 
 
@@ -32,7 +32,7 @@ def info(file=None) -> dict:
         "python": platform.python_version(),
         "built against torch": build_info.torch_version,
         "CPU kernels ISA": cpu_isa(),
-        "CPU ISA levels": {"built": build_info.cpu_isa_levels, "this CPU runs up to": torch.ops.mptkernels_isa.cpu_isa(None)[1]},
+        "CPU ISA levels": {"built": build_info.cpu_isa_levels, "this CPU runs up to": cpu_isa_supported()},
         "CUDA kernels": (f"yes, archs {', '.join(build_info.cuda_archs)}" if build_info.with_cuda else "no"),
         "GPU": torch.cuda.get_device_name() if cuda_ok else "none visible",
         "backend (this thread)": _forcing() + "   (MPTK_BACKEND or mptkernels.backend())",

@@ -87,6 +87,11 @@ def cpu_isa(level: str | None = None) -> str:
     return in_use
 
 
+def cpu_isa_supported() -> str:
+    """The highest ISA level built that this CPU runs (what cpu_isa() uses without a cap)."""
+    return torch.ops.mptkernels_isa.cpu_isa(None)[1]
+
+
 def _cap_from_env():
     value = os.environ.get("MPTK_CPU_ISA")
     if value:

@@ -27,6 +27,11 @@ def data_dir(tmp_path_factory):
     return str(d)
 
 
+def _env():
+    """The test's environment without what would make a child a distributed rank or interpret Triton."""
+    return {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TRITON_INTERPRET")}
+
+
 def _run(run_dir, data_dir, *overrides, nproc=1, expect_ok=True):
     # the CPU (gloo) on any machine: two processes on one GPU would not work with NCCL
     args = [TINY, f"data.path={data_dir}", f"checkpoint.dir={run_dir}", "log.every=100", "train.warmup_steps=4",
@@ -38,8 +43,7 @@ def _run(run_dir, data_dir, *overrides, nproc=1, expect_ok=True):
         # --standalone: a rendezvous on a free local port (no clash between runs or test processes)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "mptkernels.train", *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TRITON_INTERPRET")}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     if expect_ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -275,10 +279,9 @@ def test_last_steps_are_checkpointed_and_exported(tmp_path, data_dir):
 def test_export_may_come_before_the_overrides(tmp_path, data_dir):
     run, out = str(tmp_path / "order"), str(tmp_path / "hf")
     _run(run, data_dir, "train.steps=2", "checkpoint.every=2")
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TRITON_INTERPRET")}
     r = subprocess.run([sys.executable, "-m", "mptkernels.train", TINY, "--export", out, f"data.path={data_dir}",
                         f"checkpoint.dir={run}", "train.device=cpu"], capture_output=True, text=True, timeout=600,
-                       env=env, cwd=ROOT)
+                       env=_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.exists(os.path.join(out, "config.json"))
 
