@@ -58,7 +58,7 @@ def run(device, model_name, batch, seq, steps, dtype=None):
     import transformers
 
     from mptkernels.models import MPTForCausalLM
-    from harness import setup
+    from mptkernels.bench.harness import setup
 
     setup(device)  # on the CPU: glibc keeps freed memory, as in run.py (see harness.keep_freed_memory)
 
@@ -73,9 +73,9 @@ def run(device, model_name, batch, seq, steps, dtype=None):
     if device == "cuda":
         peak = 989e12
     else:
-        from harness import matmul_ceiling_tflops
+        from mptkernels.bench.harness import matmul_ceiling
 
-        peak = matmul_ceiling_tflops("cpu", True, dtype) * 1e12
+        peak = matmul_ceiling("cpu", "quick", dtype)[0] * 1e12
     ids = torch.randint(0, 50368, (batch, seq), device=device)
     rows = []
     for name in ("transformers", "mptkernels"):

@@ -1,0 +1,170 @@
+"""Fused attention (causal, ALiBi, GQA) against PyTorch's best paths on the same device.
+
+Baselines: SDPA (on the GPU each backend: cuDNN, flash, efficient), SDPA with the ALiBi bias
+materialised as a mask tensor (what PyTorch users do for MPT), and compiled FlexAttention
+with an ALiBi score_mod (GPU). FLOPs: 4 * B * H * Sq * Sk * D, halved for causal.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mptkernels import ops, reference
+
+from .harness import Case, ours
+
+
+def shapes(device: str, size: str):
+    if size == "tiny":
+        return [(1, 128, 4, 32)]
+    if device == "cuda":  # about 16k tokens per batch
+        full = [(4, 4096, 32, 128), (1, 16384, 32, 128), (16, 1024, 32, 64)]
+        return full[:1] if size == "quick" else full
+    return [(1, 2048, 16, 64)]
+
+
+def _alibi_mask(slopes, s, causal, device, dtype):
+    i = torch.arange(s, device=device).view(-1, 1)
+    j = torch.arange(s, device=device).view(1, -1)
+    bias = slopes.to(device).view(-1, 1, 1) * (j - i)
+    if causal:
+        bias = bias.masked_fill(j > i, float("-inf"))
+    return bias.unsqueeze(0).to(dtype)
+
+
+def _sdpa_backends(device):
+    if device != "cuda":
+        return {"SDPA": None}
+    from torch.nn.attention import SDPBackend
+
+    return {"SDPA cuDNN": SDPBackend.CUDNN_ATTENTION, "SDPA flash": SDPBackend.FLASH_ATTENTION,
+            "SDPA efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def _sdpa(backend, *args, **kw):
+    if backend is None:
+        return F.scaled_dot_product_attention(*args, **kw)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(*args, **kw)
+
+
+def _flex_alibi(q, k, v, slopes):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    s = q.shape[2]
+    mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, s, s, device=q.device)
+    flex = torch.compile(flex_attention, fullgraph=True)
+
+    def score_mod(score, b, h, i, j):
+        return score + slopes[h] * (j - i)
+
+    return lambda: flex(q, k, v, score_mod=score_mod, block_mask=mask)
+
+
+def cases(device: str, size: str) -> list[Case]:
+    out = []
+    # the CPU: fp32, and in full runs bf16 too (vdpbf16ps tiles where the CPU has AVX512-BF16)
+    dtypes = [torch.bfloat16] if device == "cuda" else [torch.float32] + ([torch.bfloat16] if size == "full" else [])
+    for dtype, (b, s, h, d) in ((dt, shape) for dt in dtypes for shape in shapes(device, size)):
+        def inputs(b=b, s=s, h=h, d=d, dtype=dtype, grad=False):
+            q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
+            qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # SDPA's (B, H, S, D)
+            if grad:
+                for x in (q, k, v, qt, kt, vt):
+                    x.requires_grad_()
+            slopes = reference.alibi_slopes(h).to(device)
+            return q, k, v, qt, kt, vt, slopes, _alibi_mask(slopes, s, True, device, dtype)
+
+        def causal(inputs=inputs):
+            q, k, v, qt, kt, vt, _, _ = inputs()
+            return {"ours": ours("attention", lambda: ops.attention(q, k, v, causal=True), device),
+                    "baselines": {name: (lambda be=be: _sdpa(be, qt, kt, vt, is_causal=True))
+                                  for name, be in _sdpa_backends(device).items()}}
+
+        def alibi(inputs=inputs):
+            q, k, v, qt, kt, vt, slopes, mask = inputs()
+            return {"ours": ours("attention", lambda: ops.attention(q, k, v, causal=True, alibi_slopes=slopes), device),
+                    "baselines": {"SDPA + bias tensor": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask),
+                                  # torch compiles FlexAttention for the CPU forward too (not its backward)
+                                  "FlexAttention (compiled)": _flex_alibi(qt, kt, vt, slopes)}}
+
+        def alibi_fwd_bwd(inputs=inputs):
+            q, k, v, qt, kt, vt, slopes, mask = inputs(grad=True)
+            dout = torch.randn_like(q)
+            return {"ours": ours("attention", lambda: torch.autograd.grad(
+                        ops.attention(q, k, v, causal=True, alibi_slopes=slopes), (q, k, v), dout), device),
+                    "baselines": _fwd_bwd_baselines(device, qt, kt, vt, dout.transpose(1, 2).contiguous(), mask, slopes)}
+
+        def causal_fwd_bwd(inputs=inputs):
+            q, k, v, qt, kt, vt, _, _ = inputs(grad=True)
+            dout = torch.randn_like(q)
+            doutt = dout.transpose(1, 2).contiguous()
+            return {"ours": ours("attention", lambda: torch.autograd.grad(ops.attention(q, k, v, causal=True),
+                                                                          (q, k, v), dout), device),
+                    "baselines": {name: (lambda be=be: torch.autograd.grad(_sdpa(be, qt, kt, vt, is_causal=True),
+                                                                           (qt, kt, vt), doutt))
+                                  for name, be in _sdpa_backends(device).items()}}
+
+        flops = 4 * b * h * s * s * d / 2  # causal
+        tag = f"B{b} S{s} H{h} d{d} {str(dtype).replace('torch.', '')}"
+        out += [Case("attention", f"causal fwd {tag}", causal, flops=flops, dtype=dtype),
+                Case("attention", f"causal+ALiBi fwd {tag}", alibi, flops=flops, dtype=dtype),
+                # forward + backward: 3.5x the forward's FLOPs (the backward's five matmuls recompute the scores)
+                Case("attention", f"causal+ALiBi fwd+bwd {tag}", alibi_fwd_bwd, flops=3.5 * flops, dtype=dtype)]
+        if device == "cuda" or size != "quick":
+            out.append(Case("attention", f"causal fwd+bwd {tag}", causal_fwd_bwd, flops=3.5 * flops, dtype=dtype))
+    return out + _decode_cases(device, size)
+
+
+def _fwd_bwd_baselines(device, qt, kt, vt, doutt, mask, slopes):
+    base = {"SDPA + bias tensor": lambda: torch.autograd.grad(
+        F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask), (qt, kt, vt), doutt)}
+    if device == "cuda":
+        flex = _flex_alibi(qt, kt, vt, slopes)
+        base["FlexAttention (compiled)"] = lambda: torch.autograd.grad(flex(), (qt, kt, vt), doutt)
+    return base
+
+
+def _graphed(fn):
+    """fn captured once in a CUDA graph: a decode step is a few microseconds of GPU work, so
+    timing eager launches would time the CPU. Both sides of the comparison get it."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _decode_cases(device, size):
+    """One new token per sequence attending over a filled KV cache; rate = cache bytes read."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cases = [(1, 4096, 32, 32, 128), (8, 4096, 32, 8, 128)] if device == "cuda" else [(1, 2048, 16, 16, 64)]
+    if size == "tiny":
+        cases = [(1, 256, 4, 2, 32)]
+    out = []
+    for b, s, hq, hk, d in cases[:1] if size == "quick" else cases:
+        def make(b=b, s=s, hq=hq, hk=hk, d=d):
+            kc, vc = (torch.randn(b, s, hk, d, device=device, dtype=dtype) for _ in range(2))
+            q = torch.randn(b, 1, hq, d, device=device, dtype=dtype)
+            lens = torch.full((b,), s, dtype=torch.int32, device=device)
+            slopes = reference.alibi_slopes(hq).to(device)
+            qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)  # SDPA's layout, as views
+            gqa = {"enable_gqa": True} if hq != hk else {}
+            mine = ours("attention_with_kvcache",
+                        lambda: ops.attention_with_kvcache(q, kc, vc, lens, alibi_slopes=slopes), device)
+            bias = (slopes.view(1, hq, 1, 1) * (torch.arange(s, device=device) - (s - 1))).to(dtype)
+            base = {"SDPA + bias tensor": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, **gqa)}
+            refs = {}
+            if device == "cuda":
+                mine = {k: _graphed(f) for k, f in mine.items()}
+                base = {k: _graphed(f) for k, f in base.items()}
+                # without ALiBi: another computation, shown for the bandwidth it reaches
+                refs["SDPA (no bias)"] = _graphed(lambda: F.scaled_dot_product_attention(qt, kt, vt, **gqa))
+            return {"ours": mine, "baselines": base, "references": refs}
+        tag = f"B{b} cache{s} Hq{hq} Hkv{hk} d{d} {str(dtype).replace('torch.', '')}"
+        out.append(Case("attention", f"ALiBi decode 1 token {tag}", make,
+                        nbytes=2 * b * s * hk * d * torch.finfo(dtype).bits // 8))
+    return out

@@ -1,0 +1,200 @@
+"""The benchmark harness (mptkernels/bench): the table's JSON carries a median and a spread for
+every row and no %ceil above 100, the noisy flag and the goals follow from the samples, the
+table's columns line up, bad arguments are one-line errors, and the same cases run under
+pytest-benchmark (save, then compare)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mptkernels.bench import goals, harness, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _py(*args, cwd=ROOT, timeout=900):
+    # the benchmarks as a user runs them: not under the Triton interpreter this suite sets up
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """benchmarks/run.py at the tiny size, every family: the quick run's code at test speed."""
+    out = tmp_path_factory.mktemp("bench")
+    p = _py("benchmarks/run.py", "--size", "tiny", "--device", "cpu", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(out / "results.json") as f:
+        return p.stdout, json.load(f), out
+
+
+def test_every_row_has_median_and_spread(tiny_run):
+    _, res, _ = tiny_run
+    env, rows = res["environment"], res["results"]
+    assert env["repeats"] == harness.TIMING["tiny"].repeats and env["size"] == "tiny"
+    assert {r["family"] for r in rows} == set(run.FAMILIES)
+    for r in rows:
+        assert len(r["samples_ms"]) == r["repeats"] == env["repeats"], r
+        assert r["ms_min"] <= r["ms_median"] <= r["ms_max"], r
+        assert r["ms_min"] == min(r["samples_ms"]) and r["ms_max"] == max(r["samples_ms"]), r
+        assert r["rate"] > 0 and r["ceiling"] > 0 and r["ceiling_kind"], r
+        if r["role"] == "ours":
+            assert r["best_baseline"] and r["speedup_min"] <= r["speedup"] <= r["speedup_max"], r
+            spread = (r["speedup_max"] - r["speedup_min"]) / r["speedup"]
+        else:
+            assert r["speedup"] is None, r
+            spread = (r["ms_max"] - r["ms_min"]) / r["ms_median"]
+        assert r["noisy"] == (spread > env["noisy_above"]), r
+
+
+def test_no_ceiling_fraction_above_one(tiny_run):
+    _, res, _ = tiny_run
+    rows = res["results"]
+    for r in rows:
+        frac = r["rate"] / r["ceiling"]
+        if frac <= 1:
+            assert r["ceiling_frac"] == pytest.approx(frac) and r["ceiling_note"] is None, r
+        else:  # impossible by definition: shown empty, with the reason
+            assert r["ceiling_frac"] is None and "not shown" in r["ceiling_note"], r
+    # the ceilings are real: most rows sit under them
+    assert sum(r["ceiling_frac"] is not None for r in rows) >= len(rows) // 2
+
+
+def test_table_blocks_per_case_and_plot(tiny_run):
+    out, res, folder = tiny_run
+    for r in res["results"]:
+        assert f"{r['family']}: {r['case']}" in out
+    assert "noisy:" in out and "vs best PyTorch" in out
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(folder / "benchmarks.png") as im:
+        w, h = im.size
+    assert 900 <= w <= 2000 and h >= 600, (w, h)
+
+
+def _row(impl, role, samples, case="c", family="f", unit="GB/s", rate=1.0):
+    med = sorted(samples)[len(samples) // 2]
+    return harness.Row(family, case, impl, role, med, min(samples), max(samples), len(samples), rate, unit, 2.0,
+                       "copy of the same bytes", rate / 2.0, samples_ms=list(samples))
+
+
+def test_format_table_columns_line_up_with_long_names():
+    rows = [_row("eager", "baselines", [1.0, 1.1, 1.2]),
+            _row("quantize_rowwise + torch._int_mm + scales and something longer", "baselines", [2.0, 2.0, 2.1]),
+            _row("mptkernels (cpu)", "ours", [0.5, 0.5, 0.6])]
+    rows[2].speedup, rows[2].speedup_min, rows[2].speedup_max, rows[2].best_baseline = 2.0, 1.8, 2.2, "eager"
+    env = {"device": "x", "cpu_threads": 2, "torch": "t", "triton": None, "date": "d", "repeats": 3}
+    lines = harness.format_table(rows, env).splitlines()
+    block = [l for l in lines if l.startswith("  ")]
+    assert len(block) == 4  # head + 3 rows
+    # the median column ends at the same place on every line
+    ends = {l.index(f"{r.ms_median:.3f}") + len(f"{r.ms_median:.3f}") for l, r in zip(block[1:], rows)}
+    assert ends == {block[0].index("median ms") + len("median ms")}
+    assert "2.00× [1.80–2.20] vs eager" in block[3]
+
+
+def test_time_case_pairs_rounds_and_flags_noise(monkeypatch):
+    """time_case's ratio is taken per round; a spread ratio is flagged noisy, a tight one not."""
+    rounds = {"base": iter([1.0, 1.0, 1.0]), "mine": iter([0.5, 0.5, 0.5])}
+    monkeypatch.setattr(harness, "time_interleaved",
+                        lambda fns, *a, **k: {n: [next(rounds[n.split()[0]]) for _ in range(3)] for n in fns})
+    monkeypatch.setattr(harness, "ceiling_for", lambda *a: (1e9, "test"))
+    case = harness.Case("f", "c", lambda: {"ours": {"mine (x)": None}, "baselines": {"base": None}}, nbytes=1e6)
+    rows = {r.impl: r for r in harness.time_case(case, "cpu", "tiny")}
+    assert rows["mine (x)"].speedup == 2.0 and not rows["mine (x)"].noisy
+    rounds = {"base": iter([1.0, 1.0, 1.0]), "mine": iter([0.5, 1.0, 0.25])}
+    rows = {r.impl: r for r in harness.time_case(case, "cpu", "tiny")}
+    r = rows["mine (x)"]
+    assert (r.speedup, r.speedup_min, r.speedup_max, r.noisy) == (2.0, 1.0, 4.0, True)
+    # a rate above the ceiling is not shown as a fraction
+    monkeypatch.setattr(harness, "ceiling_for", lambda *a: (1e-9, "test"))
+    rounds = {"base": iter([1.0] * 3), "mine": iter([1.0] * 3)}
+    r = {r.impl: r for r in harness.time_case(case, "cpu", "tiny")}["mine (x)"]
+    assert r.ceiling_frac is None and "not shown" in r.ceiling_note
+
+
+def test_goals_met_not_met_and_straddling():
+    g = goals.Goal("cpu", "f", "c", 1.5, "eager")
+    base = _row("eager", "baselines", [3.0, 3.0, 3.0])
+    for samples, verdict in (([1.0, 1.0, 1.0], "met"), ([2.5, 2.5, 2.5], "not met"),
+                             ([1.0, 1.9, 2.5], "met (the samples straddle the target: noisy)")):
+        res = goals.evaluate(g, [base, _row("mptkernels (cpu)", "ours", samples)])
+        assert res["verdict"] == verdict, (samples, res)
+    rate_goal = goals.Goal("cpu", "f", "c", 3.0, None, unit="GB/s")
+    res = goals.evaluate(rate_goal, [_row("mptkernels (cpu)", "ours", [1.0, 2.0, 4.0], rate=2.0)])
+    assert (res["median"], res["min"], res["max"], res["unit"]) == (2.0, 1.0, 4.0, "GB/s")
+    assert res["verdict"] == "not met (the samples straddle the target: noisy)"
+    assert goals.evaluate(g, [])["verdict"].startswith("not measured")
+
+
+def test_every_goal_names_a_case_that_runs():
+    """A goal whose case name drifted from the family's would never be measured."""
+    for dev in ("cpu", "cuda"):
+        names = [(c.family, c.name) for name in run.FAMILIES for c in run.FAMILIES[name].cases(dev, "full")] \
+            if dev == "cpu" else None
+        for g in goals.for_device(dev):
+            if dev == "cpu":
+                assert any(goals.matches(g, f, n) for f, n in names), g
+    # the GPU cases are listed without allocating: their names come from the shapes
+    from mptkernels.bench import attention, layer_norm, rotary
+
+    gpu_names = ([f"add+LayerNorm fwd {m}x{n} bfloat16" for m, n, _ in layer_norm.shapes("cuda", "full")] +
+                 [f"LayerNorm fwd+bwd {m}x{n} bfloat16" for m, n, _ in layer_norm.shapes("cuda", "full")] +
+                 [f"rotary q,k ({b},{s},{h},{d}) bfloat16" for b, s, h, d, _ in rotary.shapes("cuda", "full")] +
+                 [f"{k} B{b} S{s} H{h} d{d} bfloat16" for b, s, h, d in attention.shapes("cuda", "full")
+                  for k in ("causal fwd", "causal+ALiBi fwd", "causal+ALiBi fwd+bwd")] +
+                 ["ALiBi decode 1 token B1 cache4096 Hq32 Hkv32 d128 bfloat16"])
+    for g in goals.for_device("cuda"):
+        assert any(n.startswith(g.case) for n in gpu_names), g
+
+
+def test_goals_mode_prints_each_goal(tmp_path):
+    p = _py("benchmarks/run.py", "--goals", "--only", "layer_norm", "--device", "cpu", "--no-plot", "--out",
+            str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    section = p.stdout.split("goals on cpu:")[1]
+    with open(tmp_path / "results.json") as f:
+        res = json.load(f)
+    assert len(res["goals"]) == 2  # the two add+LayerNorm goals; the rest are other families
+    for g in res["goals"]:
+        assert g["verdict"].startswith(("met", "not met")) and g["goal"] in section
+        assert g["min"] <= g["median"] <= g["max"] and g["unit"] == "×"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--only", "layernorm"], "--only: expected a comma-separated list of layer_norm, rotary, attention, gemm, "
+                              "got 'layernorm'"),
+    (["--size", "huge"], "--size: invalid choice: 'huge'"),
+    (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device: cuda was asked for")]))
+def test_bad_arguments_are_one_line_errors(args, needle, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run.main([*args, "--out", str(tmp_path)], prog="mptkernels bench")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err, err
+    assert [l for l in err.splitlines() if "error:" in l] == [err.splitlines()[-1]], err
+    assert err.splitlines()[-1].startswith("mptkernels bench: error: ")
+
+
+def test_pytest_benchmark_save_and_compare(tmp_path):
+    """pytest benchmarks/ --benchmark-only: one test per implementation, grouped by case; a saved
+    run compares with the next."""
+    common = ["-m", "pytest", "benchmarks", "--benchmark-only", "--bench-size", "tiny", "--bench-device", "cpu",
+              "-k", "rotary", "-q", "-p", "no:cacheprovider", "--benchmark-max-time", "0.02",
+              "--benchmark-min-rounds", "3", "--benchmark-storage", str(tmp_path / "store")]
+    p = _py(*common, "--benchmark-autosave", "--benchmark-json", str(tmp_path / "a.json"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    with open(tmp_path / "a.json") as f:
+        bench = json.load(f)["benchmarks"]
+    impls = {b["name"].split("/")[-1].rstrip("]") for b in bench}
+    assert impls == {"eager", "torch.compile", "mptkernels_(cpu)"}, impls
+    assert {b["group"] for b in bench} == {"rotary: rotary q,k (1,64,4,32) float32"}
+    assert all(b["stats"]["median"] > 0 and b["extra_info"]["family"] == "rotary" for b in bench)
+    p = _py(*common, "--benchmark-compare")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert "Comparing against benchmarks from" in p.stdout + p.stderr
