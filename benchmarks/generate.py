@@ -94,9 +94,9 @@ def run(device: str, quick: bool, dtype=None):
     if gpu:
         ideal = flops / 700e12
     else:
-        from mptkernels.bench.harness import matmul_ceiling
+        from mptkernels.bench.harness import ceiling
 
-        ideal = flops / (matmul_ceiling("cpu", "quick", dtype)[0] * 1e12)
+        ideal = flops / (ceiling("cpu", "quick", flops_dtype=dtype)[0] * 1e12)
     rows.append((f"prefill {plen} tokens (ms)", t_pre * 1e3))
     print(f"greedy decode, {n_params / 1e6:.0f}M-parameter MPT (d{d} L{layers} H{heads}), "
           f"{str(dtype).replace('torch.', '')}, prompt 128, {new_tokens} new tokens, {device}, "
@@ -108,10 +108,10 @@ def run(device: str, quick: bool, dtype=None):
     if "B1 transformers" in by:
         print(f"  mptkernels / transformers at batch 1: {by['B1 mptkernels'] / by['B1 transformers']:.2f}x")
     if gpu:
-        from mptkernels.bench.harness import bandwidth_ceiling
+        from mptkernels.bench.harness import ceiling
 
         weight_bytes = n_params * 2
-        roof = bandwidth_ceiling(weight_bytes, device, "quick")[0] * 1e9 / weight_bytes
+        roof = ceiling(device, "quick", nbytes=weight_bytes)[0] * 1e9 / weight_bytes
         print(f"  weight-bandwidth roofline at batch 1: {roof:.0f} tokens/s "
               f"({by['B1 mptkernels'] / roof:.0%} reached)")
     return rows

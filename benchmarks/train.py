@@ -73,9 +73,9 @@ def run(device, model_name, batch, seq, steps, dtype=None):
     if device == "cuda":
         peak = 989e12
     else:
-        from mptkernels.bench.harness import matmul_ceiling
+        from mptkernels.bench.harness import ceiling
 
-        peak = matmul_ceiling("cpu", "quick", dtype)[0] * 1e12
+        peak = ceiling("cpu", "quick", flops_dtype=dtype)[0] * 1e12
     ids = torch.randint(0, 50368, (batch, seq), device=device)
     rows = []
     for name in ("transformers", "mptkernels"):

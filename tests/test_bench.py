@@ -99,21 +99,24 @@ def test_format_table_columns_line_up_with_long_names():
 
 
 def test_time_case_pairs_rounds_and_flags_noise(monkeypatch):
-    """time_case's ratio is taken per round; a spread ratio is flagged noisy, a tight one not."""
-    rounds = {"base": iter([1.0, 1.0, 1.0]), "mine": iter([0.5, 0.5, 0.5])}
-    monkeypatch.setattr(harness, "time_interleaved",
-                        lambda fns, *a, **k: {n: [next(rounds[n.split()[0]]) for _ in range(3)] for n in fns})
-    monkeypatch.setattr(harness, "ceiling_for", lambda *a: (1e9, "test"))
-    case = harness.Case("f", "c", lambda: {"ours": {"mine (x)": None}, "baselines": {"base": None}}, nbytes=1e6)
-    rows = {r.impl: r for r in harness.time_case(case, "cpu", "tiny")}
-    assert rows["mine (x)"].speedup == 2.0 and not rows["mine (x)"].noisy
-    rounds = {"base": iter([1.0, 1.0, 1.0]), "mine": iter([0.5, 1.0, 0.25])}
+    """time_case's ratio is taken per round; a spread ratio is flagged noisy, a tight one not; the
+    ceiling is the best sample of its kernels, sampled in the same rounds, and a rate above it is
+    not shown as a fraction."""
+    samples = {}
+
+    def fake(fns, *a, **k):  # ceiling kernels have tuple names ("ceiling", kind)
+        return {n: list(samples["ceiling" if isinstance(n, tuple) else n.split()[0]]) for n in fns}
+    monkeypatch.setattr(harness, "time_interleaved", fake)
+    case = harness.Case("f", "c", lambda: {"ours": {"mine (x)": None}, "baselines": {"base": None}}, nbytes=4e6)
+    samples.update(base=[1.0, 1.0, 1.0], mine=[0.5, 0.5, 0.5], ceiling=[0.1, 0.05, 0.2])
     rows = {r.impl: r for r in harness.time_case(case, "cpu", "tiny")}
     r = rows["mine (x)"]
+    assert r.speedup == 2.0 and not r.noisy and r.ceiling == pytest.approx(4e-3 / 0.05e-3)  # 4 MB in 0.05 ms
+    assert r.ceiling_frac == pytest.approx(r.rate / r.ceiling) and r.ceiling_frac < 1
+    samples.update(mine=[0.5, 1.0, 0.25])
+    r = {r.impl: r for r in harness.time_case(case, "cpu", "tiny")}["mine (x)"]
     assert (r.speedup, r.speedup_min, r.speedup_max, r.noisy) == (2.0, 1.0, 4.0, True)
-    # a rate above the ceiling is not shown as a fraction
-    monkeypatch.setattr(harness, "ceiling_for", lambda *a: (1e-9, "test"))
-    rounds = {"base": iter([1.0] * 3), "mine": iter([1.0] * 3)}
+    samples.update(ceiling=[5.0, 5.0, 5.0])  # a ceiling slower than the case: impossible, not shown
     r = {r.impl: r for r in harness.time_case(case, "cpu", "tiny")}["mine (x)"]
     assert r.ceiling_frac is None and "not shown" in r.ceiling_note
 

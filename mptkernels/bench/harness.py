@@ -8,9 +8,9 @@ Each row reports the median and the min-max of its samples; ours also the ratio 
 PyTorch path, per round, as median and min-max. A row whose spread is wider than ``NOISY`` of
 its median is flagged noisy: the machine was too busy to call that ratio.
 
-Ceilings are measured in the same run, on the same bytes and in the same cache state as the
-case they judge (see ``bandwidth_ceiling``), so a %ceil above 100 means the measurement is
-wrong; such a cell is left empty and says so, never printed as 140%.
+Ceilings are sampled in the same rounds as the case they judge, on the same bytes and so in
+the same cache state (see ``_ceiling_fns``): a %ceil above 100 means the measurement is wrong;
+such a cell is left empty and says so, never printed as 140%.
 
 CPU samples are wall-clock means of a calibrated block of calls; GPU samples are
 triton.testing.do_bench medians (CUDA events, L2 flushed before every call).
@@ -145,70 +145,62 @@ def _spread(xs):
 
 # ---------------------------------------------------------------- ceilings
 
-_ceilings: dict[str, tuple[float, str]] = {}
+def _ceiling_fns(device: str, size: str, nbytes=None, flops_dtype=None, int8=False):
+    """(fns, work per call, what) of the ceiling a case is judged against; rate = work / time.
 
-
-def bandwidth_ceiling(nbytes: float, device: str, size: str) -> tuple[float, str]:
-    """GB/s: the fastest of reading, writing, and copying ``nbytes`` in all (a sum over nbytes,
-    a fill of nbytes, a copy of nbytes/2 to nbytes/2), each sampled like the cases and its best
-    sample taken. Same bytes as the case, hence the same cache level: a 16 MB decode that stays
-    in L3 is judged against L3, not DRAM. Any mix of reads and writes of N bytes takes at least
-    N / (the faster of the read and the write rate), so no kernel can honestly pass it."""
-    key = f"{device}:bw:{int(nbytes)}"
-    if key not in _ceilings:
+    Bandwidth (nbytes): reading, writing and copying the same number of bytes (a sum over
+    nbytes, a fill of nbytes, a copy of nbytes/2 to nbytes/2). Same bytes, hence the same cache
+    level: a 16 MB decode that stays in L3 is judged against L3, not DRAM. Any mix of reads and
+    writes of N bytes takes at least N / (the faster of the read and the write rate), so no
+    kernel can honestly pass the fastest of the three.
+    FLOPs: a dense square matmul of the case's dtype (bf16 8192³ on the GPU, fp32 2048³ on the
+    CPU, 1024³ at size tiny), PyTorch's and ours (on AMD CPUs MKL runs AVX2 code and our AVX-512
+    GEMM is about twice as fast: MKL alone would understate the machine). int8: an int8 matmul,
+    torch._int_mm in its fast layout and our int8_mm (the float matmul is several times slower,
+    so int8 rows would read 200-400%)."""
+    if nbytes is not None:
         n = max(int(nbytes) // 4, 1024)
         a = torch.empty(n, device=device).uniform_()
-        half_src, half_dst = torch.empty(n // 2, device=device).uniform_(), torch.empty(n // 2, device=device)
-        times = time_interleaved({"read": lambda: a.sum(), "write": lambda: a.fill_(1.0),
-                                  "copy": lambda: half_dst.copy_(half_src)}, device, size, "ceiling")
-        best = min((min(ms), kind) for kind, ms in times.items())
-        _ceilings[key] = (n * 4 / (best[0] * 1e-3) / 1e9, f"{best[1]} of the same bytes")
-    return _ceilings[key]
+        src, dst = torch.empty(n // 2, device=device).uniform_(), torch.empty(n // 2, device=device)
+        return ({"read": lambda: a.sum(), "write": lambda: a.fill_(1.0), "copy": lambda: dst.copy_(src)},
+                n * 4 / 1e9, "of the same bytes")
+    from mptkernels import ops
 
-
-def matmul_ceiling(device: str, size: str, dtype=None) -> tuple[float, str]:
-    """TFLOP/s of a dense square matmul (bf16 8192³ on the GPU, fp32 2048³ on the CPU, or the
-    dtype asked for; 1024³ at size tiny): the best sample of PyTorch's matmul and of ours (on AMD
-    CPUs MKL runs AVX2 code and our AVX-512 GEMM is about twice as fast, so MKL alone would
-    understate what the machine does)."""
-    dt = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    name = str(dt).replace("torch.", "")
-    key = f"{device}:mm:{name}:{size == 'tiny'}"
-    if key not in _ceilings:
-        from mptkernels import ops
-
-        n = 1024 if size == "tiny" else (8192 if device == "cuda" else 2048)
-        a = torch.randn(n, n, device=device, dtype=dt)
-        times = time_interleaved({"torch": lambda: a @ a, "ours": lambda: ops.linear(a, a)}, device, size, "ceiling")
-        _ceilings[key] = (2 * n**3 / (min(min(ms) for ms in times.values()) * 1e-3) / 1e12, f"{name} matmul {n}³")
-    return _ceilings[key]
-
-
-def int8_ceiling(device: str, size: str) -> tuple[float, str]:
-    """TOP/s of an int8 matmul (8192³ GPU, 2048³ CPU, 1024³ tiny): the best of torch._int_mm in
-    its fast layout and our int8_mm. Int8 rows are judged against this, not the float matmul."""
-    key = f"{device}:int8:{size == 'tiny'}"
-    if key not in _ceilings:
-        n = 1024 if size == "tiny" else (8192 if device == "cuda" else 2048)
+    n = 1024 if size == "tiny" else (8192 if device == "cuda" else 2048)
+    if int8:
         a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
-        times = time_interleaved({"torch": lambda: torch._int_mm(a, a.t()),
-                                  "ours": lambda: torch.ops.mptkernels.int8_mm(a, a)}, device, size, "ceiling")
-        _ceilings[key] = (2 * n**3 / (min(min(ms) for ms in times.values()) * 1e-3) / 1e12, f"int8 matmul {n}³")
-    return _ceilings[key]
+        return ({"torch._int_mm": lambda: torch._int_mm(a, a.t()), "int8_mm": lambda: torch.ops.mptkernels.int8_mm(a, a)},
+                2 * n**3 / 1e12, f"int8 matmul {n}³")
+    dt = flops_dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dt)
+    return ({"torch matmul": lambda: a @ a, "ops.linear": lambda: ops.linear(a, a)}, 2 * n**3 / 1e12,
+            f"{str(dt).replace('torch.', '')} matmul {n}³")
 
 
-def ceiling_for(case: Case, device: str, size: str) -> tuple[float, str]:
-    if case.flops:
-        return int8_ceiling(device, size) if case.int8 else matmul_ceiling(device, size, case.dtype)
-    return bandwidth_ceiling(case.nbytes, device, size)
+def _best(times: dict, work: float, what: str) -> tuple[float, str]:
+    """The ceiling: the fastest sample of the fastest of its kernels."""
+    ms, name = min((min(t), name) for name, t in times.items())
+    return work / (ms * 1e-3), f"{name} {what}"
+
+
+def ceiling(device: str, size: str, nbytes=None, flops_dtype=None, int8=False) -> tuple[float, str]:
+    """(rate, what) of a ceiling measured on its own (the end-to-end benchmarks use it; the
+    table's cases sample theirs in the same rounds as the case)."""
+    fns, work, what = _ceiling_fns(device, size, nbytes, flops_dtype, int8)
+    return _best(time_interleaved(fns, device, size, "ceiling"), work, what)
 
 
 # ---------------------------------------------------------------- a case -> rows
 
 def time_case(case: Case, device: str, size: str) -> list[Row]:
+    """Rows of every implementation of the case. The ceiling's kernels are sampled in the same
+    rounds as the implementations, so they see the same load and cache state."""
     impls = implementations(case.make())
-    times = time_interleaved({n: fn for n, (_, fn) in impls.items()}, device, size, case.title)
-    ceiling, kind = ceiling_for(case, device, size)
+    cfns, cwork, cwhat = _ceiling_fns(device, size, case.nbytes if not case.flops else None, case.dtype, case.int8)
+    times = time_interleaved({**{n: fn for n, (_, fn) in impls.items()}, **{("ceiling", n): f for n, f in cfns.items()}},
+                             device, size, case.title)
+    ceiling, kind = _best({n[1]: t for n, t in times.items() if isinstance(n, tuple)}, cwork, cwhat)
+    times = {n: t for n, t in times.items() if not isinstance(n, tuple)}
     unit = ("TOP/s" if case.int8 else "TFLOP/s") if case.flops else "GB/s"
     work = case.flops / 1e12 if case.flops else case.nbytes / 1e9
     base = [n for n in times if impls[n][0] == "baselines"]
