@@ -201,3 +201,32 @@ def test_pytest_benchmark_save_and_compare(tmp_path):
     p = _py(*common, "--benchmark-compare")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert "Comparing against benchmarks from" in p.stdout + p.stderr
+
+
+def test_cuda_event_timer_adds_gpu_time_between_calls(monkeypatch):
+    """The GPU timer of the pytest-benchmark cases, with a stand-in for CUDA events: the
+    difference of two calls is the (simulated) GPU time between their events."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", os.path.join(ROOT, "benchmarks", "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    clock = {"gpu_ms": 0.0}
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+        def record(self):
+            self.at = clock["gpu_ms"]
+        def synchronize(self):
+            pass
+        def elapsed_time(self, other):
+            return other.at - self.at
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    timer = conftest.CudaEventTimer()
+    t0 = timer()
+    clock["gpu_ms"] += 2.5
+    t1 = timer()
+    clock["gpu_ms"] += 0.25
+    t2 = timer()
+    assert (t1 - t0, t2 - t1) == (pytest.approx(2.5e-3), pytest.approx(0.25e-3))
