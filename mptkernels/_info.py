@@ -81,3 +81,14 @@ def info(file=None) -> Info:
     lines.append(f"  scaled_dot_product_attention falls back to PyTorch for: {SDPA_FALLBACKS}")
     print("\n".join(lines), file=file)
     return facts
+
+
+def main(argv=None, prog="python -m mptkernels._info"):
+    """``mptkernels info``: prints the report of info()."""
+    import argparse
+
+    argparse.ArgumentParser(prog=prog, description="Print what was built (versions, the CPU ISA level, CUDA "
+                            "archs) and each op's implementations on each device: what runs, what auto chooses, "
+                            "and why one cannot run here.").parse_args(argv)
+    info()
+    return 0

@@ -690,8 +690,9 @@ def export_hf(cfg, out_dir):
         dist.destroy_process_group()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mptkernels.train", description=__doc__,
+def main(argv=None, prog="python -m mptkernels.train"):
+    """The command line; prog is the name its usage shows (``mptkernels train`` when run by that command)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help=f"a YAML config file, or a preset: {', '.join(presets())}")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
