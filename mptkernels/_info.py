@@ -18,14 +18,31 @@ def _forcing() -> str:
     return ", ".join(f"{op}={impl}" if op != "*" else impl for op, impl in m.items())
 
 
-def info(file=None) -> dict:
-    """Print (and return as a dict) versions, what was compiled, each op's implementations per
-    device (with why one cannot run here), what ``auto`` does, and the choices measured so far."""
+class Info(dict):
+    """The facts of ``info()``: a plain dict of them, whose repr and str are one short line, not
+    the report (``info()`` has printed that already; ``dict(facts)`` shows the full dict)."""
+
+    def __repr__(self):
+        return f"<mptkernels.info() facts: a dict of {len(self)} ({', '.join(list(self)[:3])}, ...)>"
+
+    __str__ = __repr__
+
+
+def info(file=None) -> Info:
+    """Print a report of versions, what was compiled, each op's implementations per device (with
+    why one cannot run here), what ``auto`` does and the choices measured so far; return its facts.
+
+    The report is printed once, by the call, to ``file`` (default: stdout), so a bare
+    ``mptkernels.info()`` in a script prints it. The facts come back as an ``Info``, a dict (keys
+    as in the report: ``info(file=io.StringIO())["CPU kernels ISA"]`` reads one without printing)
+    whose repr and str are one short line, so neither ``print(mptkernels.info())`` nor a bare
+    ``mptkernels.info()`` at the REPL shows the report a second time; ``dict(facts)`` is the full dict.
+    """
     from . import __version__
     from .ops.attention import SDPA_FALLBACKS
 
     cuda_ok = torch.cuda.is_available()
-    facts = {
+    facts = Info({
         "mptkernels": __version__,
         "torch": torch.__version__,
         "triton": triton_version() or "not installed",
@@ -41,7 +58,7 @@ def info(file=None) -> dict:
         "measured choices": {f"{name}: {key}": entry for name, table in _dispatch.measured.tables.items()
                              for key, entry in table.items()},
         "scaled_dot_product_attention falls back to PyTorch for": SDPA_FALLBACKS,
-    }
+    })
     lines = ["mptkernels.info()"]
     for k in ("mptkernels", "torch", "triton", "python", "built against torch"):
         lines.append(f"  {k}: {facts[k]}")
@@ -64,3 +81,14 @@ def info(file=None) -> dict:
     lines.append(f"  scaled_dot_product_attention falls back to PyTorch for: {SDPA_FALLBACKS}")
     print("\n".join(lines), file=file)
     return facts
+
+
+def main(argv=None, prog="python -m mptkernels._info"):
+    """``mptkernels info``: prints the report of info()."""
+    import argparse
+
+    argparse.ArgumentParser(prog=prog, description="Print what was built (versions, the CPU ISA level, CUDA "
+                            "archs) and each op's implementations on each device: what runs, what auto chooses, "
+                            "and why one cannot run here.").parse_args(argv)
+    info()
+    return 0

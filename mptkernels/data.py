@@ -210,8 +210,9 @@ def checked_arg(kind, ok, expected):
     return parse
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mptkernels.data", description=__doc__,
+def main(argv=None, prog="python -m mptkernels.data"):
+    """The command line; prog is the name its usage shows (``mptkernels data`` when run by that command)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser("prepare", help="tokenise text files into a token directory")

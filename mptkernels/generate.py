@@ -113,8 +113,9 @@ def _device_error(device: str):
     return None
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mptkernels.generate", description=__doc__,
+def main(argv=None, prog="python -m mptkernels.generate"):
+    """The command line; prog is the name its usage shows (``mptkernels generate`` when run by that command)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF MPT checkpoint directory")
     p.add_argument("--prompt", required=True)

@@ -33,7 +33,10 @@ one-line ``error: ...`` and exit status 2.
   last checkpoint and goes on with the data after the batch that caused it.
 * Logging: one line per step on the console (loss, tokens/s, MFU, memory) and the same in
   ``RUN_DIR/log.jsonl``, one record per step of the run's history (a resume or a rollback drops
-  the records of the steps it goes back over).
+  the records of the steps it goes back over). Before the first step, a summary of the run
+  (model and parameter count, data, processes and device, precision, the steps and tokens
+  planned, the run directory, resumed or from scratch); after the last, what it did (steps,
+  tokens, time, tokens/s, final loss) and the checkpoint with the command that exports it.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -502,12 +506,15 @@ def _check_fits(model_cfg, cfg, data):
                           f"model.vocab_size is {model_cfg.vocab_size}; use data prepared for this model's vocabulary")
 
 
-def train(cfg) -> list:
-    """Runs (or resumes) training as configured; returns the logged records of this process."""
+def train(cfg, export_command=None) -> list:
+    """Runs (or resumes) training as configured; returns the logged records of this process.
+    Process 0 prints a summary of the run before the first step and after the last;
+    ``export_command`` (the words of a command line) is the export command the last one shows
+    (default: the Python call, ``export_hf(cfg, DIR)``)."""
     data = _open_data(cfg)  # before the process group: a bad data.path needs no teardown
     device, rank, world = _init_distributed(cfg["train"]["device"])
     try:
-        records = _train(cfg, device, rank, world, data)
+        records = _train(cfg, device, rank, world, data, export_command)
         # every process done before the group goes away: a gloo process group torn down while
         # a peer is still in its last collective aborts that peer
         dist.barrier()
@@ -516,7 +523,7 @@ def train(cfg) -> list:
         dist.destroy_process_group()
 
 
-def _train(cfg, device, rank, world, data):
+def _train(cfg, device, rank, world, data, export_command=None):
     t, ck, sp, hooks = cfg["train"], cfg["checkpoint"], cfg["spike"], cfg["test_hooks"]
     seq = cfg["data"]["seq_len"]
     if t["global_batch"] % world:
@@ -532,7 +539,7 @@ def _train(cfg, device, rank, world, data):
     path, loaded = resume(run_dir, model, opt, sched)
     if path:
         state.update(loaded)
-        _print(f"resumed from {path} at step {state['step']}")
+    _print(_start_summary(cfg, model.config, n_params, data, device, world, state, path))
     saved_step = state["step"]  # the step of the newest checkpoint (0: none)
     if state["step"] >= t["steps"]:
         _print(f"nothing to do: the run is at step {state['step']} and train.steps is {t['steps']}")
@@ -542,6 +549,7 @@ def _train(cfg, device, rank, world, data):
         _truncate_log(log_path, state["step"])
     sinks = _log_sinks(cfg, run_dir) if rank == 0 else []
     records = []
+    t_start = time.perf_counter()
     while state["step"] < t["steps"]:
         step, dstep = state["step"], state["data_step"]
         if hooks["crash_at_step"] is not None and step == hooks["crash_at_step"]:
@@ -624,7 +632,86 @@ def _train(cfg, device, rank, world, data):
             saved_step = state["step"]
     if ck["every"] and state["step"] != saved_step:  # the last steps too: --export takes the newest
         save_checkpoint(run_dir, state["step"], model, opt, sched, state, ck["keep"])
+    _print(_end_summary(cfg, records, state, time.perf_counter() - t_start, export_command))
     return records
+
+
+# ------------------------------------------------------------------ the summaries of a run
+_KEY = 12  # the width of the summaries' first column
+
+
+def _block(title, rows):
+    return "\n".join([title, *(f"  {k:<{_KEY}}{v}" for k, v in rows)])
+
+
+def _count(n) -> str:
+    """1,234,567 (1.23 M): exact, and readable at a glance."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n:,} ({n / div:.3g} {unit})"
+    return f"{n:,}"
+
+
+def _start_summary(cfg, mc, n_params, data, device, world, state, resumed_from) -> str:
+    t, d, ck = cfg["train"], cfg["data"], cfg["checkpoint"]
+    seq, batch = d["seq_len"], t["global_batch"]
+    src = f"from_hf {cfg['model']['from_hf']}: " if cfg["model"]["from_hf"] else ""
+    if device.type == "cuda":
+        where = f"cuda, one GPU each ({torch.cuda.get_device_name(device)}; nccl)"
+    else:
+        n = torch.get_num_threads()
+        where = f"the CPU ({n} thread{'s' if n > 1 else ''}{' each' if world > 1 else ''}; gloo)"
+    precision = ("bf16 compute, fp32 master weights and gradient reduction" if t["precision"] == "bf16" else "fp32")
+    options = [name for key, name in (("activation_checkpointing", "activation checkpointing"),
+                                      ("compile", "torch.compile per block")) if t[key]]
+    planned = t["steps"] * batch * seq
+    docs = data.meta.get("n_docs")
+    return _block("training", [
+        ("model", f"{src}d_model {mc.d_model}, n_layers {mc.n_layers}, n_heads {mc.n_heads}, "
+                  f"vocab {mc.vocab_size}: {_count(n_params)} parameters"),
+        ("data", f"{d['path']}: {_count(len(data))} tokens" + (f" in {docs:,} documents" if docs else "")
+                 + f" (tokenizer {data.meta.get('tokenizer', '?')})"),
+        ("processes", f"{world} process{'es' if world > 1 else ''} on {where}, "
+                      f"micro-batch {state['micro_batch']}"),  # a checkpoint's, after an out-of-memory
+        ("precision", ", ".join([precision, *options])),
+        ("plan", f"{t['steps']:,} steps × {batch} sequences × {seq} tokens = {planned:,} tokens "
+                 f"({planned / len(data):.2g} epochs)"),
+        ("run dir", f"{ck['dir']} (" + (f"a checkpoint every {ck['every']} steps, the newest {ck['keep']} kept)"
+                                        if ck["every"] else "checkpoint.every 0: no checkpoints)")),
+        ("start", f"resumed from {resumed_from} at step {state['step']} "
+                  f"({max(0, t['steps'] - state['step']):,} steps to go)"
+                  if resumed_from else "from scratch"),
+    ])
+
+
+def _end_summary(cfg, records, state, seconds, export_command) -> str:
+    t, ck = cfg["train"], cfg["checkpoint"]
+    losses = [r["loss"] for r in records if "event" not in r]  # the steps of this run that updated the model
+    tokens = len(losses) * t["global_batch"] * cfg["data"]["seq_len"]
+    skipped = sum(r.get("event") == "skipped" for r in records)
+    if losses:
+        did = f"{len(losses):,} steps, {tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)"
+    else:
+        did = "no steps" + ("" if skipped else " (the run was already at train.steps)")
+    rows = [("this run", did + (f", {skipped} skipped" if skipped else ""))]
+    last = losses[-10:]
+    if last:
+        rows.append(("final loss", f"{sum(last) / len(last):.4f} (mean of the last {len(last)} steps)"))
+    if ck["every"]:
+        out = os.path.join(ck["dir"], "hf")
+        rows.append(("checkpoint", os.path.join(ck["dir"], f"ckpt-{state['step']:08d}")))
+        rows.append(("export", shlex.join([*export_command, "--export", out]) if export_command
+                     else f"mptkernels.train.export_hf(cfg, {out!r})"))
+    else:
+        rows.append(("checkpoint", "none (checkpoint.every is 0)"))
+    return _block(f"done: step {state['step']:,} of {t['steps']:,}", rows)
+
+
+def _python() -> str:
+    """``python`` when that is this interpreter on the PATH, else this interpreter's path."""
+    found = shutil.which("python")
+    same = found is not None and os.path.abspath(found) == os.path.abspath(sys.executable)
+    return "python" if same else sys.executable
 
 
 def _log_sinks(cfg, run_dir):
@@ -690,8 +777,9 @@ def export_hf(cfg, out_dir):
         dist.destroy_process_group()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mptkernels.train", description=__doc__,
+def main(argv=None, prog="python -m mptkernels.train"):
+    """The command line; prog is the name its usage shows (``mptkernels train`` when run by that command)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help=f"a YAML config file, or a preset: {', '.join(presets())}")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
@@ -702,7 +790,10 @@ def main(argv=None):
         if args.export:
             export_hf(cfg, args.export)
         else:
-            train(cfg)
+            words = prog.split()
+            if words[:2] == ["python", "-m"]:
+                words[0] = _python()
+            train(cfg, export_command=[*words, args.config, *args.overrides])
     except ConfigError as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every process finds the same error: say it once
             print(f"error: {e}", file=sys.stderr)

@@ -272,8 +272,85 @@ def test_last_steps_are_checkpointed_and_exported(tmp_path, data_dir):
     short = str(tmp_path / "short")
     _run(short, data_dir, "train.steps=2", "checkpoint.every=5")  # fewer steps than checkpoint.every
     assert _ckpt_steps(short) == [2]
-    _run(str(tmp_path / "off"), data_dir, "train.steps=2", "checkpoint.every=0")
+    r = _run(str(tmp_path / "off"), data_dir, "train.steps=2", "checkpoint.every=0")
     assert not [n for n in os.listdir(tmp_path / "off") if n.startswith("ckpt-")]  # 0: no checkpoints at all
+    end = _summary(r.stdout, "done: ")
+    assert end["checkpoint"] == "none (checkpoint.every is 0)" and "export" not in end, end  # nothing to export
+
+
+def _summary(stdout, title):
+    """The rows of the summary block whose first line starts with title, as {key: value}; the
+    title line itself under the key 'title'."""
+    lines = stdout.splitlines()
+    starts = [k for k, x in enumerate(lines) if x.startswith(title)]
+    assert len(starts) == 1, stdout  # printed once (process 0)
+    rows = {"title": lines[starts[0]]}
+    for x in lines[starts[0] + 1:]:
+        if not x.startswith("  "):
+            break
+        rows[x[:14].strip()] = x[14:]
+    return rows
+
+
+def test_the_start_and_end_summaries_say_what_runs_and_how_to_export_it(tmp_path, data_dir):
+    import re
+    import shlex
+
+    from mptkernels import train as tr
+    from mptkernels.data import TokenDataset
+    from mptkernels.models import MPTForCausalLM
+
+    run = str(tmp_path / "summary")
+    over = [f"data.path={data_dir}", f"checkpoint.dir={run}", "train.device=cpu", "log.every=100", "train.steps=3",
+            "checkpoint.every=2"]
+
+    def train(*cmd):
+        r = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, timeout=600, env=_env(),
+                           cwd=ROOT)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r
+
+    r = train("mptkernels", "train", "tiny", *over)  # the mptkernels command's form
+    n_params = sum(p.numel() for p in MPTForCausalLM(tr.model_config(tr.load_config("tiny", over))).parameters())
+    n_tok = len(TokenDataset(data_dir))
+
+    start = _summary(r.stdout, "training")
+    assert start["title"] == "training"
+    assert re.fullmatch(rf"d_model 64, n_layers 2, n_heads 4, vocab 256: {n_params:,} \(.*\) parameters",
+                        start["model"]), start
+    assert start["data"] == f"{data_dir}: {n_tok:,} ({n_tok / 1e3:.3g} K) tokens in 3 documents (tokenizer bytes)"
+    assert re.fullmatch(r"1 process on the CPU \(\d+ threads?; gloo\), micro-batch 4", start["processes"]), start
+    assert start["precision"] == "fp32"
+    assert start["plan"] == f"3 steps × 8 sequences × 64 tokens = 1,536 tokens ({1536 / n_tok:.2g} epochs)"
+    assert start["run dir"] == f"{run} (a checkpoint every 2 steps, the newest 2 kept)"
+    assert start["start"] == "from scratch"
+
+    end = _summary(r.stdout, "done: ")
+    assert end["title"] == "done: step 3 of 3"
+    m = re.fullmatch(r"3 steps, 1,536 tokens in (\d+\.\d) s \(([\d,]+) tokens/s\)", end["this run"])
+    assert m, end
+    seconds, tps = float(m[1]), int(m[2].replace(",", ""))
+    assert 1536 / (seconds + 0.05) - 1 <= tps <= 1536 / max(seconds - 0.05, 1e-3) + 1, end  # seconds is rounded
+    last = [_losses(run)[s] for s in (1, 2, 3)]
+    assert end["final loss"] == f"{sum(last) / 3:.4f} (mean of the last 3 steps)"
+    assert end["checkpoint"] == os.path.join(run, "ckpt-00000003")
+    assert os.path.isfile(os.path.join(end["checkpoint"], "complete.json"))
+    # the export command: the same command line, with --export; run as printed, it writes the model trained
+    export = shlex.split(end["export"])
+    hf = os.path.join(run, "hf")
+    assert export[0] in ("python", sys.executable) and export[1:] == ["-m", "mptkernels", "train", "tiny", *over,
+                                                                      "--export", hf], export
+    e = subprocess.run(export, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    assert e.returncode == 0 and f"exported {end['checkpoint']} to {hf}" in e.stdout, e.stdout + e.stderr
+    assert sum(p.numel() for p in MPTForCausalLM.from_hf(hf).parameters()) == n_params
+
+    # resumed: where from, and what this run did
+    r = train("mptkernels.train", "tiny", *over, "train.steps=5")  # the module's own form
+    start, end = _summary(r.stdout, "training"), _summary(r.stdout, "done: ")
+    assert start["start"] == f"resumed from {os.path.join(run, 'ckpt-00000003')} at step 3 (2 steps to go)"
+    assert end["title"] == "done: step 5 of 5" and end["this run"].startswith("2 steps, 1,024 tokens in "), end
+    export = shlex.split(end["export"])
+    assert export[1:] == ["-m", "mptkernels.train", "tiny", *over, "train.steps=5", "--export", hf], export
 
 
 def test_export_may_come_before_the_overrides(tmp_path, data_dir):
