@@ -101,3 +101,15 @@ def test_installed_wheel_trains_the_tiny_preset_exports_and_generates(wheel):
     r = _in_venv(wheel, "-m", "mptkernels.generate", "--model", "hf", "--prompt", "the ", "--max-new-tokens", "4",
                  "--device", "cpu", "--int8")
     assert r.stdout.startswith("the ") and "[4 new tokens" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_installed_console_script_and_benchmarks(wheel):
+    """The wheel's `mptkernels` script, and its benchmarks (mptkernels/bench ships in the wheel)."""
+    script = str(wheel.venv / "bin" / "mptkernels")
+    r = _run([script, "--help"], 300, cwd=wheel.work, env=wheel.env)
+    assert r.stdout.startswith("usage: mptkernels ") and "bench" in r.stdout, r.stdout
+    _run([script, "bench", "--size", "tiny", "--only", "rotary", "--no-plot", "--out", "bench"], 600, cwd=wheel.work,
+         env=wheel.env)
+    with open(wheel.work / "bench" / "results.json") as fh:
+        rows = json.load(fh)["results"]
+    assert {r["family"] for r in rows} == {"rotary"} and all(r["ms_min"] <= r["ms_median"] for r in rows)
