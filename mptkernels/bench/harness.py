@@ -149,7 +149,7 @@ def _ceiling_fns(device: str, size: str, nbytes=None, flops_dtype=None, int8=Fal
     """(fns, work per call, what) of the ceiling a case is judged against; rate = work / time.
 
     Bandwidth (nbytes): reading, writing and copying the same number of bytes (a sum over
-    nbytes, a fill of nbytes, a copy of nbytes/2 to nbytes/2). Same bytes, hence the same cache
+    nbytes, a zero_ of nbytes, a copy of nbytes/2 to nbytes/2). Same bytes, hence the same cache
     level: a 16 MB decode that stays in L3 is judged against L3, not DRAM. Any mix of reads and
     writes of N bytes takes at least N / (the faster of the read and the write rate), so no
     kernel can honestly pass the fastest of the three.
@@ -162,7 +162,8 @@ def _ceiling_fns(device: str, size: str, nbytes=None, flops_dtype=None, int8=Fal
         n = max(int(nbytes) // 4, 1024)
         a = torch.empty(n, device=device).uniform_()
         src, dst = torch.empty(n // 2, device=device).uniform_(), torch.empty(n // 2, device=device)
-        return ({"read": lambda: a.sum(), "write": lambda: a.fill_(1.0), "copy": lambda: dst.copy_(src)},
+        # write: zero_ (memset: glibc streams large sizes with non-temporal stores, as our kernels do)
+        return ({"read": lambda: a.sum(), "write": lambda: a.zero_(), "copy": lambda: dst.copy_(src)},
                 n * 4 / 1e9, "of the same bytes")
     from mptkernels import ops
 
