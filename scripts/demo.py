@@ -1,18 +1,24 @@
 """The main job, run by scripts/demo.sh (which builds first): what was built, each op run on
 this device against the reference, a small byte-level MPT trained from scratch on the standard
-library's Python, saved in HF format, loaded back and sampled with the KV cache, and the quick
-benchmarks."""
+library's Python, saved in HF format, loaded back and sampled with the KV cache, the quick
+benchmarks, and a summary of what was shown with the total time.
+
+    python scripts/demo.py [--no-bench] [--train-seconds 75] [--out bench-out]
+"""
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
-import torch
+T0 = time.perf_counter()  # the total time the summary reports starts here, before torch is imported
 
-import mptkernels
-from mptkernels import ops, reference
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+
+import mptkernels  # noqa: E402
+from mptkernels import ops, reference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,18 +28,25 @@ def rel(a, b):
 
 
 def check_ops(device):
+    """Every op family on this device against mptkernels.reference; returns [(what, relative error)]."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"\nops on {device} ({str(dtype).replace('torch.', '')}) vs mptkernels.reference (relative error):")
+    errors = []
+
+    def show(what, err, extra=""):
+        errors.append((what, err))
+        print(f"  {what:<23} {err:.2e}{extra}")
+
     x = torch.randn(4, 333, 1024, device=device, dtype=dtype)
     r, w, b = torch.randn_like(x), torch.randn(1024, device=device, dtype=dtype), torch.randn(1024, device=device, dtype=dtype)
     y, s = ops.layer_norm(x, w, b, 1e-5, r)
-    print(f"  layer_norm (+residual)  {rel(y, reference.layer_norm(x, w, b, 1e-5, r)[0]):.2e}")
+    show("layer_norm (+residual)", rel(y, reference.layer_norm(x, w, b, 1e-5, r)[0]))
     y, s = ops.rms_norm(x, w, 1e-6, r, cast="llama")
-    print(f"  rms_norm (llama cast)   {rel(y, reference.rms_norm(x, w, 1e-6, r, cast='llama')[0]):.2e}")
+    show("rms_norm (llama cast)", rel(y, reference.rms_norm(x, w, 1e-6, r, cast='llama')[0]))
     q = torch.randn(2, 257, 8, 64, device=device, dtype=dtype, requires_grad=True)
     cos, sin = ops.rotary_cos_sin(512, 64, device=device)
     out = ops.apply_rotary(q, cos, sin, seqlen_offsets=100)
-    print(f"  apply_rotary (offset)   {rel(out, reference.apply_rotary(q, cos, sin, seqlen_offsets=100)):.2e}")
+    show("apply_rotary (offset)", rel(out, reference.apply_rotary(q, cos, sin, seqlen_offsets=100)))
     out.float().pow(2).sum().backward()
     print(f"  apply_rotary backward   |grad| finite: {bool(torch.isfinite(q.grad).all())}")
     # attention: causal + ALiBi + GQA, packed sequences, and a decode step over a KV cache
@@ -43,31 +56,32 @@ def check_ops(device):
     ka, va = (torch.randn(2, 300, hk, d, device=device, dtype=dtype) for _ in range(2))
     out = ops.attention(qa, ka, va, causal=True, alibi_slopes=slopes)
     want = reference.attention(qa.detach(), ka, va, causal=True, alibi_slopes=slopes)
-    print(f"  attention causal+ALiBi  {rel(out, want):.2e}")
+    show("attention causal+ALiBi", rel(out, want))
     out.float().pow(2).sum().backward()
     print(f"  attention backward      |grad| finite: {bool(torch.isfinite(qa.grad).all())}")
     cu = torch.tensor([0, 100, 117, 300], dtype=torch.int32, device=device)
     qv, kv, vv = (t.detach()[0] for t in (qa, ka, va))
     got = ops.attention_varlen(qv, kv, vv, cu, cu, 183, 183, causal=True, alibi_slopes=slopes)
-    print(f"  attention_varlen        {rel(got, reference.attention_varlen(qv, kv, vv, cu, cu, causal=True, alibi_slopes=slopes)):.2e}")
+    show("attention_varlen", rel(got, reference.attention_varlen(qv, kv, vv, cu, cu, causal=True, alibi_slopes=slopes)))
     kc, vc = (torch.randn(2, 512, hk, d, device=device, dtype=dtype) for _ in range(2))
     lens = torch.tensor([37, 400], dtype=torch.int32, device=device)
     qn, kn, vn = (torch.randn(2, 1, h, d, device=device, dtype=dtype) for h in (hq, hk, hk))
     kc2, vc2 = kc.clone(), vc.clone()
     got = ops.attention_with_kvcache(qn, kc, vc, lens, k=kn, v=vn, alibi_slopes=slopes)
     want = reference.attention_with_kvcache(qn, kc2, vc2, lens, kn, vn, alibi_slopes=slopes)
-    print(f"  attention_with_kvcache  {rel(got, want):.2e} (cache written: {bool(torch.equal(kc, kc2))})")
+    show("attention_with_kvcache", rel(got, want), f" (cache written: {bool(torch.equal(kc, kc2))})")
     # GEMMs: linear + GELU, W8A8 and weight-only int8 (errors vs the dequantised reference)
     xg = torch.randn(77, 512, device=device, dtype=dtype)
     wg = torch.randn(384, 512, device=device, dtype=dtype) * 512 ** -0.5
-    print(f"  linear + GELU           {rel(ops.linear(xg, wg, None, 'gelu'), reference.linear(xg, wg, None, 'gelu')):.2e}")
+    show("linear + GELU", rel(ops.linear(xg, wg, None, 'gelu'), reference.linear(xg, wg, None, 'gelu')))
     wq, ws = ops.quantize_rowwise(wg.float())
-    print(f"  int8_linear (W8A8)      {rel(ops.int8_linear(xg, wq, ws), reference.int8_linear(xg, wq, ws)):.2e}"
-          f"  (vs the float linear: {rel(ops.int8_linear(xg, wq, ws), xg.float() @ wg.float().t()):.2e})")
-    print(f"  weight_only_int8_linear "
-          f"{rel(ops.weight_only_int8_linear(xg, wq, ws), reference.weight_only_int8_linear(xg, wq, ws)):.2e}")
+    show("int8_linear (W8A8)", rel(ops.int8_linear(xg, wq, ws), reference.int8_linear(xg, wq, ws)),
+         f"  (vs the float linear: {rel(ops.int8_linear(xg, wq, ws), xg.float() @ wg.float().t()):.2e})")
+    show("weight_only_int8_linear", rel(ops.weight_only_int8_linear(xg, wq, ws),
+                                        reference.weight_only_int8_linear(xg, wq, ws)))
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.GELU(), torch.nn.LayerNorm(64))
     print(" ", str(mptkernels.patch(model, int8="weight_only")).replace("\n", "\n  "))
+    return errors
 
 
 def _corpus(max_bytes=500_000):
@@ -225,23 +239,59 @@ def train_and_generate(device, out_dir, seconds):
                 seconds=train_s, tok_per_s=n_tokens / gen_s, path=path, text_mb=len(data) / 1e6, n_files=n_files)
 
 
+def _speedup_summary(rows):
+    """The summary's lines about the benchmarks, from the rows benchmarks/run.py returns:
+    one per row that has a speed-up over the best PyTorch baseline (attributes family, case,
+    impl, speedup, best_baseline). A hook: run.py is being rewritten to return median
+    speed-ups, and this is where they will be summarised."""
+    return [f"{r.family} {r.case} ({r.impl}): {r.speedup:.2f}x vs {r.best_baseline}"
+            for r in rows or [] if getattr(r, "speedup", None) is not None]
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench-out"), help="benchmark JSON and plot folder")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench-out"), help="folder for the model, benchmark JSON and plot")
     p.add_argument("--no-bench", action="store_true", help="skip the benchmarks")
     p.add_argument("--train-seconds", type=int, default=75, help="how long the demo model trains (0: skip)")
     args = p.parse_args()
     mptkernels.info()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_ops(device)
+    errors = check_ops(device)
+    trained = None
     if args.train_seconds > 0:
         os.makedirs(args.out, exist_ok=True)
-        train_and_generate(device, args.out, args.train_seconds)
+        trained = train_and_generate(device, args.out, args.train_seconds)
+    rows = None
     if not args.no_bench:
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
         import run as bench_run
 
-        bench_run.main(["--quick", "--out", args.out, "--device", device])
+        print()
+        rows = bench_run.main(["--quick", "--out", args.out, "--device", device])
+
+    print("\nwhat you just saw:")
+    worst = max(e for _, e in errors)
+    print(f"  - every op family run on {device} against mptkernels.reference, relative error: "
+          + ", ".join(f"{what.split()[0]} {err:.1e}" for what, err in errors) + f" (largest {worst:.1e}); "
+          "the rotary and attention gradients finite")
+    if trained:
+        t = trained
+        print(f"  - a {t['n_params'] / 1e6:.2f}M-parameter byte-level MPT (ALiBi) trained from scratch for {t['seconds']:.0f} s "
+              f"on {t['text_mb']:.1f} MB of the standard library's Python ({t['n_files']} modules): {t['steps']} steps, "
+              f"{t['tokens'] / 1e6:.1f}M bytes, loss {t['loss'][0]:.2f} -> {t['loss'][1]:.2f} nats per byte")
+        print(f"  - saved, loaded back with from_hf, and generated from with the KV cache at {t['tok_per_s']:.0f} tokens/s")
+        print(f"  - the model: {t['path']}/ (config.json + model.safetensors, HF's MPT format; MPTForCausalLM.from_hf, "
+              f"transformers' MptForCausalLM.from_pretrained or `python -m mptkernels.generate --model {t['path']} "
+              f"--prompt 'def ' --temperature 0.8 --top-k 20` load it)")
+    if rows is not None:
+        lines = _speedup_summary(rows)
+        print(f"  - benchmarks: {os.path.join(args.out, 'results.json')} and benchmarks.png"
+              + ("; speed-ups over the best PyTorch path:" if lines else ""))
+        for line in lines:
+            print(f"      {line}")
+    elif args.no_bench:
+        print("  - benchmarks: skipped (--no-bench)")
+    print(f"total time: {time.perf_counter() - T0:.0f} s")
 
 
 if __name__ == "__main__":

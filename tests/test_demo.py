@@ -1,9 +1,10 @@
 """scripts/demo.py: the text it trains on, its train -> save -> from_hf -> generate path (a few
-seconds of training)."""
+seconds of training) and the benchmark summary hook."""
 import importlib.util
 import json
 import math
 import os
+import types
 
 import torch
 
@@ -42,3 +43,12 @@ def test_train_save_load_generate(tmp_path, capsys):
     assert os.path.exists(os.path.join(got["path"], "model.safetensors"))
     assert "loaded back with MPTForCausalLM.from_hf" in out and "greedy (temperature 0)" in out
     assert "sampled (temperature 0.8, top-k 20)" in out and got["tok_per_s"] > 0
+
+
+def test_speedup_summary_lists_rows_with_a_speedup():
+    demo = _demo()
+    rows = [types.SimpleNamespace(family="attention", case="fwd bf16", impl="mptkernels", speedup=1.8,
+                                  best_baseline="torch.compile"),
+            types.SimpleNamespace(family="attention", case="fwd bf16", impl="eager", speedup=None, best_baseline=None)]
+    assert demo._speedup_summary(rows) == ["attention fwd bf16 (mptkernels): 1.80x vs torch.compile"]
+    assert demo._speedup_summary(None) == []
