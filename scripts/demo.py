@@ -157,9 +157,12 @@ FINAL_LR = 0.1     # down to this fraction of the peak at the end
 # Each prompt starts with a newline, so the model knows it is at the start of a line (training
 # windows start anywhere: without it, "import " could be the middle of an indented line). Greedy
 # decoding of a model this small gets stuck in whitespace where it loses count of the
-# indentation (after a bare "def " it often opens a continuation line); a prompt with a few
-# lines of context did not, in every model trained while tuning.
-GREEDY_PROMPTS = ("\nclass Point:\n    def __init__(self, x, y):\n        self.",)
+# indentation (an unclosed bracket at a line end opens a continuation line, aligned to a column
+# it cannot count to). Greedy outputs stuck, of 10 models trained with these settings (seeds,
+# demo runs, one of 40 s): "\ndef " 4, "\nclass " 6, the class Point prompt 4; this one, a
+# method that has begun setting attributes, 1 ("\n        self." and "\nimport " 0, but
+# they show less: "import sys" 40 times).
+GREEDY_PROMPTS = ("\n    def __init__(self, name):\n        self.name = name\n        self.",)
 SAMPLED_PROMPT = "\ndef "
 NEW_TOKENS = 200
 
