@@ -200,6 +200,60 @@ def test_bad_input_names_the_argument(call, match):
         call(q, k, v)
 
 
+def test_shape_errors_point_at_the_layout():
+    """q, k, v in SDPA's (batch, heads, seqlen, head_dim) layout: wherever that shape cannot be
+    ours, the error says which layout the op takes and how to convert; the conversion it
+    names then gives SDPA's result."""
+    import re
+
+    import torch.nn.functional as F
+
+    hint = re.escape("q, k, v are (batch, seqlen, heads, head_dim), flash-attn's layout; "
+                     "SDPA's (batch, heads, seqlen, head_dim) needs .transpose(1, 2)")
+    q, k, v = torch.randn(2, 8, 24, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)  # SDPA's: GQA, Sk > Sq
+    for call, match in [
+        (lambda: ops.attention(q, k, v, causal=True), r"attention: heads_q \(24\) must be a multiple of heads_kv \(40\)"),
+        (lambda: ops.attention(q, q, q, alibi_slopes=ops.alibi_slopes(8)), r"alibi_slopes must have shape \(24,\)"),
+        (lambda: ops.attention(q, k[:1], v[:1]), "must match q"),
+        (lambda: ops.attention(q, k, v[:, :1]), "must have one shape"),
+        (lambda: ops.attention(*(torch.randn(1, 4, 8, 264) for _ in range(3))), "head_dim must be a multiple of 8"),
+        (lambda: torch.ops.mptkernels.attention_fwd(q, k, v, None, 1.0, False), "must be a multiple of heads_kv"),
+    ]:
+        with pytest.raises(ValueError, match=match + ".*" + hint):
+            call()
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    got = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    assert rel_err(got, want) <= TOL[torch.float32]
+    # decoding over a cache: the same layout, named with the caches
+    kv_hint = re.escape("q, k, v, k_cache, v_cache are (batch, seqlen, heads, head_dim), flash-attn's layout; "
+                        "SDPA's (batch, heads, seqlen, head_dim) needs .transpose(1, 2)")
+    kc, vc, lens = torch.zeros(2, 32, 2, 16), torch.zeros(2, 32, 2, 16), torch.tensor([3, 5], dtype=torch.int32)
+    dq = torch.randn(2, 1, 8, 16)
+    for call, match in [
+        (lambda: ops.attention_with_kvcache(dq.transpose(1, 2), kc, vc, lens), r"heads_q \(1\) must be a multiple"),
+        (lambda: ops.attention_with_kvcache(dq, kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous(), lens),
+         r"heads_q \(8\) must be a multiple of heads_kv \(32\), got q \(2, 1, 8, 16\), k_cache \(2, 2, 32, 16\)"),
+        (lambda: ops.attention_with_kvcache(dq, kc, vc, lens, k=torch.randn(2, 2, 1, 16), v=torch.randn(2, 2, 1, 16)),
+         r"k must be \(2, seqlen_new, 2, 16\), got \(2, 2, 1, 16\)"),
+    ]:
+        with pytest.raises(ValueError, match=match + ".*" + kv_hint):
+            call()
+    # packed sequences: (total_tokens, heads, head_dim); (heads, total_tokens, head_dim) given
+    varlen_hint = re.escape("q, k, v are (total_tokens, heads, head_dim), the sequences packed along dim 0; "
+                            "a (heads, total_tokens, head_dim) tensor needs .transpose(0, 1)")
+    cu = torch.tensor([0, 10, 30], dtype=torch.int32)
+    qv, kv = torch.randn(8, 30, 16), torch.randn(2, 30, 16)
+    for call, match in [
+        (lambda: ops.attention_varlen(qv, kv, kv, cu, cu, 20, 20), "cu_seqlens_q must rise from 0 to at most 8 tokens"),
+        (lambda: ops.attention_varlen(qv, torch.randn(2, 7, 16), torch.randn(2, 7, 16), cu, cu, 20, 20),
+         r"heads_q \(30\) must be a multiple of heads_kv \(7\), got q \(8, 30, 16\), k \(2, 7, 16\)"),
+        (lambda: ops.attention_varlen(qv, kv, kv, cu, cu, 20, 20, alibi_slopes=ops.alibi_slopes(8)),
+         r"alibi_slopes must have shape \(30,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match + ".*" + varlen_hint):
+            call()
+
+
 def test_non_contiguous_inputs():
     qkv = torch.randn(2, 11, 3, 4, 16)  # fused projection output: q, k, v are strided views
     q, k, v = qkv.unbind(2)

@@ -303,6 +303,37 @@ def test_config_errors():
         m.train()(torch.zeros(1, 4, dtype=torch.long))
 
 
+def test_input_ids_outside_the_vocabulary_are_a_one_line_error():
+    """An id the embedding cannot look up is a ValueError naming input_ids, the id and the
+    vocabulary, before the embedding (a bare IndexError on the CPU, a device-side assert that
+    ruins the CUDA context on a GPU); a wrong dtype or rank is named too."""
+    m = _ours()  # vocab_size 257
+    for bad, match in [(torch.tensor([[1, 257]]), r"MPTForCausalLM: input_ids holds 257, but token ids must be in "
+                                                  r"\[0, vocab_size=257\)$"),
+                       (torch.tensor([[3, -1, 2]]), r"input_ids holds -1, .*vocab_size=257"),
+                       (torch.tensor([[5, 300]], dtype=torch.int32), "input_ids holds 300")]:
+        with pytest.raises(ValueError, match=match):
+            m(bad)
+        with pytest.raises(ValueError, match=match):
+            m.train()(bad, labels=bad)
+        m.eval()
+    for bad, err, match in [(torch.zeros(1, 3), TypeError, "input_ids must be int64 or int32 token ids, got torch.float32"),
+                            (torch.zeros(1, 3, dtype=torch.int16), TypeError, "got torch.int16"),
+                            (torch.zeros(3, dtype=torch.long), ValueError, r"input_ids must be \(batch, seqlen\), got "
+                                                                           r"shape \(3,\)"),
+                            ([[1, 2]], TypeError, "input_ids must be a .* tensor of token ids, got list")]:
+        with pytest.raises(err, match=match):
+            m(bad)
+    # the ends of the vocabulary are fine, in int64 and int32 alike
+    ids = torch.tensor([[0, 256, 7]])
+    with torch.no_grad():
+        assert torch.equal(m(ids), m(ids.int()))
+    # torch.compile traces without the check (a data-dependent branch would break the graph)
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(ids), m(ids), atol=1e-6)
+
+
 def test_generate_cli_streams_text_and_reports_speed(tmp_path):
     import subprocess
     import sys

@@ -16,6 +16,16 @@ from .. import _dispatch, reference, torch_impl
 
 _ops = _dispatch.CUSTOM_OPS  # torch.ops.mptkernels, called directly where nothing else would run
 MAX_HEAD_DIM = 256  # the kernels' limit (the Triton tiles go up to BLOCK_D 256; the C++ kernel's rows)
+# Appended to every error of an impossible shape: the likeliest cause is a tensor in another layout.
+# (No warning for a possible shape: SDPA's layout with seqlen_q == seqlen_k and heads dividing
+# evenly is a valid input of ours, and no shape rule tells the two apart without misfiring, e.g.
+# on decoding, where seqlen 1 < heads is the normal case.)
+LAYOUT_HINT = ("q, k, v are (batch, seqlen, heads, head_dim), flash-attn's layout; "
+               "SDPA's (batch, heads, seqlen, head_dim) needs .transpose(1, 2)")
+VARLEN_LAYOUT_HINT = ("q, k, v are (total_tokens, heads, head_dim), the sequences packed along dim 0; "
+                      "a (heads, total_tokens, head_dim) tensor needs .transpose(0, 1)")
+KVCACHE_LAYOUT_HINT = ("q, k, v, k_cache, v_cache are (batch, seqlen, heads, head_dim), flash-attn's layout; "
+                       "SDPA's (batch, heads, seqlen, head_dim) needs .transpose(1, 2)")
 # the dtypes some attention kernel takes (scaled_dot_product_attention hands others to PyTorch)
 _KERNEL_DTYPES = tuple(set().union(*_dispatch.TABLE["attention"].kernels.values()))
 
@@ -157,7 +167,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                 raise ValueError("scaled_dot_product_attention: alibi_slopes needs query as (..., heads, seqlen, "
                                  "head_dim)")
             batch = query.shape[0] if query.dim() == 4 else 1
-            _check_slopes(alibi_slopes, batch, query.shape[-3], query.device)
+            _check_slopes(alibi_slopes, batch, query.shape[-3], query.device, "scaled_dot_product_attention")
             if alibi_slopes.dim() == 2 and query.dim() != 4:
                 raise ValueError("scaled_dot_product_attention: (batch, heads) alibi_slopes need a 4-D query")
             attn_mask = _alibi_mask(alibi_slopes, query, key, attn_mask, is_causal)
@@ -218,41 +228,50 @@ def _check_causal(causal, op):
         raise TypeError(f"{op}: causal must be True or False, got {causal!r}")
 
 
-def _check(q, k, v, alibi_slopes, softmax_scale):
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+def _check(q, k, v, alibi_slopes, softmax_scale, op="attention", hint=LAYOUT_HINT, shape=lambda t: t.shape,
+           names=("q", "k", "v")):
+    """The checks every attention op shares; varlen passes its tensors with a batch dimension
+    added (``shape`` gives the shapes to print, without it) and kvcache its caches as k, v."""
+    for t, name in zip((q, k, v), names):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a (batch, seqlen, heads, head_dim) tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"attention: {name} must be a float tensor, got {t.dtype}")
+            raise TypeError(f"{op}: {name} must be a float tensor, got {t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"attention: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{op}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    qs, ks, vs = (tuple(shape(t)) for t in (q, k, v))
+    kn, vn = names[1:]
     if k.shape != v.shape:
-        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+        raise ValueError(f"{op}: {kn} {ks} and {vn} {vs} must have one shape ({hint})")
     b, _, hq, d = q.shape
     if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"attention: k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head_dim")
+        what = "batch and head_dim" if len(qs) == 4 else "head_dim"  # varlen's have no batch dimension
+        raise ValueError(f"{op}: {kn}/{vn} {ks} must match q {qs} in {what} ({hint})")
     if k.shape[2] == 0 or hq % k.shape[2]:
-        raise ValueError(f"attention: heads_q ({hq}) must be a multiple of heads_kv ({k.shape[2]})")
+        raise ValueError(f"{op}: heads_q ({hq}) must be a multiple of heads_kv ({k.shape[2]}), got q {qs}, "
+                         f"{kn} {ks} ({hint})")
     if d % 8 or not 0 < d <= MAX_HEAD_DIM:
-        raise ValueError(f"attention: head_dim must be a multiple of 8 up to {MAX_HEAD_DIM}, got {d}")
+        raise ValueError(f"{op}: head_dim must be a multiple of 8 up to {MAX_HEAD_DIM}, got {d} (q {qs}; {hint})")
     if alibi_slopes is not None:
-        _check_slopes(alibi_slopes, b, hq, q.device)
+        _check_slopes(alibi_slopes, b, hq, q.device, op, hint)
     if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"attention: softmax_scale must be > 0, got {softmax_scale}")
+        raise ValueError(f"{op}: softmax_scale must be > 0, got {softmax_scale}")
 
 
-def _check_slopes(alibi_slopes, b, hq, device):
+def _check_slopes(alibi_slopes, b, hq, device, op="attention", hint=None):
+    """hint: the layout of the op's tensors, for the shape error (None: the slopes of SDPA's
+    fallback, whose tensors are in SDPA's own layout)."""
     if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
-        raise TypeError("attention: alibi_slopes must be a float32 tensor (mptkernels.ops.alibi_slopes "
+        raise TypeError(f"{op}: alibi_slopes must be a float32 tensor (mptkernels.ops.alibi_slopes "
                         f"gives MPT's), got {getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")
     if tuple(alibi_slopes.shape) not in ((hq,), (b, hq)):
-        raise ValueError(f"attention: alibi_slopes must have shape ({hq},) or ({b}, {hq}), got "
-                         f"{tuple(alibi_slopes.shape)}")
+        raise ValueError(f"{op}: alibi_slopes must have shape ({hq},) or ({b}, {hq}) (heads_q = {hq}), got "
+                         f"{tuple(alibi_slopes.shape)}" + (f" ({hint})" if hint else ""))
     if alibi_slopes.device != device:
-        raise ValueError(f"attention: alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+        raise ValueError(f"{op}: alibi_slopes is on {alibi_slopes.device} but q is on {device}")
 
 
 def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale):
@@ -273,9 +292,10 @@ def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise TypeError(f"attention_varlen: {name} must be a non-negative int, got {m!r}")
     batch = cu_q.numel() - 1
-    _check(q[None], k[None], v[None], None, softmax_scale)
+    _check(q[None], k[None], v[None], None, softmax_scale, "attention_varlen", VARLEN_LAYOUT_HINT,
+           shape=lambda t: t.shape[1:])
     if alibi_slopes is not None:
-        _check_slopes(alibi_slopes, batch, q.shape[1], q.device)
+        _check_slopes(alibi_slopes, batch, q.shape[1], q.device, "attention_varlen", VARLEN_LAYOUT_HINT)
 
 
 class _CheckedTensors:
@@ -305,7 +325,9 @@ def _check_lengths(cu, total, max_len, name, max_name):
     c = cu.tolist()
     lens = [b - a for a, b in zip(c, c[1:])]
     if c[0] != 0 or any(n < 0 for n in lens) or c[-1] > total:
-        raise ValueError(f"attention_varlen: {name} must rise from 0 to at most {total} tokens, got {c}")
+        # more tokens than rows: often a tensor in another layout (its heads read as the rows)
+        raise ValueError(f"attention_varlen: {name} must rise from 0 to at most {total} tokens, got {c}"
+                         + (f" ({VARLEN_LAYOUT_HINT})" if c[-1] > total else ""))
     if lens and max(lens) > max_len:
         raise ValueError(f"attention_varlen: a sequence of {max(lens)} tokens in {name} exceeds "
                          f"{max_name} = {max_len}")
@@ -322,8 +344,10 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softm
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous (it is written in place)")
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    _check(q, k_cache, v_cache, alibi_slopes, softmax_scale)
+        raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ "
+                         f"({KVCACHE_LAYOUT_HINT})")
+    _check(q, k_cache, v_cache, alibi_slopes, softmax_scale, op, KVCACHE_LAYOUT_HINT,
+           names=("q", "k_cache", "v_cache"))
     b, hk, d = q.shape[0], k_cache.shape[2], q.shape[3]
     if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32
             or tuple(cache_seqlens.shape) != (b,)):
@@ -339,7 +363,8 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softm
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
             if t.dim() != 4 or t.shape[0] != b or t.shape[2] != hk or t.shape[3] != d:
-                raise ValueError(f"{op}: {name} must be ({b}, seqlen_new, {hk}, {d}), got {tuple(t.shape)}")
+                raise ValueError(f"{op}: {name} must be ({b}, seqlen_new, {hk}, {d}), got {tuple(t.shape)} "
+                                 f"({KVCACHE_LAYOUT_HINT})")
             if t.dtype != q.dtype or t.device != q.device:
                 raise TypeError(f"{op}: {name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
         if k.shape != v.shape:

@@ -150,6 +150,7 @@ class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
         next-token cross-entropy with ``labels``, or its sum with ``loss_reduction="sum"``; a
         target in another document is not counted)."""
         cfg = self.config
+        _check_input_ids(input_ids, cfg.vocab_size)
         b, s = input_ids.shape
         dev = input_ids.device
         x = self.transformer.wte(input_ids)
@@ -190,6 +191,33 @@ class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
         loss = F.cross_entropy(flat if flat.dtype == torch.float32 else flat.float(), targets.reshape(-1),
                                ignore_index=-100, reduction=loss_reduction)
         return logits, loss
+
+
+def _check_input_ids(input_ids, vocab_size):
+    """input_ids: an int64/int32 (batch, seqlen) tensor of ids in [0, vocab_size), or a one-line
+    error naming what is wrong. Without the range check an id out of range fails inside the
+    embedding: a bare IndexError on the CPU, a device-side assert on CUDA that leaves the CUDA
+    context unusable (every later call in the process fails)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"MPTForCausalLM: input_ids must be a (batch, seqlen) tensor of token ids, got "
+                        f"{type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"MPTForCausalLM: input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"MPTForCausalLM: input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+    # The range check reads two numbers back on the host: free on the CPU, one device sync per
+    # forward on CUDA (~tens of microseconds, and the host cannot queue this forward's kernels
+    # while earlier work is still running). It is skipped where a read-back is impossible: while
+    # torch.compile traces (a data-dependent branch would break the graph) and while a CUDA
+    # graph is captured (a sync is illegal there); those paths are the plain embedding's. The
+    # graphed decode of generate() is covered anyway: it checks the prompt, samples in range,
+    # and its eager first step runs this check before the capture.
+    if (input_ids.numel() and not input_ids.is_meta and not torch.compiler.is_compiling()
+            and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())):
+        lo, hi = (int(t) for t in torch.aminmax(input_ids))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"MPTForCausalLM: input_ids holds {lo if lo < 0 else hi}, but token ids must be in "
+                             f"[0, vocab_size={vocab_size})")
 
 
 def _doc_cu_seqlens(doc_ids):
