@@ -243,12 +243,24 @@ def train_and_generate(device, out_dir, seconds):
 
 
 def _speedup_summary(rows):
-    """The summary's lines about the benchmarks, from the rows benchmarks/run.py returns:
-    one per row that has a speed-up over the best PyTorch baseline (attributes family, case,
-    impl, speedup, best_baseline). A hook: run.py is being rewritten to return median
-    speed-ups, and this is where they will be summarised."""
-    return [f"{r.family} {r.case} ({r.impl}): {r.speedup:.2f}x vs {r.best_baseline}"
-            for r in rows or [] if getattr(r, "speedup", None) is not None]
+    """The summary's lines about the benchmarks: per case, what ``auto`` runs against the fastest
+    PyTorch path, the median [min-max] of the per-round ratios (mptkernels.bench.harness), the
+    noisy ones marked; then how many cases are faster, and how many the machine was too busy
+    to call."""
+    per_case = {}
+    for r in rows or []:
+        if r.speedup is not None and (r.impl == "mptkernels (auto)" or (r.family, r.case) not in per_case):
+            per_case[(r.family, r.case)] = r
+    if not per_case:
+        return []
+    width = max(len(f"{f}: {c}") for f, c in per_case)
+    lines = [f"{f'{r.family}: {r.case}':<{width}}  {r.speedup:5.2f}× [{r.speedup_min:.2f}–{r.speedup_max:.2f}] vs "
+             f"{r.best_baseline}" + ("  (noisy)" if r.noisy else "") for r in per_case.values()]
+    clean = [r for r in per_case.values() if not r.noisy]
+    faster = sum(r.speedup_min > 1 for r in clean)
+    lines.append(f"faster than PyTorch's best path in every round: {faster} of {len(per_case)} cases"
+                 f"; noisy (rerun on a quiet machine): {len(per_case) - len(clean)}")
+    return lines
 
 
 def main():
@@ -266,10 +278,8 @@ def main():
         trained = train_and_generate(device, args.out, args.train_seconds)
     rows = None
     if not args.no_bench:
-        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        import run as bench_run
+        from mptkernels.bench import run as bench_run
 
-        print()
         rows = bench_run.main(["--quick", "--out", args.out, "--device", device])
 
     print("\nwhat you just saw:")

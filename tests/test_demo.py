@@ -45,10 +45,24 @@ def test_train_save_load_generate(tmp_path, capsys):
     assert "sampled (temperature 0.8, top-k 20)" in out and got["tok_per_s"] > 0
 
 
-def test_speedup_summary_lists_rows_with_a_speedup():
+def test_speedup_summary_one_line_per_case_from_the_bench_rows():
+    """The demo's closing lines come from mptkernels.bench rows: per case what auto runs, its
+    ratio's median [min-max], noisy cases marked and counted."""
+    from mptkernels.bench.harness import Row
+
     demo = _demo()
-    rows = [types.SimpleNamespace(family="attention", case="fwd bf16", impl="mptkernels", speedup=1.8,
-                                  best_baseline="torch.compile"),
-            types.SimpleNamespace(family="attention", case="fwd bf16", impl="eager", speedup=None, best_baseline=None)]
-    assert demo._speedup_summary(rows) == ["attention fwd bf16 (mptkernels): 1.80x vs torch.compile"]
+
+    def row(case, impl, role, speedup=None, lo=None, hi=None, noisy=False):
+        r = Row("attention", case, impl, role, 1.0, 1.0, 1.0, 3, 1.0, "GB/s", 2.0, "x", 0.5, noisy=noisy)
+        if speedup:
+            r.speedup, r.speedup_min, r.speedup_max, r.best_baseline = speedup, lo, hi, "SDPA"
+        return r
+    rows = [row("fwd", "SDPA", "baselines"), row("fwd", "mptkernels (triton)", "ours", 1.2, 1.1, 1.3),
+            row("fwd", "mptkernels (auto)", "ours", 1.8, 1.7, 1.9),
+            row("decode", "mptkernels (cpu)", "ours", 1.1, 0.7, 1.6, noisy=True)]
+    lines = demo._speedup_summary(rows)
+    assert lines[0].startswith("attention: fwd    ") and lines[0].endswith(" 1.80× [1.70–1.90] vs SDPA")
+    assert lines[1].startswith("attention: decode ") and lines[1].endswith("(noisy)")
+    assert lines[2] == ("faster than PyTorch's best path in every round: 1 of 2 cases; "
+                        "noisy (rerun on a quiet machine): 1")
     assert demo._speedup_summary(None) == []
