@@ -37,6 +37,7 @@ def test_every_row_has_median_and_spread(tiny_run):
     _, res, _ = tiny_run
     env, rows = res["environment"], res["results"]
     assert env["repeats"] == harness.TIMING["tiny"].repeats and env["size"] == "tiny"
+    assert env["load_average_before"] >= 0
     assert {r["family"] for r in rows} == set(run.FAMILIES)
     for r in rows:
         assert len(r["samples_ms"]) == r["repeats"] == env["repeats"], r
@@ -96,6 +97,9 @@ def test_format_table_columns_line_up_with_long_names():
     ends = {l.index(f"{r.ms_median:.3f}") + len(f"{r.ms_median:.3f}") for l, r in zip(block[1:], rows)}
     assert ends == {block[0].index("median ms") + len("median ms")}
     assert "2.00× [1.80–2.20] vs eager" in block[3]
+    assert "WARNING" not in "\n".join(lines)
+    busy = harness.format_table(rows, {**env, "load_average_before": 1.5})
+    assert "WARNING: the machine was busy before this run (load average 1.5 on 2 threads)" in busy
 
 
 def test_time_case_pairs_rounds_and_flags_noise(monkeypatch):

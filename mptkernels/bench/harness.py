@@ -273,12 +273,20 @@ def keep_freed_memory():
 
 
 _kept = False
+_load_before = None
 
 
 def setup(device: str):
-    global _kept
+    """Before a run: on the CPU keep freed memory; note the 1-minute load average (other
+    processes: on a busy machine the implementations lose unequally, a bias the interleaved
+    rounds cannot remove, so the table warns)."""
+    global _kept, _load_before
     if device == "cpu":
         _kept = keep_freed_memory()
+    try:
+        _load_before = round(os.getloadavg()[0], 2)
+    except OSError:
+        _load_before = None
 
 
 def environment(device: str, size: str) -> dict:
@@ -294,6 +302,7 @@ def environment(device: str, size: str) -> dict:
         "size": size,
         "repeats": TIMING[size].repeats,
         "noisy_above": NOISY,
+        "load_average_before": _load_before,
     }
     if device == "cpu":
         env["glibc_keeps_freed_memory"] = _kept
@@ -338,6 +347,11 @@ def format_table(rows: list[Row], env: dict) -> str:
            f"triton {env['triton']}; {env['date']})",
            f"each implementation sampled {env['repeats']} times, interleaved; median and [min–max] of the samples; "
            f"ratios per round"]
+    load = env.get("load_average_before")
+    if load is not None and load > 0.5 * env["cpu_threads"]:
+        out.append(f"WARNING: the machine was busy before this run (load average {load} on {env['cpu_threads']} "
+                   "threads): other processes slow the implementations unequally, so even rows not flagged noisy "
+                   "may be biased; rerun on an idle machine before quoting a ratio")
     last = None
     for r, c in zip(rows, cells):
         if (r.family, r.case) != last:
