@@ -213,8 +213,8 @@ def time_case(case: Case, device: str, size: str) -> list[Row]:
         frac = rate / ceiling
         row = Row(case.family, case.name, name, impls[name][0], med, lo, hi, len(ms), rate, unit, ceiling, kind,
                   frac if frac <= 1.0 else None,
-                  None if frac <= 1.0 else f"{100 * frac:.0f}% of a ceiling measured on the same bytes: noise or "
-                                           "a cache effect, not shown")
+                  None if frac <= 1.0 else f"{100 * frac:.0f}% of its ceiling ({kind}): the ceiling's simple kernels "
+                                           "fell short of the machine's limit in this run, or noise; not shown")
         spread = (hi - lo) / med
         if row.role == "ours" and best is not None:
             ratios = [b / o for b, o in zip(times[best], ms)]  # paired by round: sampled moments apart
