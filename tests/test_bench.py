@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_every_row_has_median_and_spread(tiny_run):
     _, res, _ = tiny_run
     env, rows = res["environment"], res["results"]
     assert env["repeats"] == harness.TIMING["tiny"].repeats and env["size"] == "tiny"
-    assert env["load_average_before"] >= 0
+    assert 0 <= env["cores_busy_before"] <= os.cpu_count() + 0.1
     assert {r["family"] for r in rows} == set(run.FAMILIES)
     for r in rows:
         assert len(r["samples_ms"]) == r["repeats"] == env["repeats"], r
@@ -98,8 +99,19 @@ def test_format_table_columns_line_up_with_long_names():
     assert ends == {block[0].index("median ms") + len("median ms")}
     assert "2.00× [1.80–2.20] vs eager" in block[3]
     assert "WARNING" not in "\n".join(lines)
-    busy = harness.format_table(rows, {**env, "load_average_before": 1.5})
-    assert "WARNING: the machine was busy before this run (load average 1.5 on 2 threads)" in busy
+    busy = harness.format_table(rows, {**env, "cores_busy_before": 1.5})
+    assert "WARNING: other processes kept 1.5 cores busy as this run started" in busy
+
+
+def test_others_busy_sees_another_process():
+    """A process spinning on one core shows up as about one busy core; our own sleeping does not."""
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(0.5)
+        busy = harness.others_busy(1.0)
+    finally:
+        spin.kill()
+    assert busy is not None and busy >= 0.6, busy
 
 
 def test_time_case_pairs_rounds_and_flags_noise(monkeypatch):

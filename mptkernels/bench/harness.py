@@ -273,20 +273,35 @@ def keep_freed_memory():
 
 
 _kept = False
-_load_before = None
+_busy_before = None
+
+
+def others_busy(seconds: float = 0.5) -> float | None:
+    """How many cores other processes kept busy over a short idle wait of ours (from
+    /proc/stat; None elsewhere). Not the load average: that counts our own work too, e.g. the
+    demo's training just before its benchmarks."""
+    def busy_total():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4], sum(v)  # minus idle and iowait
+    try:
+        time.sleep(0.2)  # let our own spinning threads (OpenMP waits a while before sleeping) stop
+        b0, t0 = busy_total()
+        time.sleep(seconds)
+        b1, t1 = busy_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round((b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1), 2)
 
 
 def setup(device: str):
-    """Before a run: on the CPU keep freed memory; note the 1-minute load average (other
-    processes: on a busy machine the implementations lose unequally, a bias the interleaved
+    """Before a run: on the CPU keep freed memory; measure how busy other processes keep the
+    machine (on a busy machine the implementations lose unequally, a bias the interleaved
     rounds cannot remove, so the table warns)."""
-    global _kept, _load_before
+    global _kept, _busy_before
     if device == "cpu":
         _kept = keep_freed_memory()
-    try:
-        _load_before = round(os.getloadavg()[0], 2)
-    except OSError:
-        _load_before = None
+    _busy_before = others_busy()
 
 
 def environment(device: str, size: str) -> dict:
@@ -302,7 +317,7 @@ def environment(device: str, size: str) -> dict:
         "size": size,
         "repeats": TIMING[size].repeats,
         "noisy_above": NOISY,
-        "load_average_before": _load_before,
+        "cores_busy_before": _busy_before,  # with other processes, while this run waited (others_busy)
     }
     if device == "cpu":
         env["glibc_keeps_freed_memory"] = _kept
@@ -347,11 +362,11 @@ def format_table(rows: list[Row], env: dict) -> str:
            f"triton {env['triton']}; {env['date']})",
            f"each implementation sampled {env['repeats']} times, interleaved; median and [min–max] of the samples; "
            f"ratios per round"]
-    load = env.get("load_average_before")
-    if load is not None and load > 0.5 * env["cpu_threads"]:
-        out.append(f"WARNING: the machine was busy before this run (load average {load} on {env['cpu_threads']} "
-                   "threads): other processes slow the implementations unequally, so even rows not flagged noisy "
-                   "may be biased; rerun on an idle machine before quoting a ratio")
+    busy = env.get("cores_busy_before")
+    if busy is not None and busy > 0.5:
+        out.append(f"WARNING: other processes kept {busy} cores busy as this run started: they slow the "
+                   "implementations unequally, so even rows not flagged noisy may be biased; rerun on an idle "
+                   "machine before quoting a ratio")
     last = None
     for r, c in zip(rows, cells):
         if (r.family, r.case) != last:
