@@ -85,10 +85,12 @@ def cases(device: str, size: str) -> list[Case]:
                 "references": {"F.linear (float weight)": lambda: F.linear(xf, wd)}}
 
     def decode_linear(md, dtype):
-        wf = (torch.randn(nd, kd, device=device) * kd ** -0.5).to(dtype)
-        x1 = torch.randn(md, kd, device=device, dtype=dtype)
-        return lambda: {"ours": ours("linear", lambda: ops.linear(x1, wf), device),
-                        "baselines": {"F.linear": lambda: F.linear(x1, wf)}}
+        def make():  # the inputs are built when the case is timed, as every case's
+            wf = (torch.randn(nd, kd, device=device) * kd ** -0.5).to(dtype)
+            x1 = torch.randn(md, kd, device=device, dtype=dtype)
+            return {"ours": ours("linear", lambda: ops.linear(x1, wf), device),
+                    "baselines": {"F.linear": lambda: F.linear(x1, wf)}}
+        return make
 
     def weight_only(md):
         def make():
