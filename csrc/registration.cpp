@@ -40,39 +40,53 @@
   "(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, int seqlen_offset, bool interleaved, " \
   "bool conjugate) -> Tensor"
 // Attention of q (B, Sq, Hq, D) over k, v (B, Sk, Hk, D), Hq % Hk == 0 (GQA), all contiguous.
-// score(i, j) = softmax_scale * q_i . k_j + slope[b?, h] * (j - i - (Sk - Sq)) (MPT's ALiBi;
-// alibi_slopes (Hq,) or (B, Hq) float32, or None); causal: key j is visible to query i iff
-// j <= i + Sk - Sq (bottom-right aligned). Returns (out (B, Sq, Hq, D) in q's dtype, lse
+// Query i sits at key position i + Sk - Sq (bottom-right aligned); rel(i, j) = j - i - (Sk - Sq).
+// score(i, j) = c(softmax_scale * q_i . k_j) - slope[b?, h] * |rel| with c(s) = softcap *
+// tanh(s / softcap) when softcap > 0 (else c(s) = s); alibi_slopes (Hq,) or (B, Hq) float32, or
+// None. Key j is visible to query i iff -window_left <= rel <= window_right (-1: unbounded on
+// that side; causal sets window_right = 0). Returns (out (B, Sq, Hq, D) in q's dtype, lse
 // (B, Hq, Sq) float32: the log-sum-exp of each row's visible scores, -inf and out = 0 for a
 // row that sees no key).
-#define MPTK_SCHEMA_attention_fwd \
-  "(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float softmax_scale, bool causal) -> (Tensor, Tensor)"
-// Gradient of attention_fwd from dout (B, Sq, Hq, D) and the forward's out and lse: (dq, dk, dv)
-// in the inputs' dtypes; dk, dv sum over the q heads sharing a kv head.
+#define MPTK_SCHEMA_attention_fwd                                                          \
+  "(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float softmax_scale, bool causal, " \
+  "int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)"
+// Gradient of attention_fwd from dout (B, Sq, Hq, D), dlse (B, Hq, Sq) float32 or None (the
+// gradient reaching the returned lse) and the forward's out and lse: (dq, dk, dv) in the
+// inputs' dtypes; dk, dv sum over the q heads sharing a kv head.
 #define MPTK_SCHEMA_attention_bwd                                                                     \
   "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "        \
-  "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)"
+  "float softmax_scale, bool causal, int window_left=-1, int window_right=-1, float softcap=0.0, "    \
+  "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)"
 // attention_fwd over packed sequences: q (total_q, Hq, D), k and v (total_k, Hk, D); sequence b
 // is rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q and the same of k/v by cu_seqlens_k (int32
 // (B + 1,), from 0); max_seqlen_* bound every length. alibi_slopes (Hq,) or (B, Hq). Returns
 // (out (total_q, Hq, D), lse (Hq, total_q) float32); rows after cu_seqlens_q[-1] get out = 0
-// and lse = -inf.
+// and lse = -inf. The backward's dlse is (Hq, total_q) or None.
 #define MPTK_SCHEMA_attention_varlen_fwd                                                    \
   "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "               \
-  "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float softmax_scale, bool causal) " \
-  "-> (Tensor, Tensor)"
+  "int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, float softmax_scale, bool causal, " \
+  "int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)"
 #define MPTK_SCHEMA_attention_varlen_bwd                                                              \
   "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "                              \
   "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, " \
-  "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)"
-// Decoding with a KV cache: k_cache, v_cache (B, max_seqlen, Hk, D) contiguous; k, v
-// (B, Sn, Hk, D), if given, are written in place into rows [cache_seqlens[b], + Sn) of the
-// caches; then q (B, Sq, Hq, D) attends over the first cache_seqlens[b] + Sn rows of each
-// cache, as attention_fwd with Sk = cache_seqlens[b] + Sn (causal bottom-right aligned, ALiBi
-// by the same formula). cache_seqlens (B,) int32 is not modified.
-#define MPTK_SCHEMA_attention_with_kvcache                                                         \
-  "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, Tensor? v, " \
-  "Tensor? alibi_slopes, float softmax_scale, bool causal) -> Tensor"
+  "float softmax_scale, bool causal, int window_left=-1, int window_right=-1, float softcap=0.0, "    \
+  "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)"
+// Decoding with a KV cache (flash-attn's flash_attn_with_kvcache). Caches: k_cache, v_cache
+// (B_cache, max_seqlen, Hk, D) contiguous, sequence b in batch row cache_batch_idx[b] (int32
+// (B,), or b when None); or paged: (num_blocks, block_size, Hk, D) with block_table int32
+// (B, max_blocks), logical row r of sequence b at [block_table[b][r / block_size], r %
+// block_size]. Sequence b's cache is its rows [cache_leftpad[b] (int32 (B,), or 0),
+// cache_seqlens[b]). With rotary_cos/rotary_sin (float32 (seqlen_ro, rotary_dim / 2)), new k
+// token t is rotated to position cache_seqlens[b] + t and so is q's token t when causal or
+// windowed (else all of q to cache_seqlens[b]); rotary_interleaved: GPT-J pairs. k, v
+// (B, Sn, Hk, D), if given, are then written in place into rows [cache_seqlens[b], + Sn), and q
+// (B, Sq, Hq, D) attends to rows [cache_leftpad[b], cache_seqlens[b] + Sn) as attention_fwd
+// over those keys. cache_seqlens (B,) int32 is not modified. Returns (out, lse (B, Hq, Sq)).
+#define MPTK_SCHEMA_attention_with_kvcache                                                           \
+  "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, Tensor? v, "   \
+  "Tensor? alibi_slopes, float softmax_scale, bool causal, int window_left=-1, int window_right=-1, " \
+  "float softcap=0.0, Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False, " \
+  "Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None, Tensor? block_table=None) -> (Tensor, Tensor)"
 // ---- GEMM family. x is 2-D (M, K) (the Python layer flattens leading dims); weights are (N, K)
 // like nn.Linear's; activation is "none", "relu", "gelu" (exact erf) or "gelu_tanh".
 // out = act(x @ weight^T + bias) in x's dtype (fp32 accumulation). preact = x @ weight^T + bias

@@ -84,12 +84,31 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seqlen_offsets=0):
     return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
 
 
-def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, return_lse=False):
-    """softmax(q k^T * scale + ALiBi bias + mask) v over (batch, seqlen, heads, head_dim) tensors.
+def visible(rel, causal=False, window_size=(-1, -1)):
+    """Which keys a query sees, from rel = j - (i + Sk - Sq): the key's position relative to the
+    query's own (bottom-right aligned). flash-attn's sliding window: keys with
+    -left <= rel <= right, -1 meaning unbounded on that side; causal is right = 0."""
+    left, right = window_size
+    if causal:
+        right = 0
+    ok = torch.ones_like(rel, dtype=torch.bool)
+    if right >= 0:
+        ok &= rel <= right
+    if left >= 0:
+        ok &= rel >= -left
+    return ok
+
+
+def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+              return_lse=False):
+    """softmax(softcap(q k^T * scale) + ALiBi bias + mask) v over (batch, seqlen, heads, head_dim) tensors.
 
     GQA: q has Hq heads, k/v Hk with Hq % Hk == 0 (q head h reads kv head h // (Hq // Hk)).
-    The bias of query i and key j is slope * (j - i - (Sk - Sq)) (MPT's ALiBi); causal keeps
-    j <= i + Sk - Sq (bottom-right aligned). A row that sees no key returns zeros (lse -inf).
+    Query i sits at key position i + Sk - Sq (bottom-right aligned); rel = j - that is the
+    key's relative position. softcap > 0 caps the scaled scores: softcap * tanh(s / softcap)
+    (Gemma 2), before the bias. The ALiBi bias is -slope * |rel| (flash-attn's and
+    llm-foundry's; with causal masking, slope * rel as in MPT). The mask keeps ``visible``
+    keys (causal, sliding window). A row that sees no key returns zeros (lse -inf).
     Computed in float32 (float64 for float64 inputs), out rounded to q's dtype.
     """
     batch, sq, hq, d = q.shape
@@ -100,13 +119,13 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, r
     kf = k.to(acc).transpose(1, 2).repeat_interleave(hq // hk, dim=1)
     vf = v.to(acc).transpose(1, 2).repeat_interleave(hq // hk, dim=1)
     scores = qf @ kf.transpose(-1, -2) * scale  # (B, Hq, Sq, Sk)
-    i = torch.arange(sq, device=q.device).view(-1, 1)
-    j = torch.arange(sk, device=q.device).view(1, -1)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    rel = torch.arange(sk, device=q.device).view(1, -1) - torch.arange(sq, device=q.device).view(-1, 1) - (sk - sq)
     if alibi_slopes is not None:
         shape = (batch, hq, 1, 1) if alibi_slopes.dim() == 2 else (1, hq, 1, 1)
-        scores = scores + alibi_slopes.to(acc).view(shape) * (j - i - (sk - sq)).to(acc)
-    if causal:
-        scores = scores.masked_fill(j > i + (sk - sq), float("-inf"))
+        scores = scores - alibi_slopes.to(acc).view(shape) * rel.abs().to(acc)
+    scores = scores.masked_fill(~visible(rel, causal, window_size), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Sq); -inf where no key is visible
     p = torch.exp(scores - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
     out = (p @ vf).transpose(1, 2).to(q.dtype)
@@ -114,7 +133,7 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, r
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, alibi_slopes=None, softmax_scale=None,
-                     return_lse=False):
+                     window_size=(-1, -1), softcap=0.0, return_lse=False):
     """``attention`` of each packed sequence on its own: q (total_q, Hq, D), k/v (total_k, Hk, D),
     sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q (and the same of k/v by
     cu_seqlens_k); alibi_slopes (Hq,) or (B, Hq). Rows after the last sequence get zeros
@@ -124,7 +143,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, alibi
     for b in range(len(cq) - 1):
         slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         o, lse = attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                           causal=causal, alibi_slopes=slopes, softmax_scale=softmax_scale, return_lse=True)
+                           causal=causal, alibi_slopes=slopes, softmax_scale=softmax_scale, window_size=window_size,
+                           softcap=softcap, return_lse=True)
         outs.append(o[0])
         lses.append(lse[0])
     rest = q.shape[0] - cq[-1]
@@ -134,21 +154,57 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, alibi
     return (out, lse) if return_lse else out
 
 
-def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, *, causal=True, alibi_slopes=None,
-                           softmax_scale=None):
-    """Writes k, v (B, Sn, Hk, D) into the caches at rows cache_seqlens[b]... (in place), then
-    ``attention`` of q (B, Sq, Hq, D) over the first cache_seqlens[b] + Sn rows of each cache."""
+def cache_rows(b, rows, cache_batch_idx=None, block_table=None, block_size=None):
+    """Where the logical cache rows ``rows`` (a list) of sequence b live: (index of dim 0, index
+    of dim 1) of the cache tensors. Contiguous caches: row r of batch row cache_batch_idx[b]
+    (b without it); paged caches (block_table): row r % block_size of page block_table[b, r // block_size]."""
+    r = torch.as_tensor(rows, dtype=torch.long)
+    if block_table is not None:
+        return block_table[b].long().cpu()[r // block_size], r % block_size
+    cb = b if cache_batch_idx is None else int(cache_batch_idx[b])
+    return torch.full_like(r, cb), r
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, *, rotary_cos=None, rotary_sin=None,
+                           rotary_interleaved=False, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                           causal=True, alibi_slopes=None, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                           return_lse=False):
+    """flash-attn's ``flash_attn_with_kvcache``. Sequence b's cache is rows [cache_leftpad[b]
+    (0), cache_seqlens[b]) of batch row cache_batch_idx[b] (b) of the caches, or, paged, of the
+    pages block_table[b] (caches (num_blocks, block_size, Hk, D)). With rotary_cos/sin, k (new)
+    token t is rotated to position cache_seqlens[b] + t, and q the same when causal or windowed
+    (else every q token to cache_seqlens[b]). The new k, v are written at rows cache_seqlens[b]
+    + t (all writes first); then q (B, Sq, Hq, D) attends to its rows [leftpad, cache_seqlens[b]
+    + Sn) as ``attention`` would. lse (B, Hq, Sq)."""
     lens = cache_seqlens.tolist()
+    b_all, sq, hq, d = q.shape
     sn = 0 if k is None else k.shape[1]
-    outs = []
+    bs = k_cache.shape[1] if block_table is not None else None
+    if rotary_cos is not None:
+        k = apply_rotary(k, rotary_cos, rotary_sin, interleaved=rotary_interleaved, seqlen_offsets=cache_seqlens)
+        if causal or tuple(window_size) != (-1, -1):
+            q = apply_rotary(q, rotary_cos, rotary_sin, interleaved=rotary_interleaved, seqlen_offsets=cache_seqlens)
+        else:  # every query token at the position of the first new token
+            q = apply_rotary(q.reshape(b_all, 1, sq * hq, d), rotary_cos, rotary_sin, interleaved=rotary_interleaved,
+                             seqlen_offsets=cache_seqlens).reshape(q.shape)
     for b, n in enumerate(lens):
         if sn:
-            k_cache[b, n:n + sn] = k[b]
-            v_cache[b, n:n + sn] = v[b]
+            pages, rows = cache_rows(b, list(range(n, n + sn)), cache_batch_idx, block_table, bs)
+            k_cache[pages, rows] = k[b]
+            v_cache[pages, rows] = v[b]
+    outs, lses = [], []
+    for b, n in enumerate(lens):
+        start = 0 if cache_leftpad is None else int(cache_leftpad[b])
+        pages, rows = cache_rows(b, list(range(start, n + sn)), cache_batch_idx, block_table, bs)
         slopes = alibi_slopes[b:b + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :n + sn], v_cache[b:b + 1, :n + sn], causal=causal,
-                              alibi_slopes=slopes, softmax_scale=softmax_scale))
-    return torch.cat(outs) if outs else torch.empty_like(q)
+        o, lse = attention(q[b:b + 1], k_cache[pages, rows][None], v_cache[pages, rows][None], causal=causal,
+                           alibi_slopes=slopes, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                           return_lse=True)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs) if outs else torch.empty_like(q)
+    lse = torch.cat(lses) if lses else q.new_empty((0, hq, sq), dtype=torch.float32)
+    return (out, lse) if return_lse else out
 
 
 # ---- GEMM family: linear with an activation, int8 quantisation and int8 linears

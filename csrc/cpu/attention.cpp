@@ -18,7 +18,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <cstring>
@@ -180,19 +182,34 @@ void load_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t 
 
 // One sequence: its query rows [q0, q0 + Sq) and key rows [k0, k0 + Sk) in the token
 // dimension of q and of k/v, and where its lse lives (lse[lse0 + h * lse_head_stride + i]).
+// A paged KV cache (pages != null): key j is logical row k0 + j of the sequence, which lives in
+// token pages[(k0 + j) / page_rows] * page_rows + (k0 + j) % page_rows of the cache.
 struct Seq {
   int64_t q0, Sq, k0, Sk, lse0;
+  const int32_t* pages = nullptr;
+  int64_t page_rows = 0;
   int64_t offset() const { return Sk - Sq; }  // bottom-right alignment
+  int64_t key_token(int64_t j) const {
+    if (!pages) return k0 + j;
+    const int64_t r = k0 + j;
+    return static_cast<int64_t>(pages[r / page_rows]) * page_rows + r % page_rows;
+  }
 };
 
 struct Geometry {
   int64_t Hq, Hk, D, Dp, group, lse_head_stride, max_Sq, max_Skp;
   float scale;
-  bool causal;
+  // the keys a query sees: -left <= rel <= right with rel = j - i - offset (-1: unbounded;
+  // causal is right = 0), and the scores' softcap (0: none)
+  int64_t left, right;
+  float softcap;
   std::vector<Seq> seqs;
-  // keys visible to query row i of s: j < key_end(s, i)
+  // keys visible to query row i of s: key_begin(s, i) <= j < key_end(s, i)
   int64_t key_end(const Seq& s, int64_t i) const {
-    return causal ? std::clamp<int64_t>(i + s.offset() + 1, 0, s.Sk) : s.Sk;
+    return right < 0 ? s.Sk : std::clamp<int64_t>(i + s.offset() + right + 1, 0, s.Sk);
+  }
+  int64_t key_begin(const Seq& s, int64_t i) const {
+    return left < 0 ? 0 : std::clamp<int64_t>(i + s.offset() - left, 0, s.Sk);
   }
   void finish() {  // the padded sizes of the largest sequence
     max_Sq = 0, max_Skp = kBlockK;
@@ -200,26 +217,45 @@ struct Geometry {
   }
 };
 
-// scores tile [bq, kBlockK] for query rows [i0, i0 + bq) and keys [j0, j0 + kBlockK): times
-// scale (1 where it is folded into q), then ALiBi bias and masks (causal, padding past Sk),
-// in place. The bias of row i is slope * (j0 - i - offset) + slope * c: a scalar plus a fixed
-// ramp over the tile's columns.
+// tanh(x) = 1 - 2 / (exp(2x) + 1) on the softmax's fast exp: a tenth of the cost of a
+// libm-grade tanh, and within 1e-7 of it in absolute terms (what a capped score needs: the
+// cap multiplies an absolute error, and scores meet the softmax as differences)
+inline Vf fast_tanh(const Vf& x) {
+  const Vf one(1.f);
+  return one - Vf(2.f) / ((x + x).exp_u20() + one);
+}
+
+// scores tile [bq, kBlockK] for query rows [i0, i0 + bq) and keys [j0, j0 + kBlockK), in
+// place: times scale (1 where it is folded into q), softcap (g.softcap * tanh(s / g.softcap);
+// with dcap, 1 - tanh^2 is stored there, the cap's derivative, for the backward), then the
+// ALiBi bias -slope * |j - i - offset| and the masks (window / causal, padding past Sk).
 inline void bias_and_mask(float* S, int64_t bq, int64_t i0, int64_t j0, const Geometry& g, const Seq& s,
-                          float slope, float scale = 1.f) {
+                          float slope, float scale = 1.f, float* dcap = nullptr) {
   alignas(64) static thread_local float ramp[kBlockK];
   const bool has_bias = slope != 0.f;
   if (has_bias)
-    for (int64_t c = 0; c < kBlockK; ++c) ramp[c] = slope * static_cast<float>(c);
+    for (int64_t c = 0; c < kBlockK; ++c) ramp[c] = static_cast<float>(c);
+  const float cap = g.softcap;
   for (int64_t r = 0; r < bq; ++r) {
-    const int64_t i = i0 + r, visible = g.key_end(s, i) - j0;  // columns [0, visible) are visible
+    const int64_t i = i0 + r;
+    const int64_t first = g.key_begin(s, i) - j0, end = g.key_end(s, i) - j0;  // columns [first, end) are visible
     float* row = S + r * kBlockK;
     if (scale != 1.f)
       for (int64_t c = 0; c < kBlockK; c += kW) (Vf::loadu(row + c) * Vf(scale)).store(row + c);
-    if (has_bias) {
-      const Vf base(slope * static_cast<float>(j0 - i - s.offset()));
-      for (int64_t c = 0; c < kBlockK; c += kW) (Vf::loadu(row + c) + base + Vf::loadu(ramp + c)).store(row + c);
+    if (cap > 0.f) {
+      for (int64_t c = 0; c < kBlockK; c += kW) {
+        const Vf t = fast_tanh(Vf::loadu(row + c) * Vf(1.f / cap));
+        (t * Vf(cap)).store(row + c);
+        if (dcap) (Vf(1.f) - t * t).store(dcap + r * kBlockK + c);
+      }
     }
-    for (int64_t c = std::max<int64_t>(visible, 0); c < kBlockK; ++c) row[c] = kNegInf;
+    if (has_bias) {  // rel = base + c over the tile's columns
+      const Vf base(static_cast<float>(j0 - i - s.offset())), neg_slope(-slope);
+      for (int64_t c = 0; c < kBlockK; c += kW)
+        (Vf::loadu(row + c) + neg_slope * (base + Vf::loadu(ramp + c)).abs()).store(row + c);
+    }
+    for (int64_t c = 0; c < std::clamp<int64_t>(first, 0, kBlockK); ++c) row[c] = kNegInf;
+    for (int64_t c = std::max<int64_t>(end, 0); c < kBlockK; ++c) row[c] = kNegInf;
   }
 }
 
@@ -276,24 +312,28 @@ inline void write_row(T* out, float* lse, const float* acc, float m, float l, in
 // head_dim; the softmax and the P V update are the forward's.
 constexpr int64_t kDecodeMaxQ = 4;
 
-// rows [0, n) of a cache as fp32 rows of Dp floats: read in place when they already are
-// (fp32, head_dim a multiple of the vector width; ld stays the cache's row stride: a copy
-// measured 1.1-1.8x slower), else converted into buf (ld becomes Dp)
+// n cache rows (src[c]: a row of D values, anywhere: a contiguous cache or a page) as fp32
+// rows of Dp floats, rows[c]: read in place when they already are (fp32, head_dim a multiple
+// of the vector width: a copy measured 1.1-1.8x slower), else converted into buf
 template <typename T>
-inline const float* cache_rows(const T* src, int64_t& ld, int64_t n, int64_t D, int64_t Dp, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (D == Dp) return src;
+inline void cache_rows(const T* const* src, int64_t n, int64_t D, int64_t Dp, float* buf, const float** rows) {
+  for (int64_t c = 0; c < n; ++c) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (D == Dp) {
+        rows[c] = src[c];
+        continue;
+      }
+    }
+    load_rows(src[c], D, 1, D, Dp, 1.f, buf + c * Dp);
+    rows[c] = buf + c * Dp;
   }
-  load_rows(src, ld, n, D, Dp, 1.f, buf);
-  ld = Dp;
-  return buf;
 }
 
-// S[r][c] = q_r . k_c for the rows q_r = q + r * Dp and the nk key rows k_c = krows + c * ld
+// S[r][c] = q_r . k_c for the rows q_r = q + r * Dp and the nk key rows k_c = krows[c]
 // (fp32, Dp wide; S rows kBlockK apart). On AVX-512 in groups of 16 keys, every row against
 // a group while it is in L1, whose 16 sums are reduced together by a transpose-add tree into
 // one vector (45 instructions for 16 scores, where a horizontal sum per score costs ~8 each).
-inline void decode_scores(const float* q, int64_t rows, const float* krows, int64_t ld, int64_t nk, int64_t Dp,
+inline void decode_scores(const float* q, int64_t rows, const float* const* krows, int64_t nk, int64_t Dp,
                           float* S) {
   int64_t c = 0;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -305,7 +345,7 @@ inline void decode_scores(const float* q, int64_t rows, const float* krows, int6
       for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
       for (int64_t d = 0; d < Dp; d += 16) {
         const __m512 qv = _mm512_loadu_ps(qr + d);
-        for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(krows + (c + i) * ld + d), a[i]);
+        for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(krows[c + i] + d), a[i]);
       }
       __m512 t[8], u[4];
       for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of keys 2i, 2i + 1
@@ -323,7 +363,7 @@ inline void decode_scores(const float* q, int64_t rows, const float* krows, int6
 #endif
   for (; c < nk; ++c)
     for (int64_t r = 0; r < rows; ++r) {
-      const float* k = krows + c * ld;
+      const float* k = krows[c];
       Vf dot(0.f);
       for (int64_t d = 0; d < Dp; d += kW) dot = at::vec::fmadd(Vf::loadu(q + r * Dp + d), Vf::loadu(k + d), dot);
       S[r * kBlockK + c] = at::vec::vec_reduce_all<float>([](Vf& x, Vf& y) { return x + y; }, dot);
@@ -334,13 +374,13 @@ inline void decode_scores(const float* q, int64_t rows, const float* krows, int6
 // registers for the whole block (one load and store of a, not one per key)
 constexpr int kPvVecs = kW >= 16 ? 8 : 4;  // accumulators + a broadcast + a load within the registers
 template <int NV>
-inline void decode_pv(const float* p, const float* vrows, int64_t ld, int64_t nk, float* a) {
+inline void decode_pv(const float* p, const float* const* vrows, int64_t v0, int64_t nk, float* a) {
   Vf acc[NV];
   for (int v = 0; v < NV; ++v) acc[v] = Vf::loadu(a + v * kW);
   for (int64_t c = 0; c < nk; ++c) {
     if (p[c] == 0.f) continue;  // masked keys (the causal edge, or nothing visible)
     const Vf pc(p[c]);
-    for (int v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(pc, Vf::loadu(vrows + c * ld + v * kW), acc[v]);
+    for (int v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(pc, Vf::loadu(vrows[c] + v0 + v * kW), acc[v]);
   }
   for (int v = 0; v < NV; ++v) acc[v].store(a + v * kW);
 }
@@ -363,6 +403,8 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
   at::parallel_for(0, nseq * g.Hk, grain, [&](int64_t t0, int64_t t1) {
     const int64_t R = g.max_Sq * g.group;  // rows: (token t, head in group) -> r = t * group + gi
     std::vector<float> qt(R * Dp), acc(R * Dp), S(R * kBlockK), m(R), l(R), slope(R), kv(kBlockK * Dp);
+    std::vector<const T*> ksrc(kBlockK), vsrc(kBlockK);
+    std::vector<const float*> krows(kBlockK), vrows(kBlockK);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / g.Hk, hk = t % g.Hk;
       const Seq& s = g.seqs[b];
@@ -376,35 +418,36 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
-      const int64_t j_end = g.key_end(s, s.Sq - 1);
-      const T* kbase = kp + (s.k0 * g.Hk + hk) * D;
-      const T* vbase = vp + (s.k0 * g.Hk + hk) * D;
-      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
+      // the keys any row sees: from the first token's window start to the last token's end
+      const int64_t j_begin = g.key_begin(s, 0), j_end = g.key_end(s, s.Sq - 1);
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, s.Sk - j0);
-        int64_t ld = krow;
-        const float* krows = cache_rows(kbase + j0 * krow, ld, nk, D, Dp, kv.data());
-        decode_scores(qt.data(), rows, krows, ld, nk, Dp, S.data());
+        for (int64_t c = 0; c < nk; ++c) {  // where each key's row is (a paged cache: in its page)
+          const int64_t tok = s.key_token(j0 + c);
+          ksrc[c] = kp + (tok * g.Hk + hk) * D, vsrc[c] = vp + (tok * g.Hk + hk) * D;
+        }
+        cache_rows(ksrc.data(), nk, D, Dp, kv.data(), krows.data());
+        decode_scores(qt.data(), rows, krows.data(), nk, Dp, S.data());
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = S.data() + r * kBlockK;
           std::fill(srow + nk, srow + kBlockK, 0.f);  // masked below (past Sk)
           bias_and_mask(srow, 1, r / g.group, j0, g, s, slope[r]);
         }
         softmax_update(S.data(), rows, m.data(), l.data(), acc.data(), Dp);
-        ld = krow;
-        const float* vrows = cache_rows(vbase + j0 * krow, ld, nk, D, Dp, kv.data());
+        cache_rows(vsrc.data(), nk, D, Dp, kv.data(), vrows.data());
         for (int64_t r = 0; r < rows; ++r) {
           const float* p = S.data() + r * kBlockK;
           float* a = acc.data() + r * Dp;
           int64_t v0 = 0;  // in vectors of head_dim: kPvVecs at a time, then the rest at once
-          for (; v0 + kPvVecs <= Dp / kW; v0 += kPvVecs) decode_pv<kPvVecs>(p, vrows + v0 * kW, ld, nk, a + v0 * kW);
+          for (; v0 + kPvVecs <= Dp / kW; v0 += kPvVecs) decode_pv<kPvVecs>(p, vrows.data(), v0 * kW, nk, a + v0 * kW);
           switch (Dp / kW - v0) {
-            case 7: decode_pv<7>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
-            case 6: decode_pv<6>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
-            case 5: decode_pv<5>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
-            case 4: decode_pv<4>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
-            case 3: decode_pv<3>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
-            case 2: decode_pv<2>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
-            case 1: decode_pv<1>(p, vrows + v0 * kW, ld, nk, a + v0 * kW); break;
+            case 7: decode_pv<7>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
+            case 6: decode_pv<6>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
+            case 5: decode_pv<5>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
+            case 4: decode_pv<4>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
+            case 3: decode_pv<3>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
+            case 2: decode_pv<2>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
+            case 1: decode_pv<1>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
             default: break;
           }
         }
@@ -475,8 +518,10 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
-      const int64_t j_end = g.key_end(s, i0 + bq - 1);  // the block's last row sees the most keys
-      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
+      // the block's first row has the first window start, its last row the last visible key;
+      // tiles start on kBlockK multiples (the padded K^T / V copies' columns)
+      const int64_t j_begin = g.key_begin(s, i0) / kBlockK * kBlockK, j_end = g.key_end(s, i0 + bq - 1);
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
         if constexpr (kBf16) {
 #ifdef MPTK_BF16_PAIRS
           gemm<Bf16Pairs>(bq, kBlockK, D / 2, qrows, qrow, ktp + j0, Skp, S.data(), kBlockK, false);
@@ -539,6 +584,7 @@ void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
                         const T* vp,          // [tokens_k, Hk, D]
                         const T* op,          // [tokens_q, Hq, D] the forward's out
                         const float* lp,      // the forward's lse, [Hq, tokens_q] or [B, Hq, Sq]
+                        const float* dlp,     // the gradient of lse, lse's layout, or null
                         const float* slopes,  // [Hq], [B, Hq] when slopes_per_batch, or null
                         bool slopes_per_batch,
                         const Geometry& g,
@@ -561,11 +607,12 @@ void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
   constexpr int64_t kPer = Dot::kPerWord;  // elements of a GEMM k-step
   const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
   const int64_t krow = g.Hk * D, qrow = g.Hq * D;
+  const bool capped = g.softcap > 0.f;
   at::parallel_for(0, nseq * g.Hk, 1, [&](int64_t t0, int64_t t1) {
     const int64_t maxp = g.max_Skp;
     std::vector<float> kt(Dp * maxp), kr(maxp * Dp), vt(Dp * maxp), dk_acc(maxp * Dp), dv_acc(maxp * Dp);
     std::vector<float> qt(kBlockQ * Dp), dot(kBlockQ * Dp), dq_acc(kBlockQ * Dp), S(kBlockQ * kBlockK),
-        dP(kBlockQ * kBlockK), delta(kBlockQ), lrow(kBlockQ);
+        dP(kBlockQ * kBlockK), delta(kBlockQ), lrow(kBlockQ), dcap(capped ? kBlockQ * kBlockK : 0);
     // transposed tiles (P^T, dS^T: A of dV and dK) and dS (A of dQ), in the GEMMs' A type
     std::vector<A16> sT(kBlockK * kBlockQ), dS16(kBf16 ? kBlockQ * kBlockK : 0);
     for (int64_t t = t0; t < t1; ++t) {
@@ -615,15 +662,16 @@ void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
             float sum = 0.f;
             for (int64_t d = 0; d < D; ++d)
               sum += static_cast<float>(dop[qoff + r * qrow + d]) * static_cast<float>(op[qoff + r * qrow + d]);
-            delta[r] = sum;
+            // a gradient reaching the lse adds dlse * P to dS: the same as lowering delta by it
+            delta[r] = sum - (dlp ? dlp[s.lse0 + h * g.lse_head_stride + i0 + r] : 0.f);
             lrow[r] = lp[s.lse0 + h * g.lse_head_stride + i0 + r];
           }
-          const int64_t j_end = g.key_end(s, i0 + bq - 1);
+          const int64_t j_begin = g.key_begin(s, i0) / kBlockK * kBlockK, j_end = g.key_end(s, i0 + bq - 1);
           const int64_t wq = (bq + kPer - 1) / kPer;  // k-steps over the block's query rows
-          for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
+          for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
             // S = q K^T (the bf16 path scales here, as the forward does)
             gemm<Dot>(bq, kBlockK, kBf16 ? D / 2 : Dp, qa, lda_q, kt.data() + j0, Skp, S.data(), kBlockK, false);
-            bias_and_mask(S.data(), bq, i0, j0, g, s, slope, kBf16 ? g.scale : 1.f);
+            bias_and_mask(S.data(), bq, i0, j0, g, s, slope, kBf16 ? g.scale : 1.f, capped ? dcap.data() : nullptr);
             for (int64_t r = 0; r < bq; ++r) {  // P = exp(S - lse); a row with lse = -inf has P = 0
               float* row = S.data() + r * kBlockK;
               if (lrow[r] == kNegInf) {
@@ -636,6 +684,8 @@ void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
             gemm<Dot>(bq, kBlockK, kBf16 ? D / 2 : Dp, da, lda_q, vt.data() + j0, Skp, dP.data(), kBlockK, false);
             for (int64_t r = 0; r < bq; ++r)
               for (int64_t c = 0; c < kBlockK; ++c) dP[r * kBlockK + c] = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]);
+            if (capped)  // through the cap: d(cap * tanh(s / cap)) / ds = 1 - tanh^2
+              for (int64_t e = 0; e < bq * kBlockK; ++e) dP[e] *= dcap[e];
             // dV += P^T dO and dK += dS^T q, through a transposed copy of each tile (the query
             // columns past bq zero: a bf16 k-step pairs an odd last row with nothing)
             transpose_tile(S.data(), bq, wq * kPer, sT.data());
@@ -668,19 +718,23 @@ void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
   });
 }
 
-Geometry geometry(int64_t Hq, int64_t Hk, int64_t D, double softmax_scale, bool causal) {
+Geometry geometry(int64_t Hq, int64_t Hk, int64_t D, double softmax_scale, bool causal, int64_t window_left,
+                  int64_t window_right, double softcap) {
   Geometry g;
   g.Hq = Hq, g.Hk = Hk, g.D = D;
   g.Dp = round_up(std::max<int64_t>(D, 1), kW);
   g.group = Hq / Hk;
   g.scale = static_cast<float>(softmax_scale);
-  g.causal = causal;
+  g.left = window_left;
+  g.right = causal ? 0 : window_right;
+  g.softcap = static_cast<float>(softcap);
   return g;
 }
 
 // padded batch: q (B, Sq, Hq, D), k (B, Sk, Hk, D), lse (B, Hq, Sq)
-Geometry batch_geometry(const at::Tensor& q, const at::Tensor& k, double softmax_scale, bool causal) {
-  Geometry g = geometry(q.size(2), k.size(2), q.size(3), softmax_scale, causal);
+Geometry batch_geometry(const at::Tensor& q, const at::Tensor& k, double softmax_scale, bool causal,
+                        int64_t window_left, int64_t window_right, double softcap) {
+  Geometry g = geometry(q.size(2), k.size(2), q.size(3), softmax_scale, causal, window_left, window_right, softcap);
   const int64_t B = q.size(0), Sq = q.size(1), Sk = k.size(1);
   g.lse_head_stride = Sq;
   for (int64_t b = 0; b < B; ++b) g.seqs.push_back({b * Sq, Sq, b * Sk, Sk, b * g.Hq * Sq});
@@ -698,9 +752,10 @@ std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu) {
 
 // packed: q (total_q, Hq, D), k (total_k, Hk, D), lse (Hq, total_q)
 Geometry varlen_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                         double softmax_scale, bool causal) {
+                         double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                         double softcap) {
   const auto cq = read_cu_seqlens(cu_q), ck = read_cu_seqlens(cu_k);
-  Geometry g = geometry(q.size(1), k.size(1), q.size(2), softmax_scale, causal);
+  Geometry g = geometry(q.size(1), k.size(1), q.size(2), softmax_scale, causal, window_left, window_right, softcap);
   g.lse_head_stride = q.size(0);
   for (size_t b = 0; b + 1 < cq.size(); ++b) g.seqs.push_back({cq[b], cq[b + 1] - cq[b], ck[b], ck[b + 1] - ck[b], cq[b]});
   g.finish();
@@ -719,14 +774,16 @@ void run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 }
 
 void run_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-             const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& alibi, const Geometry& g,
-             at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+             const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+             const std::optional<at::Tensor>& alibi, const Geometry& g, at::Tensor& dq, at::Tensor& dk,
+             at::Tensor& dv) {
   const float* slopes = alibi ? alibi->const_data_ptr<float>() : nullptr;
   const bool per_batch = alibi && alibi->dim() == 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mptkernels_attention_bwd", [&] {
     attention_bwd_impl<scalar_t>(dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
                                  k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                                 out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(), slopes, per_batch, g,
+                                 out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(),
+                                 dlse ? dlse->const_data_ptr<float>() : nullptr, slopes, per_batch, g,
                                  dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
                                  dv.mutable_data_ptr<scalar_t>());
   });
@@ -734,8 +791,9 @@ void run_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& alibi_slopes,
-                                                     double softmax_scale, bool causal) {
-  const Geometry g = batch_geometry(q, k, softmax_scale, causal);
+                                                     double softmax_scale, bool causal, int64_t window_left,
+                                                     int64_t window_right, double softcap) {
+  const Geometry g = batch_geometry(q, k, softmax_scale, causal, window_left, window_right, softcap);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   if (q.numel() > 0) run_fwd(q, k, v, alibi_slopes, g, out, lse.mutable_data_ptr<float>());
@@ -744,23 +802,26 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal) {
-  const Geometry g = batch_geometry(q, k, softmax_scale, causal);
+    const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& dlse) {
+  const Geometry g = batch_geometry(q, k, softmax_scale, causal, window_left, window_right, softcap);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
     return {dq, dk, dv};
   }
-  run_bwd(dout, q, k, v, out, lse, alibi_slopes, g, dq, dk, dv);
+  run_bwd(dout, q, k, v, out, lse, dlse, alibi_slopes, g, dq, dk, dv);
   return {dq, dk, dv};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal) {
-  const Geometry g = varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal);
+    const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap) {
+  const Geometry g =
+      varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, softcap);
   // rows past cu_seqlens_q[-1] belong to no sequence: zeros (lse -inf), like an empty row
   at::Tensor out = at::zeros(q.sizes(), q.options());
   at::Tensor lse = at::full({q.size(1), q.size(0)}, -std::numeric_limits<double>::infinity(),
@@ -772,39 +833,123 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal) {
-  const Geometry g = varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal);
+    int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& dlse) {
+  const Geometry g =
+      varlen_geometry(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, softcap);
   // tokens outside every sequence get zero gradients
   at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
              dv = at::zeros(v.sizes(), v.options());
-  if (q.numel() > 0 && k.numel() > 0) run_bwd(dout, q, k, v, out, lse, alibi_slopes, g, dq, dk, dv);
+  if (q.numel() > 0 && k.numel() > 0) run_bwd(dout, q, k, v, out, lse, dlse, alibi_slopes, g, dq, dk, dv);
   return {dq, dk, dv};
 }
 
-// KV cache: writes k, v (B, Sn, Hk, D) into the caches at rows [cache_seqlens[b], + Sn), then
-// attends q (B, Sq, Hq, D) over the first cache_seqlens[b] + Sn rows of each cache.
-at::Tensor attention_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
-                                 const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k,
-                                 const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& alibi_slopes,
-                                 double softmax_scale, bool causal) {
-  const int64_t B = q.size(0), Smax = k_cache.size(1), Sn = k ? k->size(1) : 0;
+// x rotated by the CPU kernel of apply_rotary (the one implementation of the rotation): token t
+// of sequence b at row offsets[b] + t of the cos/sin tables
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& offsets,
+                  bool interleaved) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mptkernels_cpu::apply_rotary", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, int64_t, bool, bool)>();
+  return op.call(x, cos, sin, offsets, 0, interleaved, false);
+}
+
+// KV cache (flash_attn_with_kvcache; schema in csrc/registration.cpp): rotates q and the new
+// k, writes k, v into the caches at logical rows [cache_seqlens[b], + Sn) of sequence b (all
+// writes first, in batch order), then attends q over rows [cache_leftpad[b], cache_seqlens[b]
+// + Sn). Sequence b's rows are batch row cache_batch_idx[b] of a contiguous cache, or pages of
+// a paged one (Seq::key_token). Decoding reads pages in place; a prefill over pages (more
+// query tokens than the decode path takes) first gathers them, as it copies K and V anyway.
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+    const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& block_table) {
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Sn = k ? k->size(1) : 0;
+  const int64_t Hk = k_cache.size(2), rows = k_cache.size(1), Bc = k_cache.size(0);
+  const bool paged = block_table.has_value();
+  const int64_t capacity = paged ? block_table->size(1) * rows : rows;
   const at::Tensor lens = cache_seqlens.contiguous();
   const int32_t* lp = lens.const_data_ptr<int32_t>();
-  Geometry g = geometry(q.size(2), k_cache.size(2), q.size(3), softmax_scale, causal);
-  g.lse_head_stride = q.size(1);
-  for (int64_t b = 0; b < B; ++b) {  // ops/attention.py has checked that lp[b] + Sn <= Smax
-    g.seqs.push_back({b * q.size(1), q.size(1), b * Smax, lp[b] + Sn, b * g.Hq * q.size(1)});
-  }
-  g.finish();
-  if (Sn > 0) {
-    for (int64_t b = 0; b < B; ++b) {
-      k_cache[b].narrow(0, lp[b], Sn).copy_((*k)[b]);
-      v_cache[b].narrow(0, lp[b], Sn).copy_((*v)[b]);
+  const at::Tensor pad_t = cache_leftpad ? cache_leftpad->contiguous() : at::Tensor();
+  const at::Tensor idx_t = cache_batch_idx ? cache_batch_idx->contiguous() : at::Tensor();
+  const at::Tensor table = paged ? block_table->contiguous() : at::Tensor();
+  const int32_t* pad = cache_leftpad ? pad_t.const_data_ptr<int32_t>() : nullptr;
+  const int32_t* idx = cache_batch_idx ? idx_t.const_data_ptr<int32_t>() : nullptr;
+  // ops/attention.py checked these with messages; again here, so no value reaches memory outside the caches
+  std::vector<Seq> logical(B);  // sequence b's rows from its cache's row 0 (writes use these)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t start = pad ? pad[b] : 0, end = lp[b] + Sn;
+    TORCH_CHECK(lp[b] >= 0 && end <= capacity && 0 <= start && start <= lp[b],
+                "attention_with_kvcache: sequence ", b, "'s rows [", start, ", ", end, ") do not fit the cache");
+    Seq& s = logical[b];
+    s.k0 = 0;
+    if (paged) {
+      s.pages = table.const_data_ptr<int32_t>() + b * table.size(1), s.page_rows = rows;
+      for (int64_t p = start / rows; p < (end + rows - 1) / rows; ++p)
+        TORCH_CHECK(s.pages[p] >= 0 && s.pages[p] < Bc, "attention_with_kvcache: block_table[", b, "][", p,
+                    "] = ", s.pages[p], " is not a page of the cache");
+    } else {
+      const int64_t cb = idx ? idx[b] : b;
+      TORCH_CHECK(cb >= 0 && cb < Bc, "attention_with_kvcache: cache_batch_idx[", b, "] = ", cb, " is outside the cache");
+      s.k0 = cb * rows;
     }
   }
+  at::Tensor qr = q;
+  std::optional<at::Tensor> kn = k;
+  if (rotary_cos) {
+    kn = rotate(*k, *rotary_cos, *rotary_sin, lens, rotary_interleaved);
+    if (causal || window_left >= 0 || window_right >= 0)
+      qr = rotate(q, *rotary_cos, *rotary_sin, lens, rotary_interleaved);
+    else  // every query token at the first new token's position: the tokens as heads of one
+      qr = rotate(q.reshape({B, 1, Sq * Hq, D}), *rotary_cos, *rotary_sin, lens, rotary_interleaved).view(q.sizes());
+  }
+  if (Sn > 0) {
+    const int64_t row_bytes = Hk * D * k_cache.element_size();
+    const at::Tensor kc = kn->contiguous(), vc = v->contiguous();
+    auto* kdst = static_cast<char*>(k_cache.data_ptr());
+    auto* vdst = static_cast<char*>(v_cache.data_ptr());
+    const auto* ksrc = static_cast<const char*>(kc.const_data_ptr());
+    const auto* vsrc = static_cast<const char*>(vc.const_data_ptr());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < Sn; ++t) {
+        const int64_t tok = logical[b].key_token(lp[b] + t), src = (b * Sn + t) * row_bytes;
+        std::memcpy(kdst + tok * row_bytes, ksrc + src, row_bytes);
+        std::memcpy(vdst + tok * row_bytes, vsrc + src, row_bytes);
+      }
+  }
+  Geometry g = geometry(Hq, Hk, D, softmax_scale, causal, window_left, window_right, softcap);
+  g.lse_head_stride = Sq;
+  for (int64_t b = 0; b < B; ++b) {
+    Seq s = logical[b];
+    const int64_t start = pad ? pad[b] : 0;
+    s.q0 = b * Sq, s.Sq = Sq, s.Sk = lp[b] + Sn - start, s.lse0 = b * Hq * Sq;
+    s.k0 += start;
+    g.seqs.push_back(s);
+  }
+  g.finish();
   at::Tensor out = at::empty(q.sizes(), q.options());
-  if (q.numel() > 0) run_fwd(q, k_cache, v_cache, alibi_slopes, g, out, nullptr);
-  return out;
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  if (paged && g.max_Sq > kDecodeMaxQ) {  // the prefill path reads rows in place: gather each sequence's pages
+    std::vector<int64_t> tokens;
+    for (Seq& s : g.seqs) {
+      const int64_t first = static_cast<int64_t>(tokens.size());
+      for (int64_t j = 0; j < s.Sk; ++j) tokens.push_back(s.key_token(j));
+      s.pages = nullptr, s.k0 = first;
+    }
+    const at::Tensor where = at::tensor(tokens, q.options().dtype(at::kLong));
+    const at::Tensor kg = k_cache.view({-1, Hk, D}).index_select(0, where);
+    const at::Tensor vg = v_cache.view({-1, Hk, D}).index_select(0, where);
+    run_fwd(qr.contiguous(), kg, vg, alibi_slopes, g, out, lse.mutable_data_ptr<float>());
+  } else {
+    run_fwd(qr.contiguous(), k_cache, v_cache, alibi_slopes, g, out, lse.mutable_data_ptr<float>());
+  }
+  return {out, lse};
 }
 
 }  // namespace

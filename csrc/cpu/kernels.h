@@ -34,20 +34,27 @@ struct Kernels {
   Tensor (*apply_rotary)(const Tensor& x, const Tensor& cos, const Tensor& sin, const OptTensor& seqlen_offsets,
                          int64_t seqlen_offset, bool interleaved, bool conjugate);
   Tensors2 (*attention_fwd)(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& alibi_slopes,
-                            double softmax_scale, bool causal);
+                            double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                            double softcap);
   Tensors3 (*attention_bwd)(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                             const Tensor& out, const Tensor& lse, const OptTensor& alibi_slopes,
-                            double softmax_scale, bool causal);
+                            double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                            double softcap, const OptTensor& dlse);
   Tensors2 (*attention_varlen_fwd)(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
                                    const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                   const OptTensor& alibi_slopes, double softmax_scale, bool causal);
+                                   const OptTensor& alibi_slopes, double softmax_scale, bool causal,
+                                   int64_t window_left, int64_t window_right, double softcap);
   Tensors3 (*attention_varlen_bwd)(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                    const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
                                    const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                   const OptTensor& alibi_slopes, double softmax_scale, bool causal);
-  Tensor (*attention_with_kvcache)(const Tensor& q, Tensor& k_cache, Tensor& v_cache, const Tensor& cache_seqlens,
-                                   const OptTensor& k, const OptTensor& v, const OptTensor& alibi_slopes,
-                                   double softmax_scale, bool causal);
+                                   const OptTensor& alibi_slopes, double softmax_scale, bool causal,
+                                   int64_t window_left, int64_t window_right, double softcap, const OptTensor& dlse);
+  Tensors2 (*attention_with_kvcache)(const Tensor& q, Tensor& k_cache, Tensor& v_cache, const Tensor& cache_seqlens,
+                                     const OptTensor& k, const OptTensor& v, const OptTensor& alibi_slopes,
+                                     double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                                     double softcap, const OptTensor& rotary_cos, const OptTensor& rotary_sin,
+                                     bool rotary_interleaved, const OptTensor& cache_batch_idx,
+                                     const OptTensor& cache_leftpad, const OptTensor& block_table);
   Tensors2 (*linear_fwd)(const Tensor& x, const Tensor& weight, const OptTensor& bias, std::string_view activation);
   Tensors3 (*linear_bwd)(const Tensor& dout, const Tensor& x, const Tensor& weight, const Tensor& saved,
                          std::string_view activation, bool has_bias);

@@ -8,6 +8,8 @@ arguments, gives the fake kernels and the autograd.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 
 import torch
@@ -30,36 +32,53 @@ KVCACHE_LAYOUT_HINT = ("q, k, v, k_cache, v_cache are (batch, seqlen, heads, hea
 _KERNEL_DTYPES = tuple(set().union(*_dispatch.TABLE["attention"].kernels.values()))
 
 
-def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, deterministic=False):
-    """softmax(q k^T * softmax_scale + ALiBi + mask) v, fused (no seqlen x seqlen matrix in memory).
+def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+              return_lse=False, deterministic=False):
+    """softmax(softcap(q k^T * softmax_scale) + ALiBi + mask) v, fused (no seqlen x seqlen matrix
+    in memory); flash-attn's ``flash_attn_func`` (without dropout).
 
     q: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim) with
     heads_q % heads_kv == 0 (GQA/MQA: q head h reads kv head h // (heads_q // heads_kv)).
     head_dim: a multiple of 8 up to 256. softmax_scale defaults to head_dim ** -0.5.
-    alibi_slopes: None, or float32 (heads_q,) or (batch, heads_q); query i and key j get
-    ``slope * (j - i - (seqlen_k - seqlen_q))`` added (MPT's bias; with causal masking it is
-    -slope * distance). causal: query i sees keys j <= i + seqlen_k - seqlen_q (bottom-right
-    aligned, as new tokens attending to a cache). A query that sees no key returns zeros.
-    Differentiable in q, k, v. The backward is deterministic on every kernel (each output
-    gradient has one owner, no atomics), so ``deterministic`` is accepted and always holds.
+    Query i sits at key position i + seqlen_k - seqlen_q (bottom-right aligned, as new tokens
+    attending to a cache); rel = j - that position is key j's distance from it.
+    causal: keys with rel <= 0. window_size=(left, right): keys with -left <= rel <= right, -1
+    unbounded on that side (Mistral's sliding window is causal with (window, window) or
+    (window, 0): causal sets right = 0). softcap > 0: the scaled scores s become softcap *
+    tanh(s / softcap) (Gemma 2), before the bias. alibi_slopes: None, or float32 (heads_q,) or
+    (batch, heads_q); adds -slope * |rel| (flash-attn's and llm-foundry's ALiBi; with causal,
+    slope * rel, MPT's). A query that sees no key returns zeros (its lse is -inf).
+    return_lse: also return the log-sum-exp of each row's scores, float32 (batch, heads_q,
+    seqlen_q), for merging partial attentions (differentiable: a gradient reaching it flows to
+    q and k). Differentiable in q, k, v. The backward is deterministic on every kernel (each
+    output gradient has one owner, no atomics), so ``deterministic`` is accepted and always holds.
     """
     _precheck((q, k, v), alibi_slopes, softmax_scale)
     _check_causal(causal, "attention")
+    window, cap = _window(window_size, "attention"), _softcap(softcap, "attention")
+    _check_flag(return_lse, "return_lse", "attention")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
 
     def kernel(q, k, v):
-        return _ops.attention_fwd.default(q.contiguous(), k.contiguous(), v.contiguous(), slopes, scale, causal)[0]
+        out, lse = _ops.attention_fwd.default(q.contiguous(), k.contiguous(), v.contiguous(), slopes, scale, causal,
+                                              *window, cap)
+        return (out, lse) if return_lse else out
 
     def torch_fn(q, k, v):
         return torch_impl.attention(q, k, v, causal, slopes, scale)
 
     def ref(q, k, v):
-        return reference.attention(q, k, v, causal=causal, alibi_slopes=slopes, softmax_scale=scale)
+        return reference.attention(q, k, v, causal=causal, alibi_slopes=slopes, softmax_scale=scale,
+                                   window_size=window, softcap=cap, return_lse=return_lse)
+
+    def torch_why():
+        if window != (-1, -1) or cap or return_lse:
+            return "a sliding window, softcap or return_lse (SDPA has none of them)"
+        return torch_impl.covers_attention(q, k, causal)
 
     b, sq, hq, d = q.shape
-    return _dispatch.route("attention", (q, k, v), device=q.device, dtype=q.dtype,
-                           torch_why=lambda: torch_impl.covers_attention(q, k, causal),
+    return _dispatch.route("attention", (q, k, v), device=q.device, dtype=q.dtype, torch_why=torch_why,
                            shape_class=lambda: (q.dtype, d, sq.bit_length(), k.shape[1].bit_length(),
                                                 (b * hq).bit_length(), hq // k.shape[2], causal, slopes is not None),
                            kernel=kernel, torch_fn=torch_fn, reference=ref,
@@ -67,8 +86,10 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, softmax_scale=None, d
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                     alibi_slopes=None, softmax_scale=None, deterministic=False):
-    """``attention`` over sequences packed along one token dimension (no padding).
+                     alibi_slopes=None, softmax_scale=None, window_size=(-1, -1), softcap=0.0, return_lse=False,
+                     deterministic=False):
+    """``attention`` over sequences packed along one token dimension (no padding);
+    flash-attn's ``flash_attn_varlen_func``.
 
     q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv, head_dim). cu_seqlens_q/_k:
     int32 (batch + 1,) cumulative lengths from 0: sequence b is rows
@@ -76,76 +97,110 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     attends across a sequence boundary. max_seqlen_q/_k: the longest sequence (the GPU grid
     is sized by it; a longer one is an error, checked on the host once per cu_seqlens tensor
     and version, so layers sharing one tensor pay one sync, and not while a CUDA graph is
-    being captured). alibi_slopes: (heads_q,) or (batch, heads_q) float32. causal and the
-    ALiBi bias are per sequence (bottom-right aligned when its q and k lengths differ). Rows
-    after cu_seqlens_q[-1] belong to no sequence and return zeros. Differentiable in q, k, v;
-    the backward is deterministic (see ``attention``).
+    being captured). alibi_slopes: (heads_q,) or (batch, heads_q) float32. causal, window_size,
+    softcap and the ALiBi bias are per sequence, as in ``attention`` (bottom-right aligned when
+    a sequence's q and k lengths differ). Rows after cu_seqlens_q[-1] belong to no sequence and
+    return zeros. return_lse: also the lse, float32 (heads_q, total_q). Differentiable in q, k,
+    v; the backward is deterministic (see ``attention``).
     """
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale)
     _check_causal(causal, "attention_varlen")
+    window, cap = _window(window_size, "attention_varlen"), _softcap(softcap, "attention_varlen")
+    _check_flag(return_lse, "return_lse", "attention_varlen")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
     max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
 
     def kernel(q, k, v):
-        return _ops.attention_varlen_fwd.default(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q,
-                                                 cu_seqlens_k,
-                                         max_q, max_k, slopes, scale, causal)[0]
+        out, lse = _ops.attention_varlen_fwd.default(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q,
+                                                     cu_seqlens_k, max_q, max_k, slopes, scale, causal, *window, cap)
+        return (out, lse) if return_lse else out
 
     def ref(q, k, v):
         # the kernels' length checks, so every implementation refuses the same input
         _varlen_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
         return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, alibi_slopes=slopes,
-                                          softmax_scale=scale)
+                                          softmax_scale=scale, window_size=window, softcap=cap,
+                                          return_lse=return_lse)
 
     return _dispatch.route("attention_varlen", (q, k, v), device=q.device, dtype=q.dtype,
                            torch_why=_dispatch.no_torch_op, shape_class=tuple, kernel=kernel, torch_fn=None,
                            reference=ref)
 
 
-def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, causal=True, alibi_slopes=None,
-                           softmax_scale=None):
-    """Attention of a few new tokens per sequence over a KV cache (decoding), updating the cache.
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                           cache_batch_idx=None, cache_leftpad=None, block_table=None, causal=True, window_size=(-1, -1),
+                           softcap=0.0, rotary_interleaved=True, alibi_slopes=None, softmax_scale=None,
+                           return_lse=False):
+    """Attention of a few new tokens per sequence over a KV cache (decoding), updating the
+    cache; flash-attn's ``flash_attn_with_kvcache`` (the decode step of a serving engine).
 
-    q: (batch, seqlen_q, heads_q, head_dim). k_cache, v_cache: (batch, max_seqlen, heads_kv,
-    head_dim), contiguous, q's dtype. cache_seqlens: int32 (batch,), the rows of each cache
-    already filled. k, v: (batch, seqlen_new, heads_kv, head_dim) or None; if given they are
-    written into the caches in place at rows [cache_seqlens[b], cache_seqlens[b] + seqlen_new)
-    and attended to. cache_seqlens itself is not modified (the caller advances it). q attends
-    over the first cache_seqlens[b] + seqlen_new rows of its cache exactly as ``attention``
-    would (causal bottom-right aligned: query i of seqlen_q sees the cache and the new keys up
-    to its own position; ALiBi by the same formula). Returns out like q. Not differentiable:
-    with grad mode on, inputs that require grad are refused (a clear error, not a silent
-    gradient of None).
+    q: (batch, seqlen_q, heads_q, head_dim). k_cache, v_cache: contiguous, q's dtype, either
+    (batch_cache, max_seqlen, heads_kv, head_dim), sequence b in row cache_batch_idx[b] (int32
+    (batch,), repeats allowed; b when None), or paged: (num_blocks, block_size, heads_kv,
+    head_dim) with block_table int32 (batch, max_blocks_per_seq), logical row r of sequence b
+    in page block_table[b, r // block_size] at row r % block_size (any block size).
+    cache_seqlens: int32 (batch,), where each cache's filled part ends; cache_leftpad: int32
+    (batch,) or None, where it starts (left padding: rows before it are ignored).
+    k, v: (batch, seqlen_new, heads_kv, head_dim) or None; if given they are written into the
+    caches in place at rows [cache_seqlens[b], cache_seqlens[b] + seqlen_new) and attended to.
+    rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None (needs k): k's token t is
+    rotated to position cache_seqlens[b] + t before it is written, and q's the same when
+    causal or windowed, else every q token to cache_seqlens[b] (as flash-attn); positions count
+    from the cache's row 0, left padding included. rotary_interleaved: GPT-J pairs (True, flash-
+    attn's default) or GPT-NeoX halves (False). cache_seqlens itself is not modified (the
+    caller advances it). q attends to rows [cache_leftpad[b], cache_seqlens[b] + seqlen_new)
+    exactly as ``attention`` would (causal, window_size, softcap and ALiBi as there, bottom-right
+    aligned: q's last token at the last key). Returns out like q, or (out, lse (batch, heads_q,
+    seqlen_q) float32) with return_lse. Not differentiable: with grad mode on, inputs that
+    require grad are refused (a clear error, not a silent gradient of None).
 
-    Caches too short for the new tokens raise; the check reads cache_seqlens on the host once
-    per tensor and version (the layers of one decode step share it: one sync per step), and
-    is skipped while a CUDA graph is captured (there, rows that do not fit are not written).
-    On the GPU one query token over a long cache splits the keys across programs and combines
-    the partial results (flash-decoding), so a batch of one still fills the GPU.
+    The host checks (rows that fit the cache, the rotary table and the pages; indices in
+    range) read cache_seqlens and the index tensors once per tensor and version (the layers of
+    one decode step share them: one sync per step), and are skipped while a CUDA graph is
+    captured (there, rows that do not fit are not written). On the GPU one query token over a
+    long cache splits the keys across programs and combines the partial results
+    (flash-decoding), so a batch of one still fills the GPU.
     """
-    _precheck((q,), alibi_slopes, softmax_scale, "attention_with_kvcache", ("q",))
-    _check_causal(causal, "attention_with_kvcache")
-    for t, name in ((k, "k"), (v, "v")):
+    op = "attention_with_kvcache"
+    _precheck((q,), alibi_slopes, softmax_scale, op, ("q",))
+    _check_causal(causal, op)
+    window, cap = _window(window_size, op), _softcap(softcap, op)
+    _check_flag(return_lse, "return_lse", op)
+    _check_flag(rotary_interleaved, "rotary_interleaved", op)
+    for t, name in ((k, "k"), (v, "v"), (rotary_cos, "rotary_cos"), (rotary_sin, "rotary_sin"),
+                    (cache_batch_idx, "cache_batch_idx"), (cache_leftpad, "cache_leftpad"),
+                    (block_table, "block_table")):
         if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention_with_kvcache: {name} must be a tensor or None, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+    for t, name in ((rotary_cos, "rotary_cos"), (rotary_sin, "rotary_sin")):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a float tensor, got {t.dtype}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
+    # the kernels read the rotary tables in float32 (a float32 table is used as it is)
+    cos32, sin32 = (None if t is None else t.float().contiguous() for t in (rotary_cos, rotary_sin))
+    index = dict(cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table)
 
     def kernel(q):
-        return _ops.attention_with_kvcache.default(q.contiguous(), k_cache, v_cache, cache_seqlens,
-                                           None if k is None else k.contiguous(), None if v is None else v.contiguous(),
-                                           slopes, scale, causal)
+        out, lse = _ops.attention_with_kvcache.default(
+            q.contiguous(), k_cache, v_cache, cache_seqlens, None if k is None else k.contiguous(),
+            None if v is None else v.contiguous(), slopes, scale, causal, *window, cap, cos32, sin32,
+            rotary_interleaved, cache_batch_idx, cache_leftpad, block_table)
+        return (out, lse) if return_lse else out
 
     def ref(q):
-        _check_cache_room(k_cache, cache_seqlens, k)
-        return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal=causal,
-                                                alibi_slopes=slopes, softmax_scale=scale)
+        _check_cache_room(q, k_cache, cache_seqlens, k, cos32, causal, window, **index)
+        return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, rotary_cos=cos32,
+                                                rotary_sin=sin32, rotary_interleaved=rotary_interleaved, **index,
+                                                causal=causal, alibi_slopes=slopes, softmax_scale=scale,
+                                                window_size=window, softcap=cap, return_lse=return_lse)
 
     return _dispatch.route("attention_with_kvcache", (q,), device=q.device, dtype=q.dtype,
                            torch_why=_dispatch.no_torch_op, shape_class=tuple, kernel=kernel, torch_fn=None,
                            reference=ref, check=lambda: _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v,
-                                                                       alibi_slopes, softmax_scale))
+                                                                       alibi_slopes, softmax_scale, cos32, sin32,
+                                                                       **index))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -224,12 +279,32 @@ def _precheck(tensors, alibi_slopes, softmax_scale, op="attention", names=("q", 
 
 
 def _check_causal(causal, op):
-    if not isinstance(causal, bool):
-        raise TypeError(f"{op}: causal must be True or False, got {causal!r}")
+    _check_flag(causal, "causal", op)
+
+
+def _check_flag(value, name, op):
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+
+
+def _window(window_size, op):
+    """window_size as the kernels take it: (left, right), ints >= -1 (-1: unbounded)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"{op}: window_size must be (left, right), two ints >= -1 (-1: unbounded on that side), "
+                         f"got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _softcap(softcap, op):
+    if (not isinstance(softcap, numbers.Real) or isinstance(softcap, bool) or not math.isfinite(softcap)
+            or softcap < 0):
+        raise ValueError(f"{op}: softcap must be a finite number >= 0 (0: no capping), got {softcap!r}")
+    return float(softcap)
 
 
 def _check(q, k, v, alibi_slopes, softmax_scale, op="attention", hint=LAYOUT_HINT, shape=lambda t: t.shape,
-           names=("q", "k", "v")):
+           names=("q", "k", "v"), kv_batch=True):
     """The checks every attention op shares; varlen passes its tensors with a batch dimension
     added (``shape`` gives the shapes to print, without it) and kvcache its caches as k, v."""
     for t, name in zip((q, k, v), names):
@@ -247,8 +322,8 @@ def _check(q, k, v, alibi_slopes, softmax_scale, op="attention", hint=LAYOUT_HIN
     if k.shape != v.shape:
         raise ValueError(f"{op}: {kn} {ks} and {vn} {vs} must have one shape ({hint})")
     b, _, hq, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d:
-        what = "batch and head_dim" if len(qs) == 4 else "head_dim"  # varlen's have no batch dimension
+    if (kv_batch and k.shape[0] != b) or k.shape[3] != d:
+        what = "batch and head_dim" if len(qs) == 4 and kv_batch else "head_dim"  # varlen's have no batch dimension
         raise ValueError(f"{op}: {kn}/{vn} {ks} must match q {qs} in {what} ({hint})")
     if k.shape[2] == 0 or hq % k.shape[2]:
         raise ValueError(f"{op}: heads_q ({hq}) must be a multiple of heads_kv ({k.shape[2]}), got q {qs}, "
@@ -334,28 +409,49 @@ def _check_lengths(cu, total, max_len, name, max_name):
     _checked.add(cu, "varlen", total, max_len)
 
 
-def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale):
+def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, rotary_cos=None,
+                   rotary_sin=None, cache_batch_idx=None, cache_leftpad=None, block_table=None):
     op = "attention_with_kvcache"
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"{op}: q must be a (batch, seqlen, heads, head_dim) tensor")
+    paged = block_table is not None
+    layout = "(num_blocks, block_size, heads_kv, head_dim)" if paged else "(batch, max_seqlen, heads_kv, head_dim)"
     for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be a (batch, max_seqlen, heads_kv, head_dim) tensor")
+            raise ValueError(f"{op}: {name} must be a {layout} tensor")
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous (it is written in place)")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ "
                          f"({KVCACHE_LAYOUT_HINT})")
     _check(q, k_cache, v_cache, alibi_slopes, softmax_scale, op, KVCACHE_LAYOUT_HINT,
-           names=("q", "k_cache", "v_cache"))
+           names=("q", "k_cache", "v_cache"), kv_batch=not paged and cache_batch_idx is None)
     b, hk, d = q.shape[0], k_cache.shape[2], q.shape[3]
-    if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32
-            or tuple(cache_seqlens.shape) != (b,)):
-        raise TypeError(f"{op}: cache_seqlens must be an int32 ({b},) tensor, got "
-                        f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)} "
-                        f"{tuple(getattr(cache_seqlens, 'shape', ()))}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    for t, name in ((cache_seqlens, "cache_seqlens"), (cache_batch_idx, "cache_batch_idx"),
+                    (cache_leftpad, "cache_leftpad")):
+        if t is None and name != "cache_seqlens":
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (b,):
+            raise TypeError(f"{op}: {name} must be an int32 ({b},) tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if paged:
+        if (not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
+                or block_table.shape[0] != b):
+            raise TypeError(f"{op}: block_table must be an int32 ({b}, max_blocks_per_seq) tensor, got "
+                            f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
+                            f"{tuple(getattr(block_table, 'shape', ()))}")
+        if block_table.device != q.device:
+            raise ValueError(f"{op}: block_table is on {block_table.device} but q is on {q.device}")
+        if cache_batch_idx is not None:
+            raise ValueError(f"{op}: cache_batch_idx and block_table cannot be combined (a paged cache finds each "
+                             f"sequence's rows through block_table)")
+        if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
+            raise ValueError(f"{op}: a paged k_cache needs at least one block of at least one row, got "
+                             f"{tuple(k_cache.shape)}")
+    elif cache_batch_idx is not None and k_cache.shape[0] == 0:
+        raise ValueError(f"{op}: cache_batch_idx indexes an empty k_cache {tuple(k_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError(f"{op}: give both k and v, or neither")
     if k is not None:
@@ -369,6 +465,17 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softm
                 raise TypeError(f"{op}: {name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
         if k.shape != v.shape:
             raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError(f"{op}: give both rotary_cos and rotary_sin, or neither")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError(f"{op}: rotary_cos/rotary_sin rotate the new k (and q); they need k and v")
+        for t, name in ((rotary_cos, "rotary_cos"), (rotary_sin, "rotary_sin")):
+            if t.dim() != 2 or t.shape != rotary_cos.shape or not 0 < 2 * t.shape[1] <= d:
+                raise ValueError(f"{op}: {name} must be (seqlen_ro, rotary_dim / 2) with rotary_dim <= head_dim "
+                                 f"({d}), both of one shape, got {tuple(t.shape)}")
+            if t.device != q.device:
+                raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
     if torch.is_grad_enabled():
         for t, name in ((q, "q"), (k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
             if t is not None and t.requires_grad:
@@ -377,16 +484,50 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softm
                                  f"use attention() / attention_varlen() to train)")
 
 
-def _check_cache_room(k_cache, cache_seqlens, k):
+def _identity(t):
+    return None if t is None else (id(t), t._version, t.data_ptr())
+
+
+def _check_cache_room(q, k_cache, cache_seqlens, k, rotary_cos, causal, window, cache_batch_idx=None,
+                      cache_leftpad=None, block_table=None):
+    """The rows each sequence writes and reads against the cache, the pages, the rotary table
+    and the index tensors (host reads: once per tensor and version, see _CheckedTensors)."""
+    op = "attention_with_kvcache"
     new = 0 if k is None else k.shape[1]
-    if _checked.seen(cache_seqlens, "kvcache", new, k_cache.shape[1]):
+    paged = block_table is not None
+    rows = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    q_span = q.shape[1] if causal or tuple(window) != (-1, -1) else 1  # rotary positions of q's tokens
+    ro = None if rotary_cos is None else rotary_cos.shape[0]
+    key = ("kvcache", new, tuple(k_cache.shape), ro, q_span, _identity(cache_batch_idx), _identity(cache_leftpad),
+           _identity(block_table))
+    if _checked.seen(cache_seqlens, *key):
         return
     lens = cache_seqlens.tolist()
+    pad = [0] * len(lens) if cache_leftpad is None else cache_leftpad.tolist()
+    where = (f"the {block_table.shape[1]} pages of {k_cache.shape[1]} rows of block_table" if paged
+             else f"the cache of {rows} rows")
     for i, n in enumerate(lens):
-        if n < 0 or n + new > k_cache.shape[1]:
-            raise ValueError(f"attention_with_kvcache: cache_seqlens[{i}] = {n} plus {new} new tokens does not fit "
-                             f"the cache of {k_cache.shape[1]} rows")
-    _checked.add(cache_seqlens, "kvcache", new, k_cache.shape[1])
+        if n < 0 or n + new > rows:
+            raise ValueError(f"{op}: cache_seqlens[{i}] = {n} plus {new} new tokens does not fit {where}")
+        if not 0 <= pad[i] <= n:
+            raise ValueError(f"{op}: cache_leftpad[{i}] = {pad[i]} must be in [0, cache_seqlens[{i}] = {n}]")
+        if ro is not None and n + max(new, q_span) > ro:
+            raise ValueError(f"{op}: rotary_cos has {ro} rows, but cache_seqlens[{i}] = {n} puts tokens at rows up "
+                             f"to {n + max(new, q_span) - 1}")
+    if cache_batch_idx is not None:
+        bad = [(i, c) for i, c in enumerate(cache_batch_idx.tolist()) if not 0 <= c < k_cache.shape[0]]
+        if bad:
+            raise ValueError(f"{op}: cache_batch_idx[{bad[0][0]}] = {bad[0][1]} is not a row of the cache "
+                             f"[0, {k_cache.shape[0]})")
+    if paged:
+        table, bs = block_table.tolist(), k_cache.shape[1]
+        for i, n in enumerate(lens):
+            used = table[i][pad[i] // bs:(n + new + bs - 1) // bs]
+            bad = [p for p in used if not 0 <= p < k_cache.shape[0]]
+            if bad:
+                raise ValueError(f"{op}: block_table[{i}] holds page {bad[0]}, outside the {k_cache.shape[0]} pages "
+                                 f"of k_cache")
+    _checked.add(cache_seqlens, *key)
 
 
 # ---- the custom ops' checks (also run by the public functions) and fake kernels
@@ -396,36 +537,53 @@ def _check_contiguous(op, **tensors):
             raise ValueError(f"{op}: {name} must be contiguous here")
 
 
-def _check_fwd(q, k, v, alibi_slopes, softmax_scale, causal):
+def _check_options(op, causal, window_left, window_right, softcap):
+    """The options every attention op takes, as the custom op receives them."""
+    _check_causal(causal, op)
+    _window((window_left, window_right), op)
+    _softcap(softcap, op)
+
+
+def _check_fwd(q, k, v, alibi_slopes, softmax_scale, causal, window_left=-1, window_right=-1, softcap=0.0):
     _check(q, k, v, alibi_slopes, softmax_scale)
+    _check_options("attention", causal, window_left, window_right, softcap)
     _check_contiguous("attention", q=q, k=k, v=v, alibi_slopes=alibi_slopes)
 
 
-def _check_grad_inputs(op, dout, q, out, lse, lse_shape):
+def _check_grad_inputs(op, dout, q, out, lse, lse_shape, dlse):
     for t, name in ((dout, "dout"), (out, "out")):
         if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{op}: {name} must have q's shape {tuple(q.shape)} and dtype {q.dtype} on {q.device}")
-    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != lse_shape or lse.dtype != torch.float32:
-        raise ValueError(f"{op}: lse must be a float32 {lse_shape} tensor, got "
-                         f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
-    _check_contiguous(op, dout=dout, out=out, lse=lse)
+    for t, name in ((lse, "lse"), (dlse, "dlse")):
+        if name == "dlse" and t is None:
+            continue
+        if (not isinstance(t, torch.Tensor) or tuple(t.shape) != lse_shape or t.dtype != torch.float32
+                or t.device != q.device):
+            raise ValueError(f"{op}: {name} must be a float32 {lse_shape} tensor on {q.device}, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    _check_contiguous(op, dout=dout, out=out, lse=lse, dlse=dlse)
 
 
-def _check_bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal):
-    _check_fwd(q, k, v, alibi_slopes, softmax_scale, causal)
+def _check_bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, window_left=-1, window_right=-1,
+               softcap=0.0, dlse=None):
+    _check_fwd(q, k, v, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap)
     b, sq, hq, _ = q.shape
-    _check_grad_inputs("attention (backward)", dout, q, out, lse, (b, hq, sq))
+    _check_grad_inputs("attention (backward)", dout, q, out, lse, (b, hq, sq), dlse)
 
 
-def _check_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal):
+def _check_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal, window_left=-1,
+                      window_right=-1, softcap=0.0):
     _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale)
+    _check_options("attention_varlen", causal, window_left, window_right, softcap)
     _check_contiguous("attention_varlen", q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                       alibi_slopes=alibi_slopes)
 
 
-def _check_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal):
-    _check_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal)
-    _check_grad_inputs("attention_varlen (backward)", dout, q, out, lse, (q.shape[1], q.shape[0]))
+def _check_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal,
+                      window_left=-1, window_right=-1, softcap=0.0, dlse=None):
+    _check_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal, window_left,
+                      window_right, softcap)
+    _check_grad_inputs("attention_varlen (backward)", dout, q, out, lse, (q.shape[1], q.shape[0]), dlse)
 
 
 def _varlen_lengths(q, k, cu_q, cu_k, max_q, max_k):
@@ -434,12 +592,30 @@ def _varlen_lengths(q, k, cu_q, cu_k, max_q, max_k):
     _check_lengths(cu_k, k.shape[0], max_k, "cu_seqlens_k", "max_seqlen_k")
 
 
-def _check_kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal):
-    _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale)
-    _check_contiguous("attention_with_kvcache", q=q, k=k, v=v, cache_seqlens=cache_seqlens, alibi_slopes=alibi_slopes)
+def _check_kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal, window_left=-1,
+                      window_right=-1, softcap=0.0, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+                      cache_batch_idx=None, cache_leftpad=None, block_table=None):
+    op = "attention_with_kvcache"
+    _check_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, rotary_cos, rotary_sin,
+                   cache_batch_idx, cache_leftpad, block_table)
+    _check_options(op, causal, window_left, window_right, softcap)
+    _check_flag(rotary_interleaved, "rotary_interleaved", op)
+    for t, name in ((rotary_cos, "rotary_cos"), (rotary_sin, "rotary_sin")):
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be float32 here, got {t.dtype}")
+    _check_contiguous(op, q=q, k=k, v=v, cache_seqlens=cache_seqlens, alibi_slopes=alibi_slopes,
+                      rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
+                      cache_leftpad=cache_leftpad, block_table=block_table)
 
 
-def _fake_fwd(q, k, v, alibi_slopes, softmax_scale, causal):
+def _kvcache_host_check(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal, window_left=-1,
+                        window_right=-1, softcap=0.0, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+                        cache_batch_idx=None, cache_leftpad=None, block_table=None):
+    _check_cache_room(q, k_cache, cache_seqlens, k, rotary_cos, causal, (window_left, window_right), cache_batch_idx,
+                      cache_leftpad, block_table)
+
+
+def _fake_fwd(q, k, v, *rest):
     b, sq, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, sq), dtype=torch.float32)
 
@@ -448,13 +624,8 @@ def _fake_grads(dout, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale,
-                     causal):
+def _fake_varlen_fwd(q, k, v, *rest):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, alibi_slopes, softmax_scale, causal):
-    return torch.empty_like(q)
 
 
 def _attention_class(q, k):
@@ -467,7 +638,8 @@ for _schema in (
                          dtype_of=lambda a: a[0].dtype, shape_class=lambda a: _attention_class(a[0], a[1]) + a[4:],
                          fake=_fake_fwd),
         _dispatch.Schema("attention_bwd", check=_check_bwd, public_of=lambda a: "attention",
-                         dtype_of=lambda a: a[1].dtype, shape_class=lambda a: _attention_class(a[1], a[2]) + a[7:],
+                         dtype_of=lambda a: a[1].dtype,
+                         shape_class=lambda a: _attention_class(a[1], a[2]) + a[7:12] + (a[12] is not None,),
                          fake=_fake_grads),
         _dispatch.Schema("attention_varlen_fwd", check=_check_varlen_fwd, public_of=lambda a: "attention_varlen",
                          dtype_of=lambda a: a[0].dtype, shape_class=lambda a: (a[0].dtype,), fake=_fake_varlen_fwd,
@@ -479,27 +651,25 @@ for _schema in (
                              q, k, cu_q, cu_k, max_q, max_k)),
         _dispatch.Schema("attention_with_kvcache", check=_check_kvcache_op,
                          public_of=lambda a: "attention_with_kvcache", dtype_of=lambda a: a[0].dtype,
-                         shape_class=lambda a: (a[0].dtype,), fake=_fake_kvcache,
-                         host_check=lambda q, kc, vc, lens, k, *rest: _check_cache_room(kc, lens, k))):
+                         shape_class=lambda a: (a[0].dtype,), fake=_fake_fwd, host_check=_kvcache_host_check)):
     _dispatch.register(_schema)
 
 
 # ---- autograd: the backwards are custom ops too, run under the forward's forcing
 def _setup_context(ctx, inputs, output):
-    q, k, v, alibi_slopes, softmax_scale, causal = inputs
+    q, k, v, alibi_slopes, *options = inputs  # softmax_scale, causal, window_left, window_right, softcap
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-    ctx.flags = (softmax_scale, causal)
+    ctx.options = options
     ctx.forced = _dispatch.forced_settings()
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, dlse):
     q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-    softmax_scale, causal = ctx.flags
     with _dispatch.restored(ctx.forced):
-        dq, dk, dv = _ops.attention_bwd.default(dout.contiguous(), q, k, v, out, lse, alibi_slopes, softmax_scale,
-                                                causal)
-    return dq, dk, dv, None, None, None
+        dq, dk, dv = _ops.attention_bwd.default(dout.contiguous(), q, k, v, out, lse, alibi_slopes, *ctx.options,
+                                                None if dlse is None else dlse.contiguous())
+    return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
 
 
 torch.library.register_autograd("mptkernels::attention_fwd", _backward, setup_context=_setup_context)
@@ -515,20 +685,20 @@ torch.library.register_autograd("mptkernels::attention_bwd", _no_double_backward
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, causal = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, *options = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
-    ctx.flags = (max_q, max_k, softmax_scale, causal)
+    ctx.max_lens, ctx.options = (max_q, max_k), options
     ctx.forced = _dispatch.forced_settings()
 
 
-def _varlen_backward(ctx, dout, _dlse):
+def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
-    max_q, max_k, softmax_scale, causal = ctx.flags
     with _dispatch.restored(ctx.forced):
-        dq, dk, dv = _ops.attention_varlen_bwd.default(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
-                                               alibi_slopes, softmax_scale, causal)
-    return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv = _ops.attention_varlen_bwd.default(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                                       *ctx.max_lens, alibi_slopes, *ctx.options,
+                                                       None if dlse is None else dlse.contiguous())
+    return (dq, dk, dv) + (None,) * (5 + len(ctx.options))
 
 
 torch.library.register_autograd("mptkernels::attention_varlen_fwd", _varlen_backward,
