@@ -53,14 +53,16 @@ def rms_norm(x, weight, eps, residual):
 
 # ---- attention: F.scaled_dot_product_attention on (batch, heads, seqlen, head_dim) views
 def alibi_bias(slopes, sq: int, sk: int, *, causal_shift: int | None = None):
-    """MPT's ALiBi bias slope * (j - i - (sk - sq)) of query i and key j, float32, shaped
-    (batch, heads, sq, sk) for (batch, heads) slopes or (heads, sq, sk) for (heads,); with
-    causal_shift, keys j > i + causal_shift get -inf (0: PyTorch's top-left causal; sk - sq:
-    bottom-right, as mptkernels' causal)."""
+    """The ALiBi bias -slope * |j - i - shift| of query i and key j (shift = causal_shift, or
+    sk - sq without one: mptkernels' bottom-right alignment), float32, shaped (batch, heads, sq,
+    sk) for (batch, heads) slopes or (heads, sq, sk) for (heads,); with causal_shift, keys j > i +
+    causal_shift get -inf (0: PyTorch's top-left causal; sk - sq: bottom-right, as mptkernels'
+    causal), where the bias is MPT's slope * (j - i - shift)."""
     i = torch.arange(sq, device=slopes.device).view(-1, 1)
     j = torch.arange(sk, device=slopes.device).view(1, -1)
     shape = (-1, slopes.shape[-1], 1, 1) if slopes.dim() == 2 else (slopes.shape[-1], 1, 1)
-    bias = slopes.view(shape).float() * (j - i - (sk - sq)).float()
+    shift = sk - sq if causal_shift is None else causal_shift
+    bias = -slopes.view(shape).float() * (j - i - shift).abs().float()
     return bias if causal_shift is None else bias.masked_fill(j > i + causal_shift, float("-inf"))
 
 

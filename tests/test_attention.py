@@ -611,15 +611,16 @@ def test_length_checks_read_each_tensor_version_once(monkeypatch):
 
     k_cache = torch.randn(2, 16, 2, 8)
     lens, new = torch.tensor([3, 5], dtype=torch.int32), torch.randn(2, 1, 2, 8)
+    q = torch.randn(2, 1, 2, 8)
     for _ in range(3):
-        attn._check_cache_room(k_cache, lens, new)
+        attn._check_cache_room(q, k_cache, lens, new, None, True, (-1, -1))
     assert len(reads) == 5
     lens += 11  # the decode loop advances the lengths in place: 16 + 1 rows do not fit
     with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 16 plus 1 new tokens does not fit"):
-        attn._check_cache_room(k_cache, lens, new)
+        attn._check_cache_room(q, k_cache, lens, new, None, True, (-1, -1))
     for view in (lens[:1], lens[1:]):  # views of one storage at different offsets are told apart
         with pytest.raises(ValueError, match="does not fit") if view[0] == 16 else contextlib.nullcontext():
-            attn._check_cache_room(k_cache, view, new)
+            attn._check_cache_room(q[:1], k_cache, view, new[:1], None, True, (-1, -1))
 
 
 def test_cpu_decode_path_rows_that_see_no_key():
