@@ -115,7 +115,8 @@ def cases(device: str, size: str) -> list[Case]:
                 Case("attention", f"causal+ALiBi fwd+bwd {tag}", alibi_fwd_bwd, flops=3.5 * flops, dtype=dtype)]
         if device == "cuda" or size != "quick":
             out.append(Case("attention", f"causal fwd+bwd {tag}", causal_fwd_bwd, flops=3.5 * flops, dtype=dtype))
-    return out + _decode_cases(device, size)
+    return out + _decode_cases(device, size) + _window_cases(device, size) + _softcap_cases(device, size) + \
+        _paged_cases(device, size)
 
 
 def _fwd_bwd_baselines(device, qt, kt, vt, doutt, mask, slopes):
@@ -168,3 +169,113 @@ def _decode_cases(device, size):
         out.append(Case("attention", f"ALiBi decode 1 token {tag}", make,
                         nbytes=2 * b * s * hk * d * torch.finfo(dtype).bits // 8))
     return out
+
+
+# ---- flash-attn's features: each against the same call without it (a reference row, so the
+# ratio is the feature's own cost) and PyTorch's way of getting the same result
+def _window_cases(device, size):
+    """A sliding window over a long sequence: time should follow the keys inside the window.
+    Bidirectional window (w/2, w/2) (4096 keys of 16k: ideally 4x faster than without it) and,
+    in full runs, Mistral's causal window (w, 0) (ideally 2.3x faster than causal attention)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    b, s, h, d, w = ((1, 16384, 32, 128, 4096) if device == "cuda" else (1, 16384, 2, 64, 4096)) \
+        if size == "full" else (1, 4096, 2, 64, 1024) if size == "quick" else (1, 512, 2, 32, 128)
+    flavours = [("bidirectional", False, (w // 2, w // 2))] + ([("causal", True, (w, 0))] if size == "full" else [])
+    out = []
+    for name, causal, window in flavours:
+        def make(causal=causal, window=window):
+            q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            i = torch.arange(s, device=device).view(-1, 1)
+            j = torch.arange(s, device=device).view(1, -1)
+            keep = (j - i <= window[1]) & (i - j <= window[0])  # SDPA's bool mask: True = attend
+            base = {"SDPA + window mask": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep)}
+            if device == "cuda":
+                base["FlexAttention (compiled)"] = _flex(qt, kt, vt, lambda b_, h_, i_, j_: (j_ - i_ <= window[1]) &
+                                                         (i_ - j_ <= window[0]), None)
+            return {"ours": ours("attention", lambda: ops.attention(q, k, v, causal=causal, window_size=window),
+                                 device),
+                    "baselines": base,
+                    "references": {"mptkernels, no window": lambda: ops.attention(q, k, v, causal=causal)}}
+        keys = sum(min(s - 1, t + window[1]) - max(0, t - window[0]) + 1 for t in range(s))  # visible pairs
+        out.append(Case("attention", f"sliding window {name} {window} fwd B{b} S{s} H{h} d{d} "
+                        f"{str(dtype).replace('torch.', '')}", make, flops=4 * b * h * d * keys, dtype=dtype))
+    return out
+
+
+def _flex(qt, kt, vt, mask_mod, score_mod):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, qt.shape[2], kt.shape[2],
+                                                           device=qt.device)
+    flex = torch.compile(flex_attention, fullgraph=True)
+    return lambda: flex(qt, kt, vt, score_mod=score_mod, block_mask=mask)
+
+
+SOFTCAP = 50.0  # Gemma 2's attention cap
+
+
+def _softcap_cases(device, size):
+    """Gemma 2's softcap on causal attention: its cost over the same call without it, and
+    FlexAttention with the same score_mod (GPU)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    b, s, h, d = (4, 4096, 32, 128) if device == "cuda" else (1, 2048, 16, 64)
+    if size == "tiny":
+        b, s, h, d = 1, 256, 4, 32
+
+    def make():
+        q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        base = {}
+        if device == "cuda":
+            base["FlexAttention (compiled)"] = _flex(qt, kt, vt, lambda b_, h_, i_, j_: j_ <= i_,
+                                                     lambda score, b_, h_, i_, j_: SOFTCAP * torch.tanh(score / SOFTCAP))
+        else:  # the eager composition: scores, cap, mask, softmax (what a PyTorch user writes without Flex)
+            i = torch.arange(s).view(-1, 1)
+            j = torch.arange(s).view(1, -1)
+
+            def eager():
+                scores = (qt @ kt.transpose(-1, -2)) * d ** -0.5
+                scores = (SOFTCAP * torch.tanh(scores / SOFTCAP)).masked_fill(j > i, float("-inf"))
+                return scores.softmax(-1) @ vt
+            base["eager softcap (matmul, tanh, softmax)"] = eager
+        return {"ours": ours("attention", lambda: ops.attention(q, k, v, causal=True, softcap=SOFTCAP), device),
+                "baselines": base,
+                "references": {"mptkernels, no softcap": lambda: ops.attention(q, k, v, causal=True)}}
+    return [Case("attention", f"softcap {SOFTCAP:g} causal fwd B{b} S{s} H{h} d{d} {str(dtype).replace('torch.', '')}",
+                 make, flops=4 * b * h * s * s * d / 2, dtype=dtype)]
+
+
+PAGE = 16  # vLLM's default block size (a page smaller than a key tile is the hard case)
+
+
+def _paged_cases(device, size):
+    """Decoding one token over a paged cache (random pages of PAGE rows): its cost over the same
+    decode on a contiguous cache, and PyTorch's way (gather the pages, then SDPA)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    b, s, hq, hk, d = (8, 4096, 32, 8, 128) if device == "cuda" else (4, 2048, 16, 4, 64)
+    if size == "tiny":
+        b, s, hq, hk, d = 2, 256, 4, 2, 32
+
+    def make():
+        per_seq = s // PAGE
+        table = torch.randperm(b * per_seq, device=device).to(torch.int32).view(b, per_seq)
+        kp, vp = (torch.randn(b * per_seq, PAGE, hk, d, device=device, dtype=dtype) for _ in range(2))
+        kc, vc = (x[table.long()].reshape(b, s, hk, d) for x in (kp, vp))  # the same keys, contiguous
+        q = torch.randn(b, 1, hq, d, device=device, dtype=dtype)
+        lens = torch.full((b,), s, dtype=torch.int32, device=device)
+        gqa = {"enable_gqa": True} if hq != hk else {}
+
+        def gathered():
+            kt, vt = (x[table.long()].reshape(b, s, hk, d).transpose(1, 2) for x in (kp, vp))
+            return F.scaled_dot_product_attention(q.transpose(1, 2), kt, vt, **gqa)
+        mine = ours("attention_with_kvcache", lambda: ops.attention_with_kvcache(q, kp, vp, lens, block_table=table),
+                    device)
+        base = {"gather pages + SDPA": gathered}
+        refs = {"mptkernels, contiguous cache": lambda: ops.attention_with_kvcache(q, kc, vc, lens)}
+        if device == "cuda":
+            mine, base, refs = ({k: _graphed(f) for k, f in x.items()} for x in (mine, base, refs))
+        return {"ours": mine, "baselines": base, "references": refs}
+    tag = f"B{b} cache{s} page{PAGE} Hq{hq} Hkv{hk} d{d} {str(dtype).replace('torch.', '')}"
+    return [Case("attention", f"paged decode 1 token {tag}", make,
+                 nbytes=2 * b * s * hk * d * torch.finfo(dtype).bits // 8)]

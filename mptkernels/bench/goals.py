@@ -35,6 +35,14 @@ GOALS = [
     Goal("cpu", "attention", "causal fwd B1 S2048 H16 d64 float32", 1.0, "SDPA", "attention issue"),
     Goal("cpu", "attention", "causal+ALiBi fwd B1 S2048 H16 d64 float32", 2.0, "SDPA + bias tensor", "attention issue"),
     Goal("cpu", "gemm", "linear+GELU 512x2048x2048 float32", 1.0, "F.gelu(F.linear) eager", "GEMM issue"),
+    # the flash-attn features issue: each against the same call without the feature (≤ 10%
+    # slower is a ratio ≥ 1 / 1.1)
+    Goal("cpu", "attention", "sliding window bidirectional (2048, 2048) fwd B1 S16384", 3.0,
+         "mptkernels, no window (not ranked)", "flash-attn features issue"),
+    Goal("cpu", "attention", "softcap 50 causal fwd B1 S2048", 1 / 1.1, "mptkernels, no softcap (not ranked)",
+         "flash-attn features issue"),
+    Goal("cpu", "attention", "paged decode 1 token B4 cache2048", 1 / 1.1, "mptkernels, contiguous cache (not ranked)",
+         "flash-attn features issue"),
     # GPU (H100/H200): rates in TB/s are written as GB/s, the rows' unit
     Goal("cuda", "layer_norm", "add+LayerNorm fwd 16384x4096 bfloat16", 2800, None, "foundation issue", "GB/s"),
     Goal("cuda", "layer_norm", "LayerNorm fwd+bwd 16384x4096 bfloat16", 2300, None, "foundation issue", "GB/s"),
@@ -47,6 +55,14 @@ GOALS = [
          "attention issue"),
     Goal("cuda", "attention", "causal fwd B4 S4096 H32 d128", 1.0, "SDPA cuDNN", "attention issue"),
     Goal("cuda", "attention", "ALiBi decode 1 token B1 cache4096", 2600, None, "attention issue", "GB/s"),
+    Goal("cuda", "attention", "sliding window bidirectional (2048, 2048) fwd B1 S16384", 3.0,
+         "mptkernels, no window (not ranked)", "flash-attn features issue"),
+    Goal("cuda", "attention", "softcap 50 causal fwd B4 S4096", 1 / 1.1, "mptkernels, no softcap (not ranked)",
+         "flash-attn features issue"),
+    Goal("cuda", "attention", "softcap 50 causal fwd B4 S4096", 1.0, "FlexAttention (compiled)",
+         "flash-attn features issue"),
+    Goal("cuda", "attention", "paged decode 1 token B8 cache4096", 1 / 1.1,
+         "mptkernels, contiguous cache (not ranked)", "flash-attn features issue"),
 ]
 
 
