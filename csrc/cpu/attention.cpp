@@ -156,6 +156,16 @@ void load_cols(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, in
   }
 }
 
+// Keys as the B of q K^T, tile-major: [Skp / kBlockK][Dp][kBlockK], tile t the keys
+// [t kBlockK, (t + 1) kBlockK) transposed, zero-padded (Dp: elements, or bf16 words, per key).
+// Each tile is one contiguous block; a [Dp, Skp] copy put a tile's rows Skp apart, a
+// power-of-two stride for 4096 keys (and more), whose rows shared a few cache sets.
+template <typename T, typename O = float>
+void load_key_tiles(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, int64_t Skp, O* dst) {
+  for (int64_t j0 = 0; j0 < Skp; j0 += kBlockK)
+    load_cols(src + j0 * ld, ld, std::max<int64_t>(rows - j0, 0), D, Dp, kBlockK, dst + j0 * Dp);
+}
+
 #ifdef MPTK_BF16_PAIRS
 // dst[0, n) = src rounded to bf16 (nearest even), a chunk at a time; n a multiple of the chunk
 inline void round_to_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
@@ -486,8 +496,9 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
 #endif
   const int64_t D = g.D, Dp = g.Dp, nseq = static_cast<int64_t>(g.seqs.size());
   const int64_t qrow = g.Hq * D, krow = g.Hk * D;
-  // K^T and V of every (sequence, kv head), padded: fp32 [Dp, Skp_s] and [Skp_s, Dp], or
-  // bf16 pairs [Dp / 2, Skp_s] (k-steps along head_dim) and [Skp_s / 2, Dp] (along keys)
+  // K^T and V of every (sequence, kv head), padded: fp32 key tiles [Skp_s / kBlockK][Dp][kBlockK]
+  // (load_key_tiles) and [Skp_s, Dp], or bf16 pairs: key tiles of Dp / 2 words (k-steps along
+  // head_dim) and [Skp_s / 2, Dp] (along keys)
   const std::vector<int64_t> buf = kv_buffer_offsets(g);
   std::vector<float> kt(buf.back()), vv(buf.back());
   at::parallel_for(0, nseq * g.Hk, 1, [&](int64_t t0, int64_t t1) {
@@ -500,12 +511,12 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
       if constexpr (kBf16) {
 #ifdef MPTK_BF16_PAIRS
         // D is even (a multiple of 8): a row of k is D / 2 words
-        load_cols(reinterpret_cast<const uint32_t*>(kp + src), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
-                  reinterpret_cast<uint32_t*>(ktp));
+        load_key_tiles(reinterpret_cast<const uint32_t*>(kp + src), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
+                       reinterpret_cast<uint32_t*>(ktp));
         load_row_pairs(vp + src, krow, s.Sk, D, Dp, Skp, reinterpret_cast<uint32_t*>(vvp));
 #endif
       } else {
-        load_cols(kp + src, krow, s.Sk, D, Dp, Skp, ktp);
+        load_key_tiles(kp + src, krow, s.Sk, D, Dp, Skp, ktp);
         load_rows(vp + src, krow, s.Sk, D, Dp, 1.f, vvp);
         std::fill(vvp + s.Sk * Dp, vvp + Skp * Dp, 0.f);
       }
@@ -536,14 +547,14 @@ void attention_fwd_impl(const T* qp, const T* kp, const T* vp, const float* slop
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
         if constexpr (kBf16) {
 #ifdef MPTK_BF16_PAIRS
-          gemm<Bf16Pairs>(bq, kBlockK, D / 2, qrows, qrow, ktp + j0, Skp, S.data(), kBlockK, false);
+          gemm<Bf16Pairs>(bq, kBlockK, D / 2, qrows, qrow, ktp + j0 * (Dp / 2), kBlockK, S.data(), kBlockK, false);
           bias_and_mask(S.data(), bq, i0, j0, g, s, slope, g.scale);
           softmax_update(S.data(), bq, m.data(), l.data(), acc.data(), Dp);
           round_to_bf16(S.data(), bq * kBlockK, P.data());
           gemm<Bf16Pairs>(bq, Dp, kBlockK / 2, P.data(), kBlockK, vvp + (j0 / 2) * Dp, Dp, acc.data(), Dp, true);
 #endif
         } else {
-          gemm(bq, kBlockK, Dp, qt.data(), Dp, ktp + j0, Skp, S.data(), kBlockK, false);
+          gemm(bq, kBlockK, Dp, qt.data(), Dp, ktp + j0 * Dp, kBlockK, S.data(), kBlockK, false);
           bias_and_mask(S.data(), bq, i0, j0, g, s, slope);
           softmax_update(S.data(), bq, m.data(), l.data(), acc.data(), Dp);
           gemm(bq, Dp, kBlockK, S.data(), kBlockK, vvp + j0 * Dp, Dp, acc.data(), Dp, true);
@@ -634,15 +645,15 @@ void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
       const int64_t kbase = (s.k0 * g.Hk + hk) * D;
       if constexpr (kBf16) {
 #ifdef MPTK_BF16_PAIRS
-        load_cols(reinterpret_cast<const uint32_t*>(kp + kbase), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
-                  reinterpret_cast<uint32_t*>(kt.data()));
-        load_cols(reinterpret_cast<const uint32_t*>(vp + kbase), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
-                  reinterpret_cast<uint32_t*>(vt.data()));
+        load_key_tiles(reinterpret_cast<const uint32_t*>(kp + kbase), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
+                       reinterpret_cast<uint32_t*>(kt.data()));
+        load_key_tiles(reinterpret_cast<const uint32_t*>(vp + kbase), krow / 2, s.Sk, D / 2, Dp / 2, Skp,
+                       reinterpret_cast<uint32_t*>(vt.data()));
         load_row_pairs(kp + kbase, krow, s.Sk, D, Dp, Skp, reinterpret_cast<uint32_t*>(kr.data()));
 #endif
       } else {
-        load_cols(kp + kbase, krow, s.Sk, D, Dp, Skp, kt.data());
-        load_cols(vp + kbase, krow, s.Sk, D, Dp, Skp, vt.data());
+        load_key_tiles(kp + kbase, krow, s.Sk, D, Dp, Skp, kt.data());
+        load_key_tiles(vp + kbase, krow, s.Sk, D, Dp, Skp, vt.data());
         load_rows(kp + kbase, krow, s.Sk, D, Dp, 1.f, kr.data());
         std::fill(kr.begin() + s.Sk * Dp, kr.begin() + Skp * Dp, 0.f);
       }
@@ -682,7 +693,8 @@ void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
           const int64_t wq = (bq + kPer - 1) / kPer;  // k-steps over the block's query rows
           for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
             // S = q K^T (the bf16 path scales here, as the forward does)
-            gemm<Dot>(bq, kBlockK, kBf16 ? D / 2 : Dp, qa, lda_q, kt.data() + j0, Skp, S.data(), kBlockK, false);
+            gemm<Dot>(bq, kBlockK, kBf16 ? D / 2 : Dp, qa, lda_q, kt.data() + j0 * (kBf16 ? Dp / 2 : Dp), kBlockK, S.data(),
+                      kBlockK, false);
             bias_and_mask(S.data(), bq, i0, j0, g, s, slope, kBf16 ? g.scale : 1.f, capped ? dcap.data() : nullptr);
             for (int64_t r = 0; r < bq; ++r) {  // P = exp(S - lse); a row with lse = -inf has P = 0
               float* row = S.data() + r * kBlockK;
@@ -693,7 +705,8 @@ void attention_bwd_impl(const T* dop,         // [tokens_q, Hq, D]
               for (int64_t c = 0; c < kBlockK; c += kW) (Vf::loadu(row + c) - Vf(lrow[r])).exp_u20().store(row + c);
             }
             // dP = dO V^T; dS = P * (dP - delta), written over dP
-            gemm<Dot>(bq, kBlockK, kBf16 ? D / 2 : Dp, da, lda_q, vt.data() + j0, Skp, dP.data(), kBlockK, false);
+            gemm<Dot>(bq, kBlockK, kBf16 ? D / 2 : Dp, da, lda_q, vt.data() + j0 * (kBf16 ? Dp / 2 : Dp), kBlockK, dP.data(),
+                      kBlockK, false);
             for (int64_t r = 0; r < bq; ++r)
               for (int64_t c = 0; c < kBlockK; ++c) dP[r * kBlockK + c] = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]);
             if (capped)  // through the cap: d(cap * tanh(s / cap)) / ds = 1 - tanh^2
