@@ -135,6 +135,12 @@ def test_time_case_pairs_rounds_and_flags_noise(monkeypatch):
     samples.update(ceiling=[5.0, 5.0, 5.0])  # a ceiling slower than the case: impossible, not shown
     r = {r.impl: r for r in harness.time_case(case, "cpu", "tiny")}["mine (x)"]
     assert r.ceiling_frac is None and "not shown" in r.ceiling_note
+    # a reference doing other work (attention without the case's window) gets its own rate
+    case = harness.Case("f", "c", lambda: {"ours": {"mine (x)": None}, "baselines": {"base": None},
+                                           "references": {"other": None}}, nbytes=4e6, work_of={"other": 8e6})
+    samples.update(other=[1.0, 1.0, 1.0], ceiling=[0.1, 0.1, 0.1])
+    rows = {r.impl: r for r in harness.time_case(case, "cpu", "tiny")}
+    assert rows["other (not ranked)"].rate == pytest.approx(8.0) and rows["base"].rate == pytest.approx(4.0)
 
 
 def test_goals_met_not_met_and_straddling():

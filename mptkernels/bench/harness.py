@@ -57,6 +57,9 @@ class Case:
     flops: float | None = None
     int8: bool = False
     dtype: torch.dtype | None = None
+    # the work of a reference row that computes more or less than the case (in the case's own
+    # unit: FLOPs or bytes), by its name in make(); e.g. attention without the case's window
+    work_of: dict = dataclasses.field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -209,7 +212,8 @@ def time_case(case: Case, device: str, size: str) -> list[Row]:
     rows = []
     for name, ms in times.items():
         med, lo, hi = _spread(ms)
-        rate = work / (med * 1e-3)
+        own = case.work_of.get(name.removesuffix(" (not ranked)"))
+        rate = (work if own is None else own / (1e12 if case.flops else 1e9)) / (med * 1e-3)
         frac = rate / ceiling
         row = Row(case.family, case.name, name, impls[name][0], med, lo, hi, len(ms), rate, unit, ceiling, kind,
                   frac if frac <= 1.0 else None,
