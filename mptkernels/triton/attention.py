@@ -128,6 +128,20 @@ BWD_DKDV_CONFIGS = {
     128: (64, 128, 8, 2),  # H100 d128 (B4 S4096 H32): backward 4.86 ms, 2.0x faster than (32, 64, 8, 2)
     256: (16, 64, 8, 2),  # spills ~40 B; (16, 32, 8, 2) does not but falls back to mma.sync
 }
+# Backward dk/dv kernel with a sliding window or softcap, 16-bit inputs: the window's three
+# query phases and the cap's 1 - tanh^2 tile (live from the scores to dS) add registers, and
+# the tiles above then spill on sm_90a (ptxas, Triton 3.6: d64 (64, 128, 4, 2) 2.7-3.8 KB,
+# d128 softcap GQA 1 KB). Chosen by compiling for sm_90a (scripts/triton_sm90_check.py), not
+# timed on a GPU yet: d64 (64, 64, 4, 2) does not spill; d128 (32, 128, 8, 2) does not spill
+# with a window and spills 156 B with softcap and GQA (the check caps it at 256 B), where
+# (16, 128, 8, 2) spills nothing but halves the MMAs' query dimension; d256 as the plain table.
+BWD_DKDV_CONFIGS_OPTIONS = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (64, 64, 4, 2),
+    128: (32, 128, 8, 2),
+    256: (16, 64, 8, 2),
+}
 # Backward dq kernel, 16-bit inputs: BLOCK_M query rows (q, dout, the dq accumulator)
 # resident, BLOCK_N-key k/v tiles streamed.
 BWD_DQ_CONFIGS = {
@@ -1072,11 +1086,13 @@ def fwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int) 
     return fit(block_m, seqlen_q), fit(block_n, seqlen_k), num_warps, num_stages
 
 
-def bwd_configs(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int):
-    """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dk/dv kernel, the same of the dq kernel)."""
+def bwd_configs(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int, options: bool = False):
+    """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dk/dv kernel, the same of the dq kernel);
+    options: the kernels have a sliding window or softcap (HAS_WINDOW / HAS_SOFTCAP)."""
     fp32 = dtype == torch.float32
     out = []
-    for table in ((BWD_DKDV_CONFIGS_FP32, BWD_DQ_CONFIGS_FP32) if fp32 else (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS)):
+    dkdv = BWD_DKDV_CONFIGS_OPTIONS if options else BWD_DKDV_CONFIGS
+    for table in ((BWD_DKDV_CONFIGS_FP32, BWD_DQ_CONFIGS_FP32) if fp32 else (dkdv, BWD_DQ_CONFIGS)):
         block_m, block_n, num_warps, num_stages = table[_block_d(head_dim)]
         out.append((fit(block_m, seqlen_q), fit(block_n, seqlen_k), num_warps, num_stages))
     return tuple(out)
@@ -1190,11 +1206,12 @@ def _bwd(dout, q, k, v, out, lse, dlse, alibi_slopes, softmax_scale, causal, win
     block_d = _block_d(D)
     even_d = D == block_d
     precision = dot_precision(q.dtype)
-    (kv_m, kv_n, kv_warps, kv_stages), (q_m, q_n, q_warps, q_stages) = bwd_configs(D, q.dtype, max_sq, max_sk)
-    varlen = cu_seqlens is not None
-    cu_q, cu_k = cu_seqlens if varlen else (q, q)
     (qk_scale, cap2, win_left, win_right), flags = _score_args(softmax_scale, causal, window_left, window_right,
                                                                softcap, max_sq, max_sk)
+    (kv_m, kv_n, kv_warps, kv_stages), (q_m, q_n, q_warps, q_stages) = bwd_configs(
+        D, q.dtype, max_sq, max_sk, options=flags["HAS_WINDOW"] or flags["HAS_SOFTCAP"])
+    varlen = cu_seqlens is not None
+    cu_q, cu_k = cu_seqlens if varlen else (q, q)
 
     # delta has lse's layout: rows of the (B or 1, S, Hq) token grid in order
     delta = torch.empty_like(lse)
