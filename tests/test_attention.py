@@ -685,7 +685,7 @@ def test_triton_interpreter_kvcache(monkeypatch, programs_per_sm, shape, dtype):
     q, kc, vc, lens, k, v = _kvcache_case(b, smax, hq, hk, d, sq, sn, dtype)
     slopes = reference.alibi_slopes(hq)
     _check_kvcache(q, kc, vc, lens, k, v, True, slopes, TOL[dtype],
-                   lambda *a: tl_attn.attention_with_kvcache(*a, slopes, d ** -0.5, True))
+                   lambda *a: tl_attn.attention_with_kvcache(*a, slopes, d ** -0.5, True)[0])
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter run; on a GPU the gpu tests cover Triton")
@@ -698,7 +698,7 @@ def test_triton_interpreter_kvcache_splits_with_several_query_tokens(monkeypatch
     vc = torch.randn_like(kc)
     lens = torch.tensor([100, 250], dtype=torch.int32)
     q = torch.randn(b, sq, hq, d, dtype=torch.float16)
-    out = tl_attn.attention_with_kvcache(q, kc, vc, lens, None, None, None, d ** -0.5, True)
+    out, _ = tl_attn.attention_with_kvcache(q, kc, vc, lens, None, None, None, d ** -0.5, True)
     for i in range(b):
         n = int(lens[i])
         ref = reference.attention(q[i:i + 1].double(), kc[i:i + 1, :n].double(), vc[i:i + 1, :n].double(), causal=True)

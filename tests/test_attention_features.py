@@ -368,8 +368,8 @@ def _bad(**over):
     return lambda: ops.attention_with_kvcache(q, kc, vc, lens, **args)
 
 
-def _paged_bad(**over):
-    q, kc, vc, lens, k, v, kw = _cache_case("paged", [3, 5], [0, 0], 1, 1, 4, 2, 16, torch.float32, block=4,
+def _paged_bad(lens=(3, 5), **over):
+    q, kc, vc, lens, k, v, kw = _cache_case("paged", list(lens), [0, 0], 1, 1, 4, 2, 16, torch.float32, block=4,
                                             seqlen=8)
     args = dict(k=k, v=v, **kw)
     args.update(over)
@@ -405,6 +405,8 @@ COS, SIN = reference.rotary_cos_sin(8, 16)
     (_paged_bad(block_table=torch.zeros(2, 2)), r"block_table must be an int32 \(2, max_blocks_per_seq\)"),
     (_paged_bad(block_table=torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)),
      "block_table.1. holds page 9, outside the 7 pages"),
+    (_paged_bad(lens=(3, 7), block_table=torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)),
+     "sequences 0 and 1 both write row 3 of page 0"),
     (_paged_bad(block_table=torch.tensor([[0], [2]], dtype=torch.int32)),
      r"cache_seqlens\[1\] = 5 plus 1 new tokens does not fit the 1 pages of 4 rows of block_table"),
 ])

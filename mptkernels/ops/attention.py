@@ -521,12 +521,18 @@ def _check_cache_room(q, k_cache, cache_seqlens, k, rotary_cos, causal, window, 
                              f"[0, {k_cache.shape[0]})")
     if paged:
         table, bs = block_table.tolist(), k_cache.shape[1]
+        writer = {}  # (page, row) -> the sequence writing it: the GPU's writes have no order
         for i, n in enumerate(lens):
             used = table[i][pad[i] // bs:(n + new + bs - 1) // bs]
             bad = [p for p in used if not 0 <= p < k_cache.shape[0]]
             if bad:
                 raise ValueError(f"{op}: block_table[{i}] holds page {bad[0]}, outside the {k_cache.shape[0]} pages "
                                  f"of k_cache")
+            for r in range(n, n + new):
+                at = (table[i][r // bs], r % bs)
+                if writer.setdefault(at, i) != i:
+                    raise ValueError(f"{op}: sequences {writer[at]} and {i} both write row {at[1]} of page {at[0]} "
+                                     f"(block_table); a page written by one call must belong to one sequence")
     _checked.add(cache_seqlens, *key)
 
 
