@@ -208,7 +208,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """``torch.nn.functional.scaled_dot_product_attention`` on the fused kernel.
 
     Same signature and semantics: tensors are (batch, heads, seqlen, head_dim), ``is_causal`` is
-    top-left aligned as in PyTorch. The extra ``alibi_slopes`` adds MPT's bias (as in
+    top-left aligned as in PyTorch. The extra ``alibi_slopes`` adds the ALiBi bias (as in
     ``attention``). Cases the kernel does not cover run PyTorch's own SDPA (with the ALiBi bias
     materialised into the mask when slopes are given), listed in ``SDPA_FALLBACKS``: an
     ``attn_mask``, ``dropout_p > 0``, ``is_causal`` with seqlen_q != seqlen_k (top-left alignment),
