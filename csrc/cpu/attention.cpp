@@ -335,29 +335,54 @@ inline void write_row(T* out, float* lse, const float* acc, float m, float l, in
 // head_dim; the softmax and the P V update are the forward's.
 constexpr int64_t kDecodeMaxQ = 4;
 
-// n cache rows (src[c]: a row of D values, anywhere: a contiguous cache or a page) as fp32
-// rows of Dp floats, rows[c]: read in place when they already are (fp32, head_dim a multiple
-// of the vector width: a copy measured 1.1-1.8x slower), else converted into buf
+// Where a decode tile's key (or value) rows are, as fp32 rows of Dp floats: rows c of a
+// contiguous cache are evenly spaced (Strided), a paged cache's are found one by one
+// (Gathered, through an array of row addresses). Contiguous caches keep the strided form: an
+// address per key cost 5-15% of a decode step (fp32 GQA, bf16) in an A/B against it.
+struct Strided {
+  const float* base;
+  int64_t ld;
+  const float* operator[](int64_t c) const { return base + c * ld; }
+};
+struct Gathered {
+  const float* const* row;
+  const float* operator[](int64_t c) const { return row[c]; }
+};
+
+// rows [0, n) of a contiguous cache (src, row stride ld): read in place when they already are
+// fp32 rows of Dp floats (head_dim a multiple of the vector width: a copy measured 1.1-1.8x
+// slower), else converted into buf
 template <typename T>
-inline void cache_rows(const T* const* src, int64_t n, int64_t D, int64_t Dp, float* buf, const float** rows) {
-  for (int64_t c = 0; c < n; ++c) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (D == Dp) {
-        rows[c] = src[c];
-        continue;
-      }
-    }
-    load_rows(src[c], D, 1, D, Dp, 1.f, buf + c * Dp);
-    rows[c] = buf + c * Dp;
+inline Strided cache_rows(const T* src, int64_t ld, int64_t n, int64_t D, int64_t Dp, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (D == Dp) return {src, ld};
   }
+  load_rows(src, ld, n, D, Dp, 1.f, buf);
+  return {buf, Dp};
+}
+
+// the same for n rows anywhere (src[c]: a row of a page), converted a run of consecutive rows
+// (a page's) at a time; rows[c] receives each row's address
+template <typename T>
+inline Gathered cache_rows(const T* const* src, int64_t ld, int64_t n, int64_t D, int64_t Dp, float* buf,
+                           const float** rows) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (D == Dp) return {src};  // in place: the row addresses as they are
+  }
+  for (int64_t c = 0, run; c < n; c += run) {
+    for (run = 1; c + run < n && src[c + run] == src[c] + run * ld;) ++run;
+    const Strided r = cache_rows(src[c], ld, run, D, Dp, buf + c * Dp);
+    for (int64_t i = 0; i < run; ++i) rows[c + i] = r[i];
+  }
+  return {rows};
 }
 
 // S[r][c] = q_r . k_c for the rows q_r = q + r * Dp and the nk key rows k_c = krows[c]
-// (fp32, Dp wide; S rows kBlockK apart). On AVX-512 in groups of 16 keys, every row against
+// (fp32, Dp wide; Rows: Strided or Gathered; S rows kBlockK apart). On AVX-512 in groups of 16 keys, every row against
 // a group while it is in L1, whose 16 sums are reduced together by a transpose-add tree into
 // one vector (45 instructions for 16 scores, where a horizontal sum per score costs ~8 each).
-inline void decode_scores(const float* q, int64_t rows, const float* const* krows, int64_t nk, int64_t Dp,
-                          float* S) {
+template <typename Rows>
+inline void decode_scores(const float* q, int64_t rows, const Rows& krows, int64_t nk, int64_t Dp, float* S) {
   int64_t c = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   for (; c + 16 <= nk; c += 16)
@@ -396,8 +421,8 @@ inline void decode_scores(const float* q, int64_t rows, const float* const* krow
 // a[0, NV kW) += sum over the nk keys of p[c] * v_c[0, NV kW): the accumulators stay in
 // registers for the whole block (one load and store of a, not one per key)
 constexpr int kPvVecs = kW >= 16 ? 8 : 4;  // accumulators + a broadcast + a load within the registers
-template <int NV>
-inline void decode_pv(const float* p, const float* const* vrows, int64_t v0, int64_t nk, float* a) {
+template <int NV, typename Rows>
+inline void decode_pv(const float* p, const Rows& vrows, int64_t v0, int64_t nk, float* a) {
   Vf acc[NV];
   for (int v = 0; v < NV; ++v) acc[v] = Vf::loadu(a + v * kW);
   for (int64_t c = 0; c < nk; ++c) {
@@ -444,34 +469,50 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
       std::fill(l.begin(), l.end(), 0.f);
       // the keys any row sees: from the first token's window start to the last token's end
       const int64_t j_begin = g.key_begin(s, 0), j_end = g.key_end(s, s.Sq - 1);
+      const int64_t first = s.pages ? 0 : (s.k0 * g.Hk + hk) * D;  // a contiguous cache's key 0 of this head
+      const T* kbase = kp + first;
+      const T* vbase = vp + first;
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, s.Sk - j0);
-        s.key_tokens(j0, nk, tok.data());  // where each key's row is (a paged cache: in its page)
-        for (int64_t c = 0; c < nk; ++c) ksrc[c] = kp + (tok[c] * g.Hk + hk) * D, vsrc[c] = vp + (tok[c] * g.Hk + hk) * D;
-        cache_rows(ksrc.data(), nk, D, Dp, kv.data(), krows.data());
-        decode_scores(qt.data(), rows, krows.data(), nk, Dp, S.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          float* srow = S.data() + r * kBlockK;
-          std::fill(srow + nk, srow + kBlockK, 0.f);  // masked below (past Sk)
-          bias_and_mask(srow, 1, r / g.group, j0, g, s, slope[r]);
-        }
-        softmax_update(S.data(), rows, m.data(), l.data(), acc.data(), Dp);
-        cache_rows(vsrc.data(), nk, D, Dp, kv.data(), vrows.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* p = S.data() + r * kBlockK;
-          float* a = acc.data() + r * Dp;
-          int64_t v0 = 0;  // in vectors of head_dim: kPvVecs at a time, then the rest at once
-          for (; v0 + kPvVecs <= Dp / kW; v0 += kPvVecs) decode_pv<kPvVecs>(p, vrows.data(), v0 * kW, nk, a + v0 * kW);
-          switch (Dp / kW - v0) {
-            case 7: decode_pv<7>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
-            case 6: decode_pv<6>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
-            case 5: decode_pv<5>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
-            case 4: decode_pv<4>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
-            case 3: decode_pv<3>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
-            case 2: decode_pv<2>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
-            case 1: decode_pv<1>(p, vrows.data(), v0 * kW, nk, a + v0 * kW); break;
-            default: break;
+        // one tile: scores, bias and mask, softmax, then P V (V converted after the scores, into
+        // the same buffer as K); K and V are the tile's row accessors
+        auto tile = [&](const auto& K, auto&& values) {
+          decode_scores(qt.data(), rows, K, nk, Dp, S.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            float* srow = S.data() + r * kBlockK;
+            std::fill(srow + nk, srow + kBlockK, 0.f);  // masked below (past Sk)
+            bias_and_mask(srow, 1, r / g.group, j0, g, s, slope[r]);
           }
+          softmax_update(S.data(), rows, m.data(), l.data(), acc.data(), Dp);
+          const auto V = values();
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* p = S.data() + r * kBlockK;
+            float* a = acc.data() + r * Dp;
+            int64_t v0 = 0;  // in vectors of head_dim: kPvVecs at a time, then the rest at once
+            for (; v0 + kPvVecs <= Dp / kW; v0 += kPvVecs) decode_pv<kPvVecs>(p, V, v0 * kW, nk, a + v0 * kW);
+            switch (Dp / kW - v0) {
+              case 7: decode_pv<7>(p, V, v0 * kW, nk, a + v0 * kW); break;
+              case 6: decode_pv<6>(p, V, v0 * kW, nk, a + v0 * kW); break;
+              case 5: decode_pv<5>(p, V, v0 * kW, nk, a + v0 * kW); break;
+              case 4: decode_pv<4>(p, V, v0 * kW, nk, a + v0 * kW); break;
+              case 3: decode_pv<3>(p, V, v0 * kW, nk, a + v0 * kW); break;
+              case 2: decode_pv<2>(p, V, v0 * kW, nk, a + v0 * kW); break;
+              case 1: decode_pv<1>(p, V, v0 * kW, nk, a + v0 * kW); break;
+              default: break;
+            }
+          }
+        };
+        if (s.pages) {  // each key's row in its page
+          s.key_tokens(j0, nk, tok.data());
+          for (int64_t c = 0; c < nk; ++c) {
+            const int64_t at = (tok[c] * g.Hk + hk) * D;
+            ksrc[c] = kp + at, vsrc[c] = vp + at;
+          }
+          tile(cache_rows(ksrc.data(), krow, nk, D, Dp, kv.data(), krows.data()),
+               [&] { return cache_rows(vsrc.data(), krow, nk, D, Dp, kv.data(), vrows.data()); });
+        } else {
+          tile(cache_rows(kbase + j0 * krow, krow, nk, D, Dp, kv.data()),
+               [&] { return cache_rows(vbase + j0 * krow, krow, nk, D, Dp, kv.data()); });
         }
       }
       for (int64_t r = 0; r < rows; ++r) {

@@ -289,6 +289,9 @@ def _check_flag(value, name, op):
 
 def _window(window_size, op):
     """window_size as the kernels take it: (left, right), ints >= -1 (-1: unbounded)."""
+    if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is int and \
+            type(window_size[1]) is int and window_size[0] >= -1 and window_size[1] >= -1:
+        return window_size  # the common case, without the ABC checks below (a decode step calls this per layer)
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window_size)):
         raise ValueError(f"{op}: window_size must be (left, right), two ints >= -1 (-1: unbounded on that side), "
@@ -297,6 +300,8 @@ def _window(window_size, op):
 
 
 def _softcap(softcap, op):
+    if type(softcap) is float and 0.0 <= softcap < math.inf:
+        return softcap
     if (not isinstance(softcap, numbers.Real) or isinstance(softcap, bool) or not math.isfinite(softcap)
             or softcap < 0):
         raise ValueError(f"{op}: softcap must be a finite number >= 0 (0: no capping), got {softcap!r}")
