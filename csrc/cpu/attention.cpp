@@ -507,6 +507,10 @@ void attention_decode_impl(const T* qp, const T* kp, const T* vp, const float* s
           for (int64_t c = 0; c < nk; ++c) {
             const int64_t at = (tok[c] * g.Hk + hk) * D;
             ksrc[c] = kp + at, vsrc[c] = vp + at;
+            // the hardware prefetcher loses the stream at every page: ask for the values (read
+            // after the scores) now
+            for (int64_t e = 0; e < D * static_cast<int64_t>(sizeof(T)); e += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(vsrc[c]) + e);
           }
           tile(cache_rows(ksrc.data(), krow, nk, D, Dp, kv.data(), krows.data()),
                [&] { return cache_rows(vsrc.data(), krow, nk, D, Dp, kv.data(), vrows.data()); });
