@@ -11,6 +11,15 @@ if ! "${PYTHON:-python3}" -c "import transformers" 2>/dev/null; then
 fi
 # test-only: tests/test_cpu_isa.py runs the CPU kernels on emulated CPUs without AVX-512 / AVX2
 # (qemu-user, Debian's package: as root, or with sudo that needs no password)
+# the current transformers (5.x) beside the pinned one, in .hf5/ (tests/test_model.py loads exported
+# models with it in a subprocess); its own huggingface_hub and tokenizers, which 4.57.1 does not take,
+# and kernels, which its from_pretrained requires by default
+if [ ! -d .hf5/transformers ]; then
+  echo "[test] installing transformers 5.25.0 into .hf5/ (the current release, for tests/test_model.py)"
+  "${PYTHON:-python3}" -m pip install --disable-pip-version-check -q --no-deps --target .hf5 \
+    transformers==5.25.0 huggingface_hub==2.4.0 tokenizers==0.23.3 httpx2==2.17.0 httpcore2==2.17.0 \
+    truststore==0.10.5 h11==0.16.0 kernels==0.19.1
+fi
 if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null && command -v apt-get >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
   echo "[test] installing qemu-user (the emulated CPUs of tests/test_cpu_isa.py)"

@@ -40,6 +40,48 @@ def test_logits_and_greedy_generation_match_transformers(n_heads, attn):
     assert len(set(got[:, 7:].flatten().tolist())) > 3  # the check is not trivially one token
 
 
+HF5 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".hf5")
+_HF5_SCRIPT = """
+import sys, torch, transformers
+assert transformers.__version__.startswith("5."), transformers.__version__
+src, ids_file, out_file = sys.argv[1:]
+ids, want = torch.load(ids_file)
+m = transformers.MptForCausalLM.from_pretrained(src).eval()
+with torch.no_grad():
+    got = m(ids).logits
+m.save_pretrained(out_file)  # and back: ours reads what 5.x writes
+torch.save(got, out_file + "/logits.pt")
+print(transformers.__version__, float((got - want).abs().max()))
+"""
+
+
+def test_exported_model_loads_in_transformers_5(tmp_path):
+    """The current transformers (5.x, installed into .hf5/ by scripts/test.sh) loads what
+    save_pretrained writes (its configs validate field types: attn_pdrop is an int there) with
+    the same logits, and what 5.x saves loads back into ours."""
+    import subprocess
+    import sys
+
+    assert os.path.isdir(os.path.join(HF5, "transformers")), \
+        "transformers 5.x is not in .hf5/: scripts/test.sh installs it (pip install --target .hf5 ...)"
+    ours = _ours().eval()
+    ours.save_pretrained(str(tmp_path / "ours"))
+    ids = torch.randint(0, 257, (2, 13))
+    with torch.no_grad():
+        want = ours(ids)
+    torch.save((ids, want), tmp_path / "ids.pt")
+    env = dict(os.environ, PYTHONPATH=HF5)
+    proc = subprocess.run([sys.executable, "-c", _HF5_SCRIPT, str(tmp_path / "ours"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "hf5")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version, err = proc.stdout.split()[-2:]
+    assert version.startswith("5.") and float(err) <= 1e-4, proc.stdout
+    back = MPTForCausalLM.from_hf(str(tmp_path / "hf5")).eval()
+    with torch.no_grad():
+        assert (back(ids) - torch.load(tmp_path / "hf5" / "logits.pt")).abs().max() <= 1e-4
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["attn_config"]["attn_pdrop"] == 0
+
+
 def test_hf_checkpoints_in_and_out(tmp_path):
     hf = _hf_model()
     ids = torch.randint(0, 512, (2, 19))

@@ -76,8 +76,18 @@ def _config_to_hf(cfg: MPTConfig, dtype) -> dict:
                 vocab_size=cfg.vocab_size, resid_pdrop=cfg.resid_pdrop, emb_pdrop=cfg.emb_pdrop,
                 layer_norm_epsilon=cfg.layer_norm_epsilon, learned_pos_emb=cfg.learned_pos_emb,
                 logit_scale=cfg.logit_scale, no_bias=cfg.no_bias, norm_type="low_precision_layernorm",
-                attn_config={k: v for k, v in cfg.attn_config.items() if k not in ("kv_n_heads", "rope", "rope_theta")},
+                attn_config=_hf_attn_config(cfg.attn_config),
                 torch_dtype=str(dtype).replace("torch.", ""), tie_word_embeddings=True)
+
+
+def _hf_attn_config(attn_config: dict) -> dict:
+    """attn_config as transformers' MptAttentionConfig types it. transformers 5.x validates the
+    fields' types and declares attn_pdrop an int (a float 0.0 is refused; 4.57 takes either), so
+    an integral dropout is written as an int: the file then loads in both."""
+    out = {k: v for k, v in attn_config.items() if k not in ("kv_n_heads", "rope", "rope_theta")}
+    if float(out["attn_pdrop"]).is_integer():
+        out["attn_pdrop"] = int(out["attn_pdrop"])
+    return out
 
 
 def _save_state_dict(state: dict, path, max_shard_bytes):
