@@ -193,19 +193,15 @@ void load_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t 
 // One sequence: its query rows [q0, q0 + Sq) and key rows [k0, k0 + Sk) in the token
 // dimension of q and of k/v, and where its lse lives (lse[lse0 + h * lse_head_stride + i]).
 // A paged KV cache (pages != null): key j is logical row k0 + j of the sequence, which lives in
-// token pages[(k0 + j) / page_rows] * page_rows + (k0 + j) % page_rows of the cache.
+// token pages[(k0 + j) / page_rows] * page_rows + (k0 + j) % page_rows of the cache (key_tokens).
 struct Seq {
   int64_t q0, Sq, k0, Sk, lse0;
   const int32_t* pages = nullptr;
   int64_t page_rows = 0;
   int64_t offset() const { return Sk - Sq; }  // bottom-right alignment
-  int64_t key_token(int64_t j) const {
-    if (!pages) return k0 + j;
-    const int64_t r = k0 + j;
-    return static_cast<int64_t>(pages[r / page_rows]) * page_rows + r % page_rows;
-  }
-  // key_token of keys [j0, j0 + n) into tok: one division per call, not one per key (a decode
-  // tile of 64 keys spent more on 128 divisions than on its dot products)
+  // the tokens of keys [j0, j0 + n) (rows of the cache's token dimension) into tok: one
+  // division per call, not one per key (a decode tile of 64 keys spent more on 128 divisions
+  // than on its dot products)
   void key_tokens(int64_t j0, int64_t n, int64_t* tok) const {
     if (!pages) {
       for (int64_t c = 0; c < n; ++c) tok[c] = k0 + j0 + c;
@@ -929,7 +925,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // k, writes k, v into the caches at logical rows [cache_seqlens[b], + Sn) of sequence b (all
 // writes first, in batch order), then attends q over rows [cache_leftpad[b], cache_seqlens[b]
 // + Sn). Sequence b's rows are batch row cache_batch_idx[b] of a contiguous cache, or pages of
-// a paged one (Seq::key_token). Decoding reads pages in place; a prefill over pages (more
+// a paged one (Seq::key_tokens). Decoding reads pages in place; a prefill over pages (more
 // query tokens than the decode path takes) first gathers them, as it copies K and V anyway.
 std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
     const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
@@ -985,12 +981,15 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
     auto* vdst = static_cast<char*>(v_cache.data_ptr());
     const auto* ksrc = static_cast<const char*>(kc.const_data_ptr());
     const auto* vsrc = static_cast<const char*>(vc.const_data_ptr());
-    for (int64_t b = 0; b < B; ++b)
+    std::vector<int64_t> tok(Sn);
+    for (int64_t b = 0; b < B; ++b) {
+      logical[b].key_tokens(lp[b], Sn, tok.data());
       for (int64_t t = 0; t < Sn; ++t) {
-        const int64_t tok = logical[b].key_token(lp[b] + t), src = (b * Sn + t) * row_bytes;
-        std::memcpy(kdst + tok * row_bytes, ksrc + src, row_bytes);
-        std::memcpy(vdst + tok * row_bytes, vsrc + src, row_bytes);
+        const int64_t src = (b * Sn + t) * row_bytes;
+        std::memcpy(kdst + tok[t] * row_bytes, ksrc + src, row_bytes);
+        std::memcpy(vdst + tok[t] * row_bytes, vsrc + src, row_bytes);
       }
+    }
   }
   Geometry g = geometry(Hq, Hk, D, softmax_scale, causal, window_left, window_right, softcap);
   g.lse_head_stride = Sq;
@@ -1009,7 +1008,8 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
     std::vector<int64_t> tokens;
     for (Seq& s : g.seqs) {
       const int64_t first = static_cast<int64_t>(tokens.size());
-      for (int64_t j = 0; j < s.Sk; ++j) tokens.push_back(s.key_token(j));
+      tokens.resize(first + s.Sk);
+      s.key_tokens(0, s.Sk, tokens.data() + first);
       s.pages = nullptr, s.k0 = first;
     }
     const at::Tensor where = at::tensor(tokens, q.options().dtype(at::kLong));

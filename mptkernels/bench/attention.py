@@ -51,16 +51,8 @@ def _sdpa(backend, *args, **kw):
 
 
 def _flex_alibi(q, k, v, slopes):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    s = q.shape[2]
-    mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, s, s, device=q.device)
-    flex = torch.compile(flex_attention, fullgraph=True)
-
-    def score_mod(score, b, h, i, j):
-        return score + slopes[h] * (j - i)
-
-    return lambda: flex(q, k, v, score_mod=score_mod, block_mask=mask)
+    """Compiled FlexAttention with causal masking and MPT's ALiBi as its score_mod."""
+    return _flex(q, k, v, lambda b, h, i, j: j <= i, lambda score, b, h, i, j: score + slopes[h] * (j - i))
 
 
 def cases(device: str, size: str) -> list[Case]:
@@ -206,6 +198,8 @@ def _window_cases(device, size):
 
 
 def _flex(qt, kt, vt, mask_mod, score_mod):
+    """Compiled FlexAttention of SDPA-layout tensors with a block mask from mask_mod (None: none)
+    and score_mod; called once by the harness's warm-up, which compiles it."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, qt.shape[2], kt.shape[2],
