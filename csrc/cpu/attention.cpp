@@ -20,7 +20,6 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <cstring>
@@ -914,11 +913,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
 // of sequence b at row offsets[b] + t of the cos/sin tables
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& offsets,
                   bool interleaved) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mptkernels_cpu::apply_rotary", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, int64_t, bool, bool)>();
-  return op.call(x, cos, sin, offsets, 0, interleaved, false);
+  return active_kernels().apply_rotary(x, cos, sin, offsets, 0, interleaved, false);
 }
 
 // KV cache (flash_attn_with_kvcache; schema in csrc/registration.cpp): rotates q and the new

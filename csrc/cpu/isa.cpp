@@ -124,6 +124,8 @@ struct Forward<Entry> {
 };
 
 }  // namespace
+
+const Kernels& active_kernels() { return kTables[g_level.load(std::memory_order_relaxed)]; }
 }  // namespace mptk::cpu
 
 TORCH_LIBRARY(mptkernels_isa, m) { m.def("cpu_isa(str? cap=None) -> str[]", &mptk::cpu::cpu_isa); }

@@ -66,4 +66,10 @@ struct Kernels {
                                     const OptTensor& bias);
 };
 
+// The table of the level in use, for a kernel that runs another op's kernel (attention_with_kvcache
+// rotates with apply_rotary's): a plain call into isa.cpp, where the code shared by the levels lives
+// (going through the dispatcher from a level's file would instantiate torch's boxing templates there,
+// shared code that the linker may take from an AVX level).
+const Kernels& active_kernels();
+
 }  // namespace mptk::cpu
