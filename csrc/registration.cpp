@@ -109,6 +109,15 @@
 // dequantised on the fly (never materialised in full).
 #define MPTK_SCHEMA_weight_only_int8_linear "(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor"
 
+// ---- GLU family (SwiGLU, GeGLU). gate, up: (rows, N) of one float dtype, unit stride along N, any
+// row stride (the Python layer flattens leading dims); activation is "silu" (SwiGLU), "gelu"
+// (exact erf, GeGLU) or "gelu_tanh". out = act(gate) * up, fp32 maths (fp64 for fp64), a new
+// contiguous (rows, N) tensor in gate's dtype.
+#define MPTK_SCHEMA_glu_fwd "(Tensor gate, Tensor up, str activation) -> Tensor"
+// Gradient of glu_fwd from dout (rows, N), recomputing act(gate) (the forward saves only its
+// inputs): (dgate = dout * up * act'(gate), dup = dout * act(gate)), new contiguous tensors.
+#define MPTK_SCHEMA_glu_bwd "(Tensor dout, Tensor gate, Tensor up, str activation) -> (Tensor, Tensor)"
+
 #define MPTK_DEF(m, op) m.def(#op MPTK_SCHEMA_##op)
 
 // every op: the public one and its C++ CPU kernel
@@ -126,7 +135,9 @@
   MPTK_DEF(m, quantize_rowwise);           \
   MPTK_DEF(m, int8_mm);                    \
   MPTK_DEF(m, int8_linear);                \
-  MPTK_DEF(m, weight_only_int8_linear)
+  MPTK_DEF(m, weight_only_int8_linear);    \
+  MPTK_DEF(m, glu_fwd);                    \
+  MPTK_DEF(m, glu_bwd)
 
 TORCH_LIBRARY(mptkernels, m) { MPTK_ALL_OPS(m); }
 TORCH_LIBRARY(mptkernels_cpu, m) { MPTK_ALL_OPS(m); }

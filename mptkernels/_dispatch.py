@@ -93,6 +93,10 @@ TABLE = {
                       doc="torch._int_mm between PyTorch quantisation and epilogue ops"),
     "weight_only_int8_linear": Op("gemm", ("weight_only_int8_linear",), {"cpu": F3, "triton": F3}, torch=True,
                                   doc="F.linear on the weight converted to x's dtype, times the scales"),
+    # the GLU family: one custom-op pair for both (the activation is an argument)
+    "swiglu": Op("glu", ("glu_fwd", "glu_bwd"), {"cpu": F4, "triton": F3}, torch=True, doc="F.silu(gate) * up"),
+    "geglu": Op("glu", ("glu_fwd", "glu_bwd"), {"cpu": F4, "triton": F3}, torch=True,
+                doc="F.gelu(gate, approximate) * up"),
 }
 OPS = tuple(TABLE)
 

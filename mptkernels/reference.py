@@ -298,3 +298,17 @@ def weight_only_int8_linear(x, w_int8, w_scale, bias=None):
     """x @ (w_int8 * w_scale[:, None])^T + bias in float32, rounded to x's dtype."""
     out = torch.nn.functional.linear(x.float(), dequantize(w_int8, w_scale), None if bias is None else bias.float())
     return out.to(x.dtype)
+
+
+# ---- GLU family: the gated activations of the FFN
+def swiglu(gate, up):
+    """silu(gate) * up in float32 (float64 for float64), rounded once to gate's dtype."""
+    acc = _acc_dtype(gate.dtype)
+    return (torch.nn.functional.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
+
+
+def geglu(gate, up, approximate="none"):
+    """gelu(gate, approximate) * up ("none": exact erf; "tanh") in float32 (float64 for float64),
+    rounded once to gate's dtype."""
+    acc = _acc_dtype(gate.dtype)
+    return (torch.nn.functional.gelu(gate.to(acc), approximate=approximate) * up.to(acc)).to(gate.dtype)

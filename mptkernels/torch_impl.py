@@ -142,3 +142,12 @@ def weight_only_int8_linear(x, w_int8, w_scale, bias):
     """torchao's weight-only int8: the weight converted to x's dtype, the scales after the GEMM."""
     out = F.linear(x, w_int8.to(x.dtype)) * w_scale.to(x.dtype)
     return out if bias is None else out + bias.to(x.dtype)
+
+
+# ---- GLUs: the activation of the gate, then the product (two elementwise kernels in eager)
+def swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def geglu(gate, up, approximate):
+    return F.gelu(gate, approximate=approximate) * up

@@ -131,6 +131,18 @@ def check_weight_only_int8_linear():
           reference.weight_only_int8_linear(x, w_int8, w_scale, b))
 
 
+def check_swiglu():
+    gate, up = torch.randn(3, 5, 37) * 3, torch.randn(3, 5, 37)
+    same_grads("swiglu", ops.swiglu, reference.swiglu, gate, up)
+
+
+def check_geglu():
+    gate, up = torch.randn(3, 5, 37) * 3, torch.randn(3, 5, 37)
+    for approximate in ("none", "tanh"):
+        same_grads("geglu", lambda g, u: ops.geglu(g, u, approximate), lambda g, u: reference.geglu(g, u, approximate),
+                   gate, up)
+
+
 def check_rotary_cos_sin():  # a table: the definition itself, angle[t, i] = t * 10000^(-2i/rotary_dim)
     cos, sin = ops.rotary_cos_sin(16, 32)
     angle = torch.outer(torch.arange(16, dtype=torch.float64), 10000.0 ** (-torch.arange(0, 32, 2) / 32))

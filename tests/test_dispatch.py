@@ -79,6 +79,11 @@ def _case(public, dtype, device="cpu"):
         a = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8, device="cpu").to(device)
         b = torch.randint(-127, 128, (16, 40), generator=g, dtype=torch.int8, device="cpu").to(device)
         return (lambda: ops.int8_mm(a, b)), reference.int8_mm(a, b), ()
+    if public in ("swiglu", "geglu"):
+        gate, up = rnd(3, 5, 33, grad=True), rnd(3, 5, 33, grad=True)
+        if public == "swiglu":
+            return (lambda: ops.swiglu(gate, up)), reference.swiglu(gate, up), (gate, up)
+        return (lambda: ops.geglu(gate, up, "tanh")), reference.geglu(gate, up, "tanh"), (gate, up)
     wq, ws = reference.quantize_rowwise(torch.randn(16, 40, generator=g, device="cpu").to(device))
     x, b = rnd(24, 40, grad=True), rnd(16, grad=True)
     if public == "int8_linear":

@@ -29,6 +29,7 @@
   void add_quantize(Kernels&);                                                                 \
   void add_int8_linear(Kernels&);                                                              \
   void add_weight_only(Kernels&);                                                              \
+  void add_glu(Kernels&);                                                                      \
   }
 MPTK_DECLARE_FILLERS(DEFAULT)
 #ifdef MPTK_CPU_X86_LEVELS
@@ -48,8 +49,8 @@ constexpr int kBuilt = kNumLevels;
 constexpr int kBuilt = 1;  // not x86-64: the default level only
 #endif
 
-// the norms and rotary use nothing of VNNI or BF16: their avx512 build serves avx512_bf16 too
-// (CMakeLists.txt compiles them for the three lower levels only)
+// the norms, rotary and the GLUs use nothing of VNNI or BF16: their avx512 build serves
+// avx512_bf16 too (CMakeLists.txt compiles them for the three lower levels only)
 #define MPTK_FILL(NORMS, GEMMS)   \
   NORMS::add_layer_norm(k);       \
   NORMS::add_rotary(k);           \
@@ -57,7 +58,8 @@ constexpr int kBuilt = 1;  // not x86-64: the default level only
   GEMMS::add_linear(k);           \
   GEMMS::add_quantize(k);         \
   GEMMS::add_int8_linear(k);      \
-  GEMMS::add_weight_only(k)
+  GEMMS::add_weight_only(k);      \
+  NORMS::add_glu(k)
 
 // the highest level this CPU (and its OS: libgcc checks the saved register state) runs
 Level cpu_level() {
@@ -146,4 +148,6 @@ TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
   MPTK_IMPL(int8_mm);
   MPTK_IMPL(int8_linear);
   MPTK_IMPL(weight_only_int8_linear);
+  MPTK_IMPL(glu_fwd);
+  MPTK_IMPL(glu_bwd);
 }

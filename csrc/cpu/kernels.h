@@ -64,6 +64,9 @@ struct Kernels {
                         std::string_view activation);
   Tensor (*weight_only_int8_linear)(const Tensor& x, const Tensor& w_int8, const Tensor& w_scale,
                                     const OptTensor& bias);
+  // GLU family (glu.cpp)
+  Tensor (*glu_fwd)(const Tensor& gate, const Tensor& up, std::string_view activation);
+  Tensors2 (*glu_bwd)(const Tensor& dout, const Tensor& gate, const Tensor& up, std::string_view activation);
 };
 
 // The table of the level in use, for a kernel that runs another op's kernel (attention_with_kvcache

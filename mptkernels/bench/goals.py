@@ -35,6 +35,12 @@ GOALS = [
     Goal("cpu", "attention", "causal fwd B1 S2048 H16 d64 float32", 1.0, "SDPA", "attention issue"),
     Goal("cpu", "attention", "causal+ALiBi fwd B1 S2048 H16 d64 float32", 2.0, "SDPA + bias tensor", "attention issue"),
     Goal("cpu", "gemm", "linear+GELU 512x2048x2048 float32", 1.0, "F.gelu(F.linear) eager", "GEMM issue"),
+    # the GLU issue: one pass against PyTorch's two-kernel composite (F.silu(gate) * up), eager;
+    # set from the first measurements on a 2-core machine shared with other jobs (docs/benchmarks.md)
+    Goal("cpu", "glu", "SwiGLU fwd 4096x5632 float32", 1.5, "eager", "GLU issue"),
+    Goal("cpu", "glu", "SwiGLU fwd 4096x5632 bfloat16", 1.2, "eager", "GLU issue"),
+    Goal("cpu", "glu", "GeGLU fwd 4096x5632 bfloat16", 1.0, "eager", "GLU issue"),
+    Goal("cpu", "glu", "SwiGLU fwd+bwd 4096x5632 bfloat16", 1.2, "eager", "GLU issue"),
     # the flash-attn features issue: each against the same call without the feature (≤ 10%
     # slower is a ratio ≥ 1 / 1.1)
     Goal("cpu", "attention", "sliding window bidirectional (2048, 2048) fwd B1 S16384", 3.0,
