@@ -93,6 +93,10 @@ TABLE = {
                       doc="torch._int_mm between PyTorch quantisation and epilogue ops"),
     "weight_only_int8_linear": Op("gemm", ("weight_only_int8_linear",), {"cpu": F3, "triton": F3}, torch=True,
                                   doc="F.linear on the weight converted to x's dtype, times the scales"),
+    # cross_entropy family
+    "linear_cross_entropy": Op("cross_entropy", ("linear_cross_entropy_fwd", "linear_cross_entropy_bwd"),
+                               {"cpu": F4, "triton": F3}, torch=True,
+                               doc="F.linear, then F.cross_entropy on the whole float32 logits (+ z-loss)"),
 }
 OPS = tuple(TABLE)
 

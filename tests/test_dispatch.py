@@ -79,6 +79,13 @@ def _case(public, dtype, device="cpu"):
         a = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8, device="cpu").to(device)
         b = torch.randint(-127, 128, (16, 40), generator=g, dtype=torch.int8, device="cpu").to(device)
         return (lambda: ops.int8_mm(a, b)), reference.int8_mm(a, b), ()
+    if public == "linear_cross_entropy":
+        x, w, b = rnd(3, 5, 24, grad=True), rnd(30, 24, grad=True), rnd(30, grad=True)
+        t = torch.randint(0, 30, (3, 5), generator=g, device="cpu").to(device)
+        t[0, 1] = -100
+        kw = dict(label_smoothing=0.1, logit_softcap=4.0, z_loss=1e-3, reduction="none")
+        return (lambda: ops.linear_cross_entropy(x, w, t, bias=b, **kw),
+                reference.linear_cross_entropy(x, w, t, b, **kw), (x, w, b))
     wq, ws = reference.quantize_rowwise(torch.randn(16, 40, generator=g, device="cpu").to(device))
     x, b = rnd(24, 40, grad=True), rnd(16, grad=True)
     if public == "int8_linear":
