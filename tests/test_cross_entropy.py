@@ -103,6 +103,23 @@ def test_cpu_matches_reference_and_f_cross_entropy(small_chunks, shape, H, V, fe
         assert a.dtype == torch.float32 and rel_err(a, r) <= tol, (rel_err(a, r), rel_err(p, r))
 
 
+@pytest.mark.parametrize("V", [1000, 40])  # dx's K = V: the panel GEMM's split-K path, and its panels
+def test_cpu_fp32_chunks_on_the_panel_gemm(monkeypatch, V):
+    """fp32 chunks of >= 16 rows run on our AVX-512 panel GEMM (where built): logits and dx."""
+    monkeypatch.setattr(ce, "CHUNK_BYTES", 24 * V * 4)
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 6.0}
+    x, w, t, b = _inputs((77,), 40, V, torch.float32, bias=True, ignore_every=9)
+    assert ce.chunk_rows(77, V) == 24
+    with mptkernels.backend("cpu"):
+        loss = ops.linear_cross_entropy(x, w, t, bias=b, **kw)
+    inputs64 = [a.detach().double().requires_grad_() for a in (x, w, b)]
+    want = reference.linear_cross_entropy(*inputs64[:2], t, inputs64[2], **kw)
+    assert rel_err(loss, want) <= TOL[torch.float32]
+    loss.backward()
+    for a, r in zip((x, w, b), _grads(want, inputs64, torch.ones_like(want))):
+        assert rel_err(a.grad, r) <= TOL[torch.float32], rel_err(a.grad, r)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_cpu_other_dtypes(small_chunks, dtype):
     kw = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 6.0}

@@ -1,7 +1,8 @@
 // linear_cross_entropy on the CPU: the loss of cross_entropy(x @ weight^T + bias) computed in
 // chunks of rows, so the (N, V) logits never exist (Liger-Kernel's fused linear cross entropy).
 // Per chunk of `chunk_rows` rows:
-//   logits_c = x_c @ W^T (+ bias)                    at::mm / at::addmm into one chunk buffer
+//   logits_c = x_c @ W^T                             into one chunk buffer (the bias is added
+//                                                    by the row pass as it reads the row)
 //   row pass (parallel over rows, at::vec):          walk 1 reads the row once for max + sum-exp
 //                                                    (block by block: the block's max, then its
 //                                                    exp-sum from an L1 copy); walk 2 overwrites
@@ -9,12 +10,14 @@
 //                                                    becomes dlogits)
 //   dx_c = dlogits_c @ W, dW += dlogits_c^T @ x_c, dbias += colsum(dlogits_c)
 // So memory beyond the inputs, the loss and the gradients is the chunk buffer (chunk_rows x V in
-// x's dtype) and a (chunk_rows,) row of losses. GEMMs run in x's dtype with fp32 accumulation
-// (ATen's BLAS / oneDNN); the softmax, loss and dlogits maths in float32 (float64 for float64).
+// x's dtype) and the (N,) row losses. GEMMs run in x's dtype with fp32 accumulation: fp32
+// logits and dx on our AVX-512 panel GEMM (cpu/gemm/panel_gemm.h; MKL's sgemm, which ATen
+// calls, runs its AVX2 code on AMD CPUs at half its rate), dW (accumulated over the chunks:
+// beta = 1) and the other dtypes on ATen's (MKL; oneDNN's native bf16); the softmax, loss and
+// dlogits maths in float32 (float64 for float64).
 // The chunk size is the caller's (mptkernels/ops/cross_entropy.py, chunk_rows()).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -32,6 +35,7 @@
 
 #include "common/cpu_vec.h"
 #include "common/dispatch.h"
+#include "cpu/gemm/panel_gemm.h"
 #include "cpu/kernels.h"
 
 namespace mptk::cpu::CPU_CAPABILITY {
@@ -89,7 +93,8 @@ struct RowPass {
   // One row: logits z (V,) in place -> dlogits when `grad` (scaled by `scale`; the maths as
   // documented in registration.cpp). Returns the row's loss. Walk 1 reads z once, walk 2
   // reads it again and writes dlogits over it.
-  MPTK_FLATTEN static A row(T* __restrict__ z,  // [Vn] logits of the row, then dlogits
+  MPTK_FLATTEN static A row(T* __restrict__ z,        // [Vn] x_i @ W^T, then dlogits
+                            const T* __restrict__ bias,  // [Vn] added to z, or nullptr
                             int64_t Vn, int64_t t, const Options& o, bool grad, A scale) {
     const bool has_cap = o.softcap > 0;
     const A c = static_cast<A>(o.softcap), inv_c = has_cap ? A(1) / c : A(0);
@@ -105,6 +110,12 @@ struct RowPass {
       for (; j + K <= b1; j += K) {
         V lo, hi;
         IO::load(z + j, lo, hi);
+        if (bias) {
+          V blo, bhi;
+          IO::load(bias + j, blo, bhi);
+          lo = lo + blo;
+          hi = hi + bhi;
+        }
         if (has_cap) {
           V d;
           cap(lo, vc, vinv_c, lo, d);
@@ -116,7 +127,7 @@ struct RowPass {
         vsum = vsum + lo + hi;
       }
       for (; j < b1; ++j) {
-        A v = static_cast<A>(z[j]), d;
+        A v = static_cast<A>(z[j]) + (bias ? static_cast<A>(bias[j]) : A(0)), d;
         if (has_cap) cap(v, c, inv_c, v, d);
         sbuf[j - b0] = v;
         smax = std::max(smax, v);
@@ -140,7 +151,7 @@ struct RowPass {
     }
     const A lse = M + std::log(S);
     const A eps = static_cast<A>(o.label_smoothing), zl = static_cast<A>(o.z_loss);
-    A s_t = static_cast<A>(z[t]), ds_t = 1;
+    A s_t = static_cast<A>(z[t]) + (bias ? static_cast<A>(bias[t]) : A(0)), ds_t = 1;
     if (has_cap) cap(s_t, c, inv_c, s_t, ds_t);
     const A loss = lse - (A(1) - eps) * s_t - eps / static_cast<A>(Vn) * sum_s + zl * lse * lse;
     if (grad) {
@@ -154,6 +165,12 @@ struct RowPass {
       for (; j + K <= Vn; j += K) {
         V lo, hi, dlo(A(1)), dhi(A(1));
         IO::load(z + j, lo, hi);
+        if (bias) {
+          V blo, bhi;
+          IO::load(bias + j, blo, bhi);
+          lo = lo + blo;
+          hi = hi + bhi;
+        }
         if (has_cap) {
           cap(lo, vc, vinv_c, lo, dlo);
           cap(hi, vc, vinv_c, hi, dhi);
@@ -163,7 +180,7 @@ struct RowPass {
         IO::store(z + j, glo * dlo * vscale, ghi * dhi * vscale);
       }
       for (; j < Vn; ++j) {
-        A s = static_cast<A>(z[j]), ds = 1;
+        A s = static_cast<A>(z[j]) + (bias ? static_cast<A>(bias[j]) : A(0)), ds = 1;
         if (has_cap) cap(s, c, inv_c, s, ds);
         const A p = std::exp(s - lse);
         z[j] = static_cast<T>(((p - off) + p * pk) * ds * scale);
@@ -174,6 +191,27 @@ struct RowPass {
   }
 };
 
+// Our AVX-512 fp32 panel GEMM (cpu/gemm/panel_gemm.h) for an fp32 product with enough rows:
+// C (M, N) = A (M, K) @ op(B), op(B) = B^T for a (N, K) B (b_nk), else B (K, N); all contiguous,
+// C a row range of a contiguous tensor. Elsewhere ATen's GEMM.
+template <typename T>
+bool own_gemm_for(int64_t M, int64_t N, int64_t K) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return std::is_same_v<T, float> && M >= kSgemmMinRows && N > 0 && K > 0;
+#else
+  return false;
+#endif
+}
+
+inline void own_mm_f32(const at::Tensor& a, const at::Tensor& b, bool b_nk, at::Tensor& c) {
+#if defined(CPU_CAPABILITY_AVX512)
+  sgemm<F32Dot>(a.const_data_ptr<float>(), b.const_data_ptr<float>(), b_nk, c.mutable_data_ptr<float>(), c.size(0),
+                c.size(1), a.size(1));
+#else
+  TORCH_CHECK(false, "linear_cross_entropy: the panel GEMM is AVX-512 only");
+#endif
+}
+
 // The chunk loop, shared by the forward (row_scale: one scale for every row) and the backward
 // of reduction "none" (grad_rows: each row's incoming gradient). Writes per-row losses into
 // loss_rows (N,) A when defined; dx (N, H), dw (V, H) in x's dtype, db32 (V,) A when defined.
@@ -182,7 +220,8 @@ void chunk_loop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& targ
                 const Options& o, int64_t chunk_rows, double row_scale, const at::Tensor& grad_rows,
                 const at::Tensor& loss_rows, const at::Tensor& dx, const at::Tensor& dw, const at::Tensor& db32) {
   using A = acc_type_t<T>;
-  const int64_t N = x.size(0), Vn = w.size(0);
+  const int64_t N = x.size(0), Vn = w.size(0), H = x.size(1);
+  const T* bp = bias ? bias->const_data_ptr<T>() : nullptr;
   const bool need_dlogits = dx.defined() || dw.defined() || db32.defined();
   const int64_t rows_max = std::max<int64_t>(1, std::min(chunk_rows, N));
   at::Tensor buf = at::empty({rows_max, Vn}, x.options());  // logits, then dlogits, of a chunk
@@ -190,14 +229,18 @@ void chunk_loop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& targ
   const int64_t* tgt = target.const_data_ptr<int64_t>();
   const A* gr = grad_rows.defined() ? grad_rows.const_data_ptr<A>() : nullptr;
   A* lr = loss_rows.defined() ? loss_rows.mutable_data_ptr<A>() : nullptr;
+  auto own_gemm = [](int64_t M, int64_t N, int64_t K) { return own_gemm_for<T>(M, N, K); };
+  auto own_mm = [](const at::Tensor& a, const at::Tensor& b, bool b_nk, at::Tensor& c) { own_mm_f32(a, b, b_nk, c); };
   std::atomic<int64_t> bad{-1};
   bool first_dw = true;
   for (int64_t r0 = 0; r0 < N; r0 += rows_max) {
     const int64_t rows = std::min(rows_max, N - r0);
     at::Tensor lc = buf.narrow(0, 0, rows);
     const at::Tensor xc = x.narrow(0, r0, rows);
-    if (bias) {
-      at::addmm_out(lc, *bias, xc, wt);
+    // logits without the bias (the row pass adds it): fp32 on our AVX-512 panel GEMM (about
+    // twice MKL's sgemm on AMD CPUs, which ATen calls), else ATen's GEMM (oneDNN for bf16)
+    if (own_gemm(rows, Vn, H)) {
+      own_mm(xc, w, /*b_nk=*/true, lc);
     } else {
       at::mm_out(lc, xc, wt);
     }
@@ -214,7 +257,7 @@ void chunk_loop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& targ
           if (lr) lr[r] = 0;
           continue;
         }
-        const A l = RowPass<T>::row(z, Vn, t, o, need_dlogits, scale);
+        const A l = RowPass<T>::row(z, bp, Vn, t, o, need_dlogits, scale);
         if (lr) lr[r] = l;
       }
     });
@@ -224,7 +267,11 @@ void chunk_loop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& targ
     if (!need_dlogits) continue;
     if (dx.defined()) {
       at::Tensor dxc = dx.narrow(0, r0, rows);
-      at::mm_out(dxc, lc, w);
+      if (own_gemm(rows, H, Vn)) {
+        own_mm(lc, w, /*b_nk=*/false, dxc);  // K = V: the panel GEMM's split-K path
+      } else {
+        at::mm_out(dxc, lc, w);
+      }
     }
     if (dw.defined()) {
       if (first_dw) {
