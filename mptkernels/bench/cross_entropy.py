@@ -6,6 +6,10 @@ in eager mode and its backward through both (the (N, V) logits, their log-softma
 all materialised). Each call is loss + backward with the gradients of x and w written (both
 reset first, so neither times an accumulation). FLOPs: the three GEMMs, 3 · 2·N·H·V.
 
+Timing (CPU): each implementation runs in a worker process of its own, driven call by call from
+the harness's interleaved rounds (so the unfused path's multi-GB temporaries never fragment a heap
+shared with ours; glibc's default allocator there).
+
 Peak memory: each implementation runs once in a fresh subprocess (``python -m
 mptkernels.bench.cross_entropy --peak ...``) after a small warm-up call of it (libraries and
 thread pools initialised); the kernel's high-water mark of resident memory (VmHWM) is reset
@@ -56,18 +60,55 @@ def _calls(x, w, t):
             BASELINE: step(lambda: F.cross_entropy(x @ w.T, t))}
 
 
+class _Worker:
+    """One implementation's calls in a process of its own (``--worker``), driven over a pipe: the
+    unfused path's multi-GB temporaries never share a heap with ours (with the harness's
+    keep-freed-memory setting one process fragmented past 16 GB and was killed), and each keeps
+    its inputs. A call from the harness is one request; the pipe adds well under a millisecond."""
+
+    def __init__(self, impl, n, h, v, dtype, device):
+        env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+        self.p = subprocess.Popen([sys.executable, "-m", "mptkernels.bench.cross_entropy", "--worker", impl, "--shape",
+                                   f"{n},{h},{v}", "--dtype", _name(dtype), "--device", device],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._ask("ready")
+
+    def _ask(self, what):
+        self.p.stdin.write(what + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the benchmark worker stopped (exit code {self.p.wait()})")
+        return line
+
+    def __call__(self):
+        self._ask("run")
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.stdin.close()
+            self.p.wait(timeout=60)
+
+
 def cases(device: str, size: str) -> list[Case]:
     n, h, v = SHAPES[size]
     dts = [torch.float32] + ([torch.bfloat16] if size == "full" and device == "cpu" else [])
     out = []
     for dt in dts:
-        def make(dt=dt):
-            x, w, t = _inputs(n, h, v, dt, device)
-            calls = _calls(x, w, t)
+        workers = []
+
+        def make(dt=dt, workers=workers):
+            if device == "cuda":  # one process: the caching allocator reuses its blocks
+                calls = _calls(*_inputs(n, h, v, dt, device))
+            else:
+                workers[:] = [_Worker("ours", n, h, v, dt, device), _Worker(BASELINE, n, h, v, dt, device)]
+                calls = {"ours": workers[0], BASELINE: workers[1]}
             return {"ours": ours("linear_cross_entropy", calls["ours"], device),
                     "baselines": {BASELINE: calls[BASELINE]}}
 
-        def memory(dt=dt, impls=None):
+        def memory(dt=dt, impls=None, workers=workers):
+            for wk in workers:  # timed: free their memory before the fresh processes measure
+                wk.close()
             return {name: [peak_mb("ours" if name.startswith("mptkernels") else BASELINE, n, h, v, dt, device)
                            for _ in range(1 if size != "full" else 2)] for name in impls}
 
@@ -115,12 +156,28 @@ def _measure_peak(impl: str, n: int, h: int, v: int, dtype, device: str) -> floa
     return (_status_kb("VmHWM") - base) / 1024
 
 
+def _serve(impl: str, n: int, h: int, v: int, dtype, device: str):
+    """--worker: one line in, one call (or "ready" after the inputs exist), one line out."""
+    call = _calls(*_inputs(n, h, v, dtype, device))[impl]
+    import sys as _sys
+
+    for line in _sys.stdin:
+        if line.strip() == "run":
+            call()
+        print("done", flush=True)
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="one call's peak memory (used by the cross_entropy bench)")
-    p.add_argument("--peak", required=True, choices=["ours", BASELINE])
+    p = argparse.ArgumentParser(description="one call's peak memory, or a worker (used by the cross_entropy bench)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--peak", choices=["ours", BASELINE])
+    group.add_argument("--worker", choices=["ours", BASELINE])
     p.add_argument("--shape", required=True)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     n, h, v = map(int, a.shape.split(","))
-    print(json.dumps({"peak_mb": _measure_peak(a.peak, n, h, v, getattr(torch, a.dtype), a.device)}))
+    if a.worker:
+        _serve(a.worker, n, h, v, getattr(torch, a.dtype), a.device)
+    else:
+        print(json.dumps({"peak_mb": _measure_peak(a.peak, n, h, v, getattr(torch, a.dtype), a.device)}))
