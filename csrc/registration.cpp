@@ -117,6 +117,29 @@
 // Gradient of glu_fwd from dout (rows, N), recomputing act(gate) (the forward saves only its
 // inputs): (dgate = dout * up * act'(gate), dup = dout * act(gate)), new contiguous tensors.
 #define MPTK_SCHEMA_glu_bwd "(Tensor dout, Tensor gate, Tensor up, str activation) -> (Tensor, Tensor)"
+// ---- cross_entropy family. x (N, H) (the Python layer flattens leading dims), weight (V, H) in
+// x's dtype, target (N,) int64, bias (V,) in x's dtype or None. Row i's logits z = x_i @ W^T
+// + bias, s = c * tanh(z / c) when logit_softcap c > 0 (else s = z), lse = logsumexp(s);
+// loss_i = lse - (1 - eps) s[t_i] - eps / V * sum_j s_j + z_loss * lse^2 (eps = label_smoothing),
+// 0 for t_i == ignore_index; any other target outside [0, V) is an error. reduction: "mean"
+// (over the rows not ignored; none: NaN as F.cross_entropy), "sum" or "none" ((N,) losses). The
+// logits are computed chunk_rows rows at a time and never exist whole. Returns (loss: float32,
+// float64 for float64 x, () or (N,); then, as output_mask = (dx, dweight, dbias) asks, the
+// gradients of the returned loss (of its sum for "none") in x's / weight's / bias's dtype,
+// computed in the same pass; empty (0,) tensors for those not asked (dbias without bias too)).
+#define MPTK_SCHEMA_linear_cross_entropy_fwd                                                           \
+  "(Tensor x, Tensor weight, Tensor target, Tensor? bias, int ignore_index, str reduction, "          \
+  "float label_smoothing, float logit_softcap, float z_loss, bool[3] output_mask, int chunk_rows) "   \
+  "-> (Tensor, Tensor, Tensor, Tensor)"
+// Gradient of linear_cross_entropy_fwd from grad_loss (the loss's shape). "mean"/"sum": the
+// forward's dx, dweight, dbias times the scalar grad_loss (one passed empty, not computed by the
+// forward, is computed by running the chunks again); "none": the chunks run again with row i's
+// dlogits scaled by grad_loss[i] (dx, dweight, dbias unused). Returns (dx, dweight, dbias) as
+// output_mask asks, empty (0,) tensors otherwise.
+#define MPTK_SCHEMA_linear_cross_entropy_bwd                                                           \
+  "(Tensor grad_loss, Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor dx, Tensor dweight, " \
+  "Tensor dbias, int ignore_index, str reduction, float label_smoothing, float logit_softcap, "       \
+  "float z_loss, bool[3] output_mask, int chunk_rows) -> (Tensor, Tensor, Tensor)"
 
 #define MPTK_DEF(m, op) m.def(#op MPTK_SCHEMA_##op)
 
@@ -137,7 +160,9 @@
   MPTK_DEF(m, int8_linear);                \
   MPTK_DEF(m, weight_only_int8_linear);    \
   MPTK_DEF(m, glu_fwd);                    \
-  MPTK_DEF(m, glu_bwd)
+  MPTK_DEF(m, glu_bwd);                    \
+  MPTK_DEF(m, linear_cross_entropy_fwd);   \
+  MPTK_DEF(m, linear_cross_entropy_bwd)
 
 TORCH_LIBRARY(mptkernels, m) { MPTK_ALL_OPS(m); }
 TORCH_LIBRARY(mptkernels_cpu, m) { MPTK_ALL_OPS(m); }

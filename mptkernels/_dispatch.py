@@ -97,6 +97,10 @@ TABLE = {
     "swiglu": Op("glu", ("glu_fwd", "glu_bwd"), {"cpu": F4, "triton": F3}, torch=True, doc="F.silu(gate) * up"),
     "geglu": Op("glu", ("glu_fwd", "glu_bwd"), {"cpu": F4, "triton": F3}, torch=True,
                 doc="F.gelu(gate, approximate) * up"),
+    # cross_entropy family
+    "linear_cross_entropy": Op("cross_entropy", ("linear_cross_entropy_fwd", "linear_cross_entropy_bwd"),
+                               {"cpu": F4, "triton": F3}, torch=True,
+                               doc="F.linear, then F.cross_entropy on the whole float32 logits (+ z-loss)"),
 }
 OPS = tuple(TABLE)
 

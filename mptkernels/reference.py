@@ -312,3 +312,35 @@ def geglu(gate, up, approximate="none"):
     rounded once to gate's dtype."""
     acc = _acc_dtype(gate.dtype)
     return (torch.nn.functional.gelu(gate.to(acc), approximate=approximate) * up.to(acc)).to(gate.dtype)
+# ---- cross_entropy family
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         logit_softcap=None, z_loss=0.0):
+    """The unfused loss: logits = x @ weight^T + bias in float32 (float64 for float64), then
+    s = c * tanh(logits / c) (logit_softcap c, None: s = logits), lse = logsumexp(s) and per row
+    ``lse - (1 - eps) s[t] - eps / V * sum(s) + z_loss * lse^2`` (eps = label_smoothing: F.cross_entropy's
+    smoothing; z_loss: PaLM's), 0 where target == ignore_index; "mean" over the rows not ignored
+    (NaN when every row is: F.cross_entropy's 0 / 0), "sum", or "none" (target's shape). Returned in
+    float32 (float64 for float64 x); autograd gives the reference gradients in the inputs' dtypes."""
+    acc = _acc_dtype(x.dtype)
+    V = weight.shape[0]
+    z = torch.nn.functional.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    z = z.reshape(-1, V)
+    t = target.reshape(-1)
+    if logit_softcap is not None:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    lse = torch.logsumexp(z, -1)
+    valid = t != ignore_index
+    s_t = z.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
+    eps = label_smoothing
+    loss = lse - (1.0 - eps) * s_t - (eps / V) * z.sum(-1) + z_loss * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction != "mean":
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return loss.sum() / valid.sum()

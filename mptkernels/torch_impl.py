@@ -151,3 +151,19 @@ def swiglu(gate, up):
 
 def geglu(gate, up, approximate):
     return F.gelu(gate, approximate=approximate) * up
+# ---- cross_entropy: the LM head's logits whole, then F.cross_entropy (+ the z-loss term)
+def linear_cross_entropy(x, weight, target, bias, ignore_index, reduction, label_smoothing, logit_softcap, z_loss):
+    """What a model does without a fused loss: the (N, V) logits in x's dtype, softcapped, in
+    float32 (as HF's causal-LM loss upcasts them) into F.cross_entropy; z_loss from a logsumexp."""
+    V = weight.shape[0]
+    logits = F.linear(x, weight, bias).reshape(-1, V)
+    logits = logits.double() if x.dtype == torch.float64 else logits.float()
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    t = target.reshape(-1)
+    loss = F.cross_entropy(logits, t, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    if z_loss:
+        valid = t != ignore_index
+        lse2 = torch.where(valid, torch.logsumexp(logits, -1).square(), torch.zeros((), device=x.device))
+        loss = loss + z_loss * (lse2 if reduction == "none" else lse2.sum() / (valid.sum() if reduction == "mean" else 1))
+    return loss.reshape(target.shape) if reduction == "none" else loss

@@ -155,6 +155,21 @@ def check_alibi_slopes():  # a table: MPT's slopes 2^(-8 (h + 1) / n_heads) for 
     assert all(math.isfinite(s) and 0 < s < 1 for s in ops.alibi_slopes(6).tolist())
 
 
+def check_linear_cross_entropy():  # chunks of 16 rows (the AVX-512 panel GEMM) and 2, every feature, bias
+    from mptkernels.ops import cross_entropy
+
+    x, w, b, t = torch.randn(2, 9, 48), torch.randn(40, 48) / 4, torch.randn(40), torch.randint(0, 40, (2, 9))
+    t[0, ::4] = -100
+    old, cross_entropy.CHUNK_BYTES = cross_entropy.CHUNK_BYTES, 16 * 40 * 4
+    try:
+        for reduction in ("mean", "none"):
+            kw = dict(reduction=reduction, label_smoothing=0.1, logit_softcap=3.0, z_loss=1e-3)
+            same_grads("linear_cross_entropy", lambda x, w, b: ops.linear_cross_entropy(x, w, t, bias=b, **kw),
+                       lambda x, w, b: reference.linear_cross_entropy(x, w, t, b, **kw), x, w, b)
+    finally:
+        cross_entropy.CHUNK_BYTES = old
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 if __name__ == "__main__":

@@ -84,6 +84,13 @@ def _case(public, dtype, device="cpu"):
         if public == "swiglu":
             return (lambda: ops.swiglu(gate, up)), reference.swiglu(gate, up), (gate, up)
         return (lambda: ops.geglu(gate, up, "tanh")), reference.geglu(gate, up, "tanh"), (gate, up)
+    if public == "linear_cross_entropy":
+        x, w, b = rnd(3, 5, 24, grad=True), rnd(30, 24, grad=True), rnd(30, grad=True)
+        t = torch.randint(0, 30, (3, 5), generator=g, device="cpu").to(device)
+        t[0, 1] = -100
+        kw = dict(label_smoothing=0.1, logit_softcap=4.0, z_loss=1e-3, reduction="none")
+        return (lambda: ops.linear_cross_entropy(x, w, t, bias=b, **kw),
+                reference.linear_cross_entropy(x, w, t, b, **kw), (x, w, b))
     wq, ws = reference.quantize_rowwise(torch.randn(16, 40, generator=g, device="cpu").to(device))
     x, b = rnd(24, 40, grad=True), rnd(16, grad=True)
     if public == "int8_linear":

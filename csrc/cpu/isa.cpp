@@ -30,6 +30,7 @@
   void add_int8_linear(Kernels&);                                                              \
   void add_weight_only(Kernels&);                                                              \
   void add_glu(Kernels&);                                                                      \
+  void add_cross_entropy(Kernels&);                                                            \
   }
 MPTK_DECLARE_FILLERS(DEFAULT)
 #ifdef MPTK_CPU_X86_LEVELS
@@ -59,7 +60,8 @@ constexpr int kBuilt = 1;  // not x86-64: the default level only
   GEMMS::add_quantize(k);         \
   GEMMS::add_int8_linear(k);      \
   GEMMS::add_weight_only(k);      \
-  NORMS::add_glu(k)
+  NORMS::add_glu(k);              \
+  NORMS::add_cross_entropy(k)  /* cross_entropy: at::vec rows + ATen GEMMs, no VNNI/BF16 of its own */
 
 // the highest level this CPU (and its OS: libgcc checks the saved register state) runs
 Level cpu_level() {
@@ -150,4 +152,7 @@ TORCH_LIBRARY_IMPL(mptkernels_cpu, CPU, m) {
   MPTK_IMPL(weight_only_int8_linear);
   MPTK_IMPL(glu_fwd);
   MPTK_IMPL(glu_bwd);
+  // cross_entropy family
+  MPTK_IMPL(linear_cross_entropy_fwd);
+  MPTK_IMPL(linear_cross_entropy_bwd);
 }

@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -67,6 +68,16 @@ struct Kernels {
   // GLU family (glu.cpp)
   Tensor (*glu_fwd)(const Tensor& gate, const Tensor& up, std::string_view activation);
   Tensors2 (*glu_bwd)(const Tensor& dout, const Tensor& gate, const Tensor& up, std::string_view activation);
+  // ---- cross_entropy family (cross_entropy.cpp)
+  Tensors4 (*linear_cross_entropy_fwd)(const Tensor& x, const Tensor& weight, const Tensor& target,
+                                       const OptTensor& bias, int64_t ignore_index, std::string_view reduction,
+                                       double label_smoothing, double logit_softcap, double z_loss,
+                                       std::array<bool, 3> output_mask, int64_t chunk_rows);
+  Tensors3 (*linear_cross_entropy_bwd)(const Tensor& grad_loss, const Tensor& x, const Tensor& weight,
+                                       const Tensor& target, const OptTensor& bias, const Tensor& dx,
+                                       const Tensor& dweight, const Tensor& dbias, int64_t ignore_index,
+                                       std::string_view reduction, double label_smoothing, double logit_softcap,
+                                       double z_loss, std::array<bool, 3> output_mask, int64_t chunk_rows);
 };
 
 // The table of the level in use, for a kernel that runs another op's kernel (attention_with_kvcache

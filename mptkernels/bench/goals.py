@@ -22,8 +22,11 @@ class Goal:
     vs: str | None = None   # a baseline's name: ratio to it; "best": to the best; None: the rate (its unit)
     source: str = ""        # where the goal was set
     unit: str = "×"         # of the target: × for a ratio, else the rows' rate unit
+    measure: str = "time"   # "time", or "memory": the baseline's peak memory over ours (Row.peak_mb)
 
     def describe(self) -> str:
+        if self.measure == "memory":
+            return f"{self.case}: peak memory ≤ 1/{self.target:g} of {self.vs}"
         vs = f" {'the best PyTorch path' if self.vs == 'best' else self.vs}" if self.vs else ""
         return f"{self.case}: ≥ {self.target:g} {self.unit}{vs}"
 
@@ -41,6 +44,11 @@ GOALS = [
     Goal("cpu", "glu", "SwiGLU fwd 4096x5632 bfloat16", 1.2, "eager", "GLU issue"),
     Goal("cpu", "glu", "GeGLU fwd 4096x5632 bfloat16", 1.0, "eager", "GLU issue"),
     Goal("cpu", "glu", "SwiGLU fwd+bwd 4096x5632 bfloat16", 1.2, "eager", "GLU issue"),
+    # the fused linear cross entropy issue: not slower than the unfused loss, a quarter of its memory
+    Goal("cpu", "cross_entropy", "linear_cross_entropy fwd+bwd 4096x2048x128256 float32", 1.0,
+         "x @ w.T + F.cross_entropy eager", "linear cross entropy issue"),
+    Goal("cpu", "cross_entropy", "linear_cross_entropy fwd+bwd 4096x2048x128256 float32", 4.0,
+         "x @ w.T + F.cross_entropy eager", "linear cross entropy issue", measure="memory"),
     # the flash-attn features issue: each against the same call without the feature (≤ 10%
     # slower is a ratio ≥ 1 / 1.1)
     Goal("cpu", "attention", "sliding window bidirectional (2048, 2048) fwd B1 S16384", 3.0,
@@ -94,7 +102,12 @@ def evaluate(goal: Goal, rows: list[Row]) -> dict:
     if row is None:
         return {**res, "verdict": "not measured (no such case in this run)"}
     mine = row.samples_ms
-    if goal.vs is None:
+    if goal.measure == "memory":
+        base = next((r for r in rows if (r.family, r.case, r.impl) == (row.family, row.case, goal.vs)), None)
+        if base is None or not row.peak_mb or not base.peak_mb:
+            return {**res, "verdict": "not measured (no peak memory of both)"}
+        vals, unit = [b / o for b, o in zip(base.peak_mb, row.peak_mb)], "× less peak memory"
+    elif goal.vs is None:
         work = row.rate * row.ms_median  # rate x ms: the same for every sample
         vals, unit = [work / ms for ms in mine], row.unit
     else:

@@ -60,6 +60,9 @@ class Case:
     # the work of a reference row that computes more or less than the case (in the case's own
     # unit: FLOPs or bytes), by its name in make(); e.g. attention without the case's window
     work_of: dict = dataclasses.field(default_factory=dict)
+    # peak memory: memory(impls=[row names]) -> {name: [MB, one per measurement]} (each in a
+    # fresh process, see bench/cross_entropy.py); None: not measured
+    memory: Callable | None = None
 
     @property
     def title(self) -> str:
@@ -97,6 +100,7 @@ class Row:
     best_baseline: str | None = None
     noisy: bool = False
     samples_ms: list = dataclasses.field(default_factory=list)  # one per round, in round order
+    peak_mb: list = dataclasses.field(default_factory=list)  # peak memory per measurement (Case.memory), if measured
 
 
 # ---------------------------------------------------------------- timing
@@ -228,6 +232,10 @@ def time_case(case: Case, device: str, size: str) -> list[Row]:
         row.noisy = spread > NOISY
         row.samples_ms = ms
         rows.append(row)
+    if case.memory is not None:
+        mem = case.memory(impls=list(times))
+        for row in rows:
+            row.peak_mb = mem.get(row.impl, [])
     return rows
 
 
@@ -379,6 +387,11 @@ def format_table(rows: list[Row], env: dict) -> str:
         out.append(line(c))
     notes = [f"noisy: the samples (for ours, the per-round ratios) spread over more than {100 * NOISY:.0f}% of their "
              "median; the machine was busy, rerun before trusting that ratio."]
+    for r in rows:
+        if r.peak_mb:
+            med, lo, hi = _spread(r.peak_mb)
+            notes.append(f"peak memory ({r.case}, {r.impl}): {med:.0f} MB [{lo:.0f}–{hi:.0f}] over "
+                         f"{len(r.peak_mb)} fresh processes")
     for r in rows:
         if r.ceiling_note:
             notes.append(f"%ceil — ({r.case}, {r.impl}): {r.ceiling_note}.")

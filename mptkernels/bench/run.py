@@ -16,9 +16,10 @@ import os
 
 import torch
 
-from . import attention, gemm, glu, goals, harness, layer_norm, rotary
+from . import attention, cross_entropy, gemm, glu, goals, harness, layer_norm, rotary
 
-FAMILIES = {"layer_norm": layer_norm, "rotary": rotary, "attention": attention, "gemm": gemm, "glu": glu}
+FAMILIES = {"layer_norm": layer_norm, "rotary": rotary, "attention": attention, "gemm": gemm, "glu": glu,
+            "cross_entropy": cross_entropy}
 
 
 def all_cases(device: str, size: str, only=None) -> list[harness.Case]:

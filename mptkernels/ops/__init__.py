@@ -10,8 +10,10 @@ from .layer_norm import layer_norm, rms_norm
 from .rotary import apply_rotary
 from .gemm import int8_linear, int8_mm, linear, quantize_rowwise, weight_only_int8_linear
 from .glu import geglu, swiglu
+from . import cross_entropy as _cross_entropy_family  # noqa: F401
+from .cross_entropy import linear_cross_entropy
 
 __all__ = ["layer_norm", "rms_norm", "apply_rotary", "attention", "attention_varlen", "attention_with_kvcache",
            "scaled_dot_product_attention", "linear", "quantize_rowwise", "int8_mm", "int8_linear",
-           "weight_only_int8_linear", "swiglu", "geglu",
+           "weight_only_int8_linear", "swiglu", "geglu", "linear_cross_entropy",
            "rotary_cos_sin", "alibi_slopes"]
