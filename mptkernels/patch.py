@@ -1,19 +1,18 @@
-"""Swap mptkernels modules into a model you already have (the instance given; no class is
-patched globally). Returns a report of every swap; later op families add their own swaps."""
+"""Swap mptkernels into a model you already have (the instance given; no class is patched
+globally): norms, and for transformers' families (mptkernels/hf/families.py) attention with
+rotary, the gated MLP and the causal LM's loss. Returns a report of every swap and refusal."""
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from .nn import LayerNorm, RMSNorm
+from .hf import families, forwards
+from .hf.families import SUPPORTED_TRANSFORMERS
+from .nn import LayerNorm, Linear, RMSNorm
 
-
-# transformers versions whose MPT attention module signature the attention swap was written
-# and tested against (patch checks the installed one and reports a refusal otherwise)
-SUPPORTED_TRANSFORMERS = ("4.57",)
 _CASTS = ("torch", "llama", "gemma", "mpt")  # the detail of a norm swap is its cast mode
 
 
@@ -25,6 +24,7 @@ class PatchReport:
     sdpa_routed: bool = False  # F.scaled_dot_product_attention routed to ours during forward
     errors: dict = dataclasses.field(default_factory=dict)  # verify: module name -> max |after - before|
     output_error: float | None = None  # verify: max |logits after - before|
+    loss_error: float | None = None  # verify, with the loss swapped: |loss after - before| on the sample
 
     def __len__(self):
         return len(self.swapped) + (len(self.int8) if self.int8 is not None else 0)
@@ -49,6 +49,8 @@ class PatchReport:
                 lines.append(f"  verify: {name} (int8) max error {self.errors[name]:.2e}")
         if self.output_error is not None:
             lines.append(f"  verify: model output max |after - before| = {self.output_error:.2e}")
+        if self.loss_error is not None:
+            lines.append(f"  verify: loss (the sample as labels) |after - before| = {self.loss_error:.2e}")
         return "\n".join(lines) if lines else "mptkernels.patch: nothing swapped"
 
 
@@ -74,8 +76,14 @@ def _hf_rms_norm_from(m, cast):
 
 
 # exact class -> how to rebuild it. Subclasses are left alone: their forward may differ.
-# llm-foundry's LPLayerNorm and HF's Llama/Gemma norms are matched by class name, so
-# neither library is imported here.
+# llm-foundry's LPLayerNorm and transformers' RMSNorms (families.RMS_NORMS) are matched by
+# class name, so neither library is imported here.
+def _linear_from(m):
+    new = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+    new.weight, new.bias = m.weight, m.bias  # shared: tied embeddings stay tied
+    return new
+
+
 def _swap_rule(m):
     t = type(m)
     if t is torch.nn.LayerNorm:
@@ -84,137 +92,76 @@ def _swap_rule(m):
         return lambda: _rms_norm_from(m, "torch"), "torch"
     if t.__name__ == "LPLayerNorm" and isinstance(m, torch.nn.LayerNorm):
         return lambda: _layer_norm_from(m, "mpt"), "mpt"
-    if t.__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") and getattr(m, "weight", None) is not None:
-        return lambda: _hf_rms_norm_from(m, "llama"), "llama"
-    if t.__name__ == "GemmaRMSNorm" and getattr(m, "weight", None) is not None:
-        return lambda: _hf_rms_norm_from(m, "gemma"), "gemma"
+    cast = families.RMS_NORMS.get(t.__name__)
+    if cast is not None and getattr(m, "weight", None) is not None:
+        return lambda: _hf_rms_norm_from(m, cast), cast
     return None
 
 
-def _mpt_attention_forward(self, hidden_states, position_bias=None, past_key_values=None, attention_mask=None,
-                           cache_position=None, **kwargs):
-    """transformers' MptAttention.forward on the fused kernel (bound to one instance by patch):
-    same inputs and cache handling; ALiBi from the slopes instead of the bias tensor (they
-    differ by a per-row constant, which softmax ignores). A mask that is not the plain causal
-    one (padding) runs the original forward."""
-    from .ops import alibi_slopes, attention
+def _transformers_refusal():
+    """None when the installed transformers is one the forwards support, else why not."""
+    import transformers
 
-    b, s, _ = hidden_states.shape
-    if attention_mask is not None and not _is_plain_causal(attention_mask, s):
-        return self._mptk_original_forward(hidden_states, position_bias, past_key_values=past_key_values,
-                                           attention_mask=attention_mask, cache_position=cache_position, **kwargs)
-    qkv = self.Wqkv(hidden_states)
-    if self.clip_qkv:
-        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-    q, k, v = (t.reshape(b, s, self.n_heads, self.head_dim) for t in qkv.chunk(3, dim=2))
-    if past_key_values is not None:  # HF's cache holds (batch, heads, seqlen, head_dim)
-        k, v = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx,
-                                      {"cache_position": cache_position})
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-    slopes = alibi_slopes(self.n_heads).to(hidden_states.device)
-    out = attention(q, k, v, causal=True, alibi_slopes=slopes, softmax_scale=self.softmax_scale)
-    return self.out_proj(out.reshape(b, s, self.hidden_size)), None
-
-
-def _is_plain_causal(mask, s):
-    """mask (batch, 1, s, sk) bool, True = masked: is it exactly bottom-right causal?"""
-    sk = mask.shape[-1]
-    i = torch.arange(s, device=mask.device).view(-1, 1)
-    j = torch.arange(sk, device=mask.device).view(1, -1)
-    return bool(torch.equal(mask.bool(), (j > i + (sk - s)).expand_as(mask)))
-
-
-def _llama_attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
-                             cache_position=None, **kwargs):
-    """transformers' Llama / Mistral / Qwen2 attention forward on the fused kernel (bound to one
-    instance by patch): their projections, their rotary (``apply_rotary_pos_emb`` of the
-    module's own file) and cache, then causal GQA attention in one kernel. A mask other than
-    plain causal (padding) or attention dropout in training runs the original forward."""
-    import sys as _sys
-
-    from .ops import attention
-
-    b, s, _ = hidden_states.shape
-    if attention_mask is not None:
-        masked = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0  # additive: 0 = keep
-        plain = masked.dim() == 4 and _is_plain_causal(masked, s)
-    else:
-        plain = True
-    if not plain or (self.training and self.attention_dropout > 0):
-        return self._mptk_original_forward(hidden_states, position_embeddings, attention_mask,
-                                           past_key_values=past_key_values, cache_position=cache_position, **kwargs)
-    shape = (b, s, -1, self.head_dim)
-    q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-    k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = _sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, cos, sin)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
-    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=self.scaling)
-    return self.o_proj(out.reshape(b, s, -1)), None
-
-
-def _neox_attention_forward(self, hidden_states, attention_mask=None, head_mask=None, layer_past=None,
-                            output_attentions=False, cache_position=None, position_embeddings=None, **kwargs):
-    """transformers' GPT-NeoX attention forward on the fused kernel (bound to one instance by
-    patch): its fused QKV projection, its partial rotary and cache, then causal attention in
-    one kernel. Padding masks, head masks, returned attention weights and attention dropout in
-    training run the original forward."""
-    import sys as _sys
-
-    from .ops import attention
-
-    b, s, _ = hidden_states.shape
-    plain = attention_mask is None or _is_plain_causal(
-        ~attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0, s)
-    if (not plain or head_mask is not None or output_attentions or position_embeddings is None
-            or (self.training and self.attention_dropout > 0)):
-        return self._mptk_original_forward(hidden_states, attention_mask, head_mask=head_mask, layer_past=layer_past,
-                                           output_attentions=output_attentions, cache_position=cache_position,
-                                           position_embeddings=position_embeddings, **kwargs)
-    qkv = self.query_key_value(hidden_states).view(b, s, -1, 3 * self.head_size).transpose(1, 2)
-    q, k, v = qkv.chunk(3, dim=-1)
-    cos, sin = position_embeddings
-    q, k = _sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, cos, sin)
-    if layer_past is not None:
-        k, v = layer_past.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position,
-                                                        "partial_rotation_size": self.rotary_ndims})
-    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=self.scaling)
-    return self.dense(out.reshape(b, s, -1)), None
+    if transformers.__version__.startswith(SUPPORTED_TRANSFORMERS):
+        return None
+    return (f"transformers {transformers.__version__} is not one of the versions the swap supports "
+            f"{SUPPORTED_TRANSFORMERS}")
 
 
 def _attention_rule(m):
-    """(how to swap it, detail) for an attention module, or (None, why not) for one we know."""
-    name = type(m).__name__
-    if name == "MptAttention" and all(hasattr(m, a) for a in ("Wqkv", "out_proj", "n_heads", "head_dim")):
-        import transformers
+    """(kind, detail) for an attention module to swap, (None, why not) for one we know, (None, None)."""
+    family = families.ATTENTION.get(type(m).__name__)
+    if family is None:
+        return None, None
+    why = _transformers_refusal()
+    if why:
+        return None, why
+    if family.qkv == "mpt":
+        return "mpt_attention", "fused causal + ALiBi attention"
+    d = m.head_size if family.qkv == "neox" else m.head_dim
+    if d % 8 or d > 256:
+        return None, f"head size {d} is not a multiple of 8 up to 256 (the fused kernel's)"
+    what = ["causal GQA attention", "rotary on q and k in one call"]
+    window = forwards.window_of(m)
+    if window:
+        what.append(f"sliding window {window}")
+    if getattr(m, "attn_logit_softcapping", None):
+        what.append(f"softcap {m.attn_logit_softcapping:g}")
+    if hasattr(m, "q_norm"):
+        what.append("q/k norms")
+    return "attention", "fused " + ", ".join(what)
 
-        if not transformers.__version__.startswith(SUPPORTED_TRANSFORMERS):
-            return None, (f"transformers {transformers.__version__} is not one of the versions the swap supports "
-                          f"{SUPPORTED_TRANSFORMERS}")
-        return "mpt", "fused causal + ALiBi attention"
-    if name in ("LlamaAttention", "MistralAttention", "Qwen2Attention") and all(
-            hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")):
-        import transformers
 
-        if not transformers.__version__.startswith(SUPPORTED_TRANSFORMERS):
-            return None, (f"transformers {transformers.__version__} is not one of the versions the swap supports "
-                          f"{SUPPORTED_TRANSFORMERS}")
-        if getattr(m.config, "sliding_window", None) and getattr(m.config, "use_sliding_window", True):
-            return None, "sliding-window attention is not fused; its SDPA calls are routed with attn_implementation='sdpa'"
-        return "llama", "fused causal GQA attention (the model's rotary)"
-    if name == "GPTNeoXAttention" and all(hasattr(m, a) for a in ("query_key_value", "dense", "head_size",
-                                                                    "rotary_ndims", "scaling", "layer_idx")):
-        import transformers
+def _mlp_rule(m):
+    family = families.MLP.get(type(m).__name__)
+    if family is None:
+        return None, None
+    why = _transformers_refusal()
+    if why:
+        return None, why
+    if family.mlp is None:
+        return None, "not a gated MLP (no fused form)"
+    op, detail = forwards.mlp_activation(m)
+    if op is None:
+        return None, detail
+    return "mlp", f"{op}" + (f"(approximate={detail!r})" if op == "geglu" else "")
 
-        if not transformers.__version__.startswith(SUPPORTED_TRANSFORMERS):
-            return None, (f"transformers {transformers.__version__} is not one of the versions the swap supports "
-                          f"{SUPPORTED_TRANSFORMERS}")
-        if m.head_size % 8 or m.head_size > 256:
-            return None, f"head size {m.head_size} is not a multiple of 8 up to 256 (the fused kernel's)"
-        return "neox", "fused causal attention (the model's partial rotary)"
-    return None, None
+
+def _loss_rule(m):
+    family = families.CAUSAL_LM.get(type(m).__name__)
+    if family is None:
+        return None, None
+    why = _transformers_refusal()
+    if why:
+        return None, why
+    if not forwards.plain_linear(m.get_output_embeddings()) or forwards.decoder_of(m) is None:
+        return None, "its output projection is not an nn.Linear after a decoder"
+    return "loss", ("with labels: linear_cross_entropy on the last hidden states (the logits are not "
+                    "computed and the output's logits is None)")
+
+
+_FORWARDS = {"attention": forwards.attention_forward, "mpt_attention": forwards.mpt_attention_forward,
+             "mlp": forwards.mlp_forward, "loss": forwards.causal_lm_forward}
 
 
 def _route_sdpa(model):
@@ -225,6 +172,7 @@ def _route_sdpa(model):
         return
     original = model.forward
 
+    @functools.wraps(original)  # generate() reads the forward's signature
     def forward(*args, **kwargs):
         saved = F.scaled_dot_product_attention
         F.scaled_dot_product_attention = scaled_dot_product_attention
@@ -256,15 +204,29 @@ def _outputs(model, sample, names):
     return out.detach().float(), got
 
 
-def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = True, sdpa=None, int8=False,
-          calibration=None, verify=False) -> PatchReport:
+def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = True, mlp: bool = True,
+          loss: bool = True, linear: bool = True, sdpa=None, int8=False, calibration=None,
+          verify=False) -> PatchReport:
     """Swap mptkernels into ``model`` itself (this instance; no class is changed globally).
 
-    layer_norm: swap torch.nn.LayerNorm / RMSNorm (and llm-foundry's LPLayerNorm, HF's
-    Llama/Mistral/Qwen2/Gemma RMSNorm, with the cast mode that reproduces each) for
-    mptkernels.nn.LayerNorm / RMSNorm sharing the same parameters (state_dict unchanged).
-    attention: route transformers' MPT attention modules through the fused causal + ALiBi
-    kernel (their forward, bound per instance; padding masks keep the original path).
+    The transformers families (mptkernels/hf/families.py: Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+    Gemma 3 text, Phi-3, GPT-NeoX, MPT; transformers 4.57 and 5.x) get their modules' forwards
+    bound per instance (mptkernels/hf/forwards.py); each falls back to the original forward for
+    a call it does not cover (padding masks, attention dropout in training, ...).
+
+    layer_norm: swap torch.nn.LayerNorm / RMSNorm (and llm-foundry's LPLayerNorm, the families'
+    RMSNorms, with the cast mode that reproduces each) for mptkernels.nn.LayerNorm / RMSNorm
+    sharing the same parameters (state_dict unchanged).
+    attention: the families' attention: rotary on q and k in one call (ops.apply_rotary on the
+    model's own angles), then ops.attention (causal, GQA, the layer's sliding window and softcap;
+    MPT: ALiBi).
+    mlp: the gated MLPs' act(gate) * up in one pass (ops.swiglu / ops.geglu).
+    linear: torch.nn.Linear layers become mptkernels.nn.Linear (ops.linear: the C++ GEMM on the
+    CPU, the fastest measured on a GPU) sharing the parameters; not with ``int8``, which
+    quantises them instead.
+    loss: the causal LMs' forward, when given labels, computes the loss with
+    ops.linear_cross_entropy from the last hidden states: the logits are never materialised
+    and the output's ``logits`` is None (as Liger-Kernel does). Without labels it is unchanged.
     sdpa: route ``F.scaled_dot_product_attention`` calls made inside ``model.forward`` to
     ``ops.scaled_dot_product_attention`` (which hands what it does not cover back to PyTorch);
     default (None): when ``attention`` and the model is an HF model running
@@ -273,19 +235,26 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = 
     means "w8a8") applied to the model's nn.Linear layers; "auto" needs ``calibration``.
     verify: False, True (a random token batch of the model's ``config.vocab_size``), or a sample
     input: the model runs on it before and after, and the report gives the largest error of
-    every swapped module's output and of the model's output — a swap that silently did
-    nothing or changed the maths shows at once.
+    every swapped module's output and of the model's output (and, with the loss swapped, of
+    the loss on the sample as its own labels) — a swap that silently did nothing or changed
+    the maths shows at once.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
     plan = []  # (name, module, kind, detail)
+    rules = [r for on, r in ((attention, _attention_rule), (mlp, _mlp_rule), (loss, _loss_rule)) if on]
+    linear = linear and not int8
     for name, module in model.named_modules():
         if layer_norm and _swap_rule(module) is not None:
             plan.append((name, module, "norm", None))
-        if attention:
-            kind, detail = _attention_rule(module)
-            if kind is not None:
+        if linear and type(module) is torch.nn.Linear and name:
+            plan.append((name, module, "linear", None))
+        for rule in rules:
+            kind, detail = rule(module)
+            if kind is not None and "_mptk_original_forward" in module.__dict__:
+                report.not_swapped.append((name, type(module).__name__, "already patched"))
+            elif kind is not None:
                 plan.append((name, module, kind, detail))
             elif detail is not None:
                 report.not_swapped.append((name, type(module).__name__, detail))
@@ -295,21 +264,27 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = 
     if verify is not False:
         sample = verify if isinstance(verify, torch.Tensor) else _sample_input(model)
         linears = [n for n, m in model.named_modules() if int8 and type(m) is torch.nn.Linear and n]
-        names = [n for n, *_ in plan if n] + linears
+        names = [n for n, _, kind, _ in plan if n and kind != "loss"] + linears
         before_out, before = _outputs(model, sample, names)
+        loss_kind = any(kind == "loss" for _, _, kind, _ in plan)
+        before_loss = _loss(model, sample) if loss_kind else None
     for name, module, kind, detail in plan:
-        if kind == "norm":
-            make, cast = _swap_rule(module)
-            new = make()
+        if kind in ("norm", "linear"):
+            if kind == "norm":
+                make, detail = _swap_rule(module)
+                new = make()
+            else:
+                new, detail = _linear_from(module), "ops.linear"
             new.train(module.training)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
-            report.swapped.append((name, type(module).__name__, type(new).__name__, cast))
+            report.swapped.append((name, type(module).__name__, type(new).__name__, detail))
         else:
-            module._mptk_original_forward = module.forward
-            fused = {"mpt": _mpt_attention_forward, "llama": _llama_attention_forward,
-                     "neox": _neox_attention_forward}[kind]
-            module.forward = types.MethodType(fused, module)
+            table = families.CAUSAL_LM if kind == "loss" else families.MLP if kind == "mlp" else families.ATTENTION
+            module._mptk_family = table[type(module).__name__]
+            if kind == "mlp":
+                module._mptk_activation = forwards.mlp_activation(module)
+            forwards.bind_forward(module, _FORWARDS[kind])
             report.swapped.append((name, type(module).__name__, "fused forward", detail))
     if sdpa is None:
         sdpa = attention and getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
@@ -322,9 +297,24 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = 
         report.int8 = quantize_(model, "w8a8" if int8 is True else int8, calibration=calibration)
     if sample is not None:
         after_out, after = _outputs(model, sample, names)
-        report.errors = {n: (after[n] - before[n]).abs().max().item() for n in names if n in after and n in before}
+        report.errors = {n: _max_error(after[n], before[n]) for n in names if n in after and n in before}
         report.output_error = (after_out - before_out).abs().max().item()
+        if before_loss is not None:
+            report.loss_error = abs(_loss(model, sample) - before_loss)
     return report
+
+
+def _max_error(after, before) -> float:
+    # a q/k norm the fused attention calls on (batch, seqlen, heads, d) where transformers' forward
+    # called it on (batch, heads, seqlen, d) (Gemma 3): the same rows in the other layout
+    if after.shape != before.shape and after.dim() == 4 and after.transpose(1, 2).shape == before.shape:
+        after = after.transpose(1, 2)
+    return (after - before).abs().max().item()
+
+
+def _loss(model, sample) -> float:
+    with torch.no_grad():
+        return model(sample, labels=sample).loss.item()
 
 
 def _sample_input(model):

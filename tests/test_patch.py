@@ -109,7 +109,7 @@ def test_patch_swaps_every_norm_and_keeps_outputs(dtype):
     with torch.no_grad():
         want = model(x)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    report = mptkernels.patch(model)
+    report = mptkernels.patch(model, linear=False)
     assert len(report) == 10 and "LlamaRMSNorm -> RMSNorm (cast='llama')" in str(report)
     casts = {name.split(".")[-1]: cast for name, _, _, cast in report.swapped}
     assert casts == {"ln": "torch", "rms": "torch", "llama": "llama", "gemma": "gemma", "lp": "mpt"}
@@ -123,6 +123,30 @@ def test_patch_swaps_every_norm_and_keeps_outputs(dtype):
     loss = model(x).float().pow(2).mean()
     loss.backward()
     assert model[0].lp.weight.grad is not None and torch.isfinite(model[0].lp.weight.grad).all()
+
+
+def test_patch_swaps_linears_sharing_their_parameters():
+    """nn.Linear -> mptkernels.nn.Linear (ops.linear): same parameters (a tied weight stays tied),
+    same outputs and gradients; a subclass of nn.Linear is left alone; int8 takes the linears."""
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    emb = torch.nn.Embedding(50, 16)
+    model = torch.nn.Sequential(emb, torch.nn.Linear(16, 24), MyLinear(24, 16, bias=False), torch.nn.Linear(16, 50))
+    model[3].weight = emb.weight  # tied, as a language model's head
+    ids = torch.randint(0, 50, (3, 7))
+    want = model(ids)
+    want.square().mean().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    report = mptkernels.patch(model, verify=ids)
+    assert [(n, new) for n, _, new, _ in report.swapped] == [("1", "Linear"), ("3", "Linear")], str(report)
+    assert type(model[1]) is mnn.Linear and type(model[2]) is MyLinear and model[3].weight is emb.weight
+    assert report.errors["1"] < 1e-5 and "ops.linear" in str(report)
+    got = model(ids)
+    got.square().mean().backward()
+    assert rel_err(got, want) <= 1e-5
+    assert all(rel_err(p.grad, g) <= 1e-5 for p, g in zip(model.parameters(), want_grads))
 
 
 def test_patch_shares_parameters_and_leaves_subclasses():
@@ -175,7 +199,7 @@ def test_patch_verify_catches_a_changed_model_and_reports_refusals(monkeypatch):
     # the module patch() will import now (building a model can replace sys.modules' entry for
     # transformers' lazy module, so one imported before it may not be the one patch() sees)
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "9.0.0")
-    report = mptkernels.patch(hf, layer_norm=False)
+    report = mptkernels.patch(hf, layer_norm=False, linear=False)
     assert not report.swapped and "is not one of the versions" in report.not_swapped[0][2]
     monkeypatch.undo()
     hf = _hf_mpt()
@@ -219,67 +243,3 @@ def test_patch_routes_sdpa_of_hf_llama():
         attn_mod.attention = original_attention
     assert calls, "the fused kernel must serve the model's SDPA calls"
     assert (got - want).abs().max() < 1e-4 and torch.nn.functional.scaled_dot_product_attention is real
-
-
-def _hf_outputs(model):
-    """A batch of 2 x 20 token ids, its left-padding mask (row 1 pads 6 tokens), and the
-    model's outputs before a patch: logits without and with the mask, greedy tokens."""
-    ids = torch.randint(0, 300, (2, 20))
-    mask = torch.ones(2, 20, dtype=torch.long)
-    mask[1, :6] = 0  # left padding: the original path
-    with torch.no_grad():
-        want, padded_want = model(ids).logits, model(ids, attention_mask=mask).logits
-    gen_want = model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
-    return ids, mask, want, padded_want, gen_want
-
-
-def _assert_outputs_kept(model, ids, mask, want, padded_want, gen_want):
-    with torch.no_grad():
-        assert (model(ids).logits - want).abs().max() < 1e-4
-        assert (model(ids, attention_mask=mask).logits - padded_want).abs().max() < 1e-4
-    assert torch.equal(model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0), gen_want)
-
-
-def test_patch_hf_llama_attention_gqa_rotary_with_cache_and_padding():
-    import transformers  # a test dependency: scripts/test.sh installs 4.57.1
-    import sys
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                   num_hidden_layers=2, vocab_size=300, attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    before = _hf_outputs(model)
-    ids, want = before[0], before[2]
-    report = mptkernels.patch(model, verify=True)
-    assert [d for _, old, _, d in report.swapped if old == "LlamaAttention"] == ["fused causal GQA attention (the model's rotary)"] * 2
-    attn_mod = sys.modules["mptkernels.ops.attention"]
-    calls, original = [], attn_mod.attention
-
-    def counting(*a, **k):
-        calls.append(1)
-        return original(*a, **k)
-
-    import mptkernels.patch as patch_mod  # the fused forward imports ops.attention at call time
-    ops_pkg = sys.modules["mptkernels.ops"]
-    ops_pkg.attention = counting
-    try:
-        with torch.no_grad():
-            got = model(ids).logits
-    finally:
-        ops_pkg.attention = original
-    assert len(calls) == 2 and patch_mod is not None
-    assert (got - want).abs().max() < 1e-4
-    _assert_outputs_kept(model, *before)
-
-
-def test_patch_hf_gpt_neox_attention_partial_rotary():
-    import transformers  # a test dependency: scripts/test.sh installs 4.57.1
-    torch.manual_seed(0)
-    cfg = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-                                     vocab_size=300, rotary_pct=0.5, attn_implementation="eager")
-    model = transformers.GPTNeoXForCausalLM(cfg).eval()
-    before = _hf_outputs(model)
-    report = mptkernels.patch(model, verify=True)
-    assert sum(old == "GPTNeoXAttention" for _, old, _, _ in report.swapped) == 2
-    assert all(report.errors[n] < 1e-4 for n, old, _, _ in report.swapped if old == "GPTNeoXAttention")
-    _assert_outputs_kept(model, *before)
