@@ -26,7 +26,7 @@ CPU_BEST = _loader.cpu_isa_supported()
 # the test files of the C++ CPU kernels (the Triton tests there run under the interpreter and
 # call none of them: left out)
 KERNEL_TESTS = ["tests/test_layer_norm.py", "tests/test_rotary.py", "tests/test_attention.py", "tests/test_gemm.py",
-                "tests/test_glu.py"]
+                "tests/test_glu.py", "tests/test_cross_entropy.py"]
 QEMU = shutil.which("qemu-x86_64")
 X86 = "avx2" in LEVELS
 

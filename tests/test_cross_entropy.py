@@ -156,6 +156,34 @@ def test_unit_gradient_returns_the_forward_gradients_uncopied(small_chunks, monk
         assert len(calls) == (0 if factor == 1.0 else 1)
 
 
+def test_forward_gradients_become_grad_uncopied_and_retain_graph_recomputes(small_chunks):
+    """Eager loss.backward(): weight.grad is the forward's dW itself (no second V x H buffer); a
+    second backward through the retained graph computes the gradients again, still right."""
+    x, w, t, b = _inputs((40,), 17, 33, torch.float32, bias=True, ignore_every=3)
+    seen = []
+    real = torch.ops.mptkernels.linear_cross_entropy_fwd.default
+
+    class Spy(torch.overrides.TorchFunctionMode):  # the forward op's dW, by its storage
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is real:
+                seen.append(out[2].untyped_storage().data_ptr())
+            return out
+
+    with mptkernels.backend("cpu"):
+        with Spy():
+            loss = ops.linear_cross_entropy(x, w, t, bias=b)
+        loss.backward(retain_graph=True)
+    assert seen and w.grad.untyped_storage().data_ptr() == seen[0]
+    first = [a.grad.clone() for a in (x, w, b)]
+    for a in (x, w, b):
+        a.grad = None
+    with mptkernels.backend("cpu"):
+        loss.backward()
+    for a, f in zip((x, w, b), first):
+        assert rel_err(a.grad, f) <= 1e-6
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_every_row_ignored_matches_f_cross_entropy(reduction):
     """mean over no rows: NaN, as F.cross_entropy (0 / 0); sum: 0; gradients: zeros."""

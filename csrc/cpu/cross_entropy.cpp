@@ -26,6 +26,8 @@
 #include <ATen/ops/zeros.h>
 
 #include <array>
+#include <cstdarg>
+#include <cstdio>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -43,10 +45,24 @@ namespace {
 
 enum class Reduction { kNone, kMean, kSum };
 
+// An error, formatted with snprintf: TORCH_CHECK's message templates (c10::str of the argument
+// types) would be instantiated in this level's object, shared (weak) code the linker may take
+// from an AVX level (tests/test_cpu_isa.py checks that no shared function has AVX code)
+[[noreturn]] __attribute__((format(printf, 1, 2))) void fail(const char* fmt, ...) {
+  char msg[512];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(msg, sizeof msg, fmt, args);
+  va_end(args);
+  c10::detail::torchCheckFail(__func__, __FILE__, static_cast<uint32_t>(__LINE__), static_cast<const char*>(msg));
+}
+
 Reduction parse_reduction(std::string_view r) {
   if (r == "mean") return Reduction::kMean;
   if (r == "sum") return Reduction::kSum;
-  TORCH_CHECK(r == "none", "linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got '", r, "'");
+  if (r != "none")
+    fail("linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got '%.*s'", static_cast<int>(r.size()),
+         r.data());
   return Reduction::kNone;
 }
 
@@ -153,7 +169,8 @@ struct RowPass {
     const A eps = static_cast<A>(o.label_smoothing), zl = static_cast<A>(o.z_loss);
     A s_t = static_cast<A>(z[t]) + (bias ? static_cast<A>(bias[t]) : A(0)), ds_t = 1;
     if (has_cap) cap(s_t, c, inv_c, s_t, ds_t);
-    const A loss = lse - (A(1) - eps) * s_t - eps / static_cast<A>(Vn) * sum_s + zl * lse * lse;
+    // as differences from lse (each exact where it should be 0, e.g. V = 1)
+    const A loss = (A(1) - eps) * (lse - s_t) + eps * (lse - sum_s / static_cast<A>(Vn)) + zl * lse * lse;
     if (grad) {
       // ds_j = p_j - eps / V - (1 - eps) [j = t] + 2 z_loss lse p_j (the z-loss term last: with
       // p_t near 1, p_t - 1 first keeps its few bits exact); dz_j = ds_j * ds/dz
@@ -208,7 +225,7 @@ inline void own_mm_f32(const at::Tensor& a, const at::Tensor& b, bool b_nk, at::
   sgemm<F32Dot>(a.const_data_ptr<float>(), b.const_data_ptr<float>(), b_nk, c.mutable_data_ptr<float>(), c.size(0),
                 c.size(1), a.size(1));
 #else
-  TORCH_CHECK(false, "linear_cross_entropy: the panel GEMM is AVX-512 only");
+  fail("linear_cross_entropy: the panel GEMM is AVX-512 only");
 #endif
 }
 
@@ -262,8 +279,10 @@ void chunk_loop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& targ
       }
     });
     const int64_t b = bad.load();
-    TORCH_CHECK(b < 0, "linear_cross_entropy: target[", b, "] = ", tgt[b], " is out of range: expected 0 <= target < ",
-                Vn, " or ignore_index (", o.ignore_index, ")");
+    if (b >= 0)
+      fail("linear_cross_entropy: target[%lld] = %lld is out of range: expected 0 <= target < %lld or ignore_index "
+           "(%lld)", static_cast<long long>(b), static_cast<long long>(tgt[b]), static_cast<long long>(Vn),
+           static_cast<long long>(o.ignore_index));
     if (!need_dlogits) continue;
     if (dx.defined()) {
       at::Tensor dxc = dx.narrow(0, r0, rows);
@@ -301,7 +320,7 @@ Tensors4 linear_cross_entropy_fwd_cpu(const Tensor& x, const Tensor& weight, con
                                       double label_smoothing, double logit_softcap, double z_loss,
                                       std::array<bool, 3> output_mask, int64_t chunk_rows) {
   const Reduction red = parse_reduction(reduction);
-  TORCH_CHECK(chunk_rows > 0, "linear_cross_entropy: chunk_rows must be positive, got ", chunk_rows);
+  if (chunk_rows <= 0) fail("linear_cross_entropy: chunk_rows must be positive, got %lld", static_cast<long long>(chunk_rows));
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), tc = target.contiguous();
   const OptTensor bc = bias ? OptTensor(bias->contiguous()) : std::nullopt;
   const int64_t N = xc.size(0);
@@ -351,7 +370,7 @@ Tensors3 linear_cross_entropy_bwd_cpu(const Tensor& grad_loss, const Tensor& x, 
   for (int i = 0; i < 3; ++i)
     if (want[i] && !rerun[i]) out[i] = at::mul(*saved[i], grad_loss);
   if (rerun[0] || rerun[1] || rerun[2]) {
-    TORCH_CHECK(chunk_rows > 0, "linear_cross_entropy: chunk_rows must be positive, got ", chunk_rows);
+    if (chunk_rows <= 0) fail("linear_cross_entropy: chunk_rows must be positive, got %lld", static_cast<long long>(chunk_rows));
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), tc = target.contiguous();
     const OptTensor bc = bias ? OptTensor(bias->contiguous()) : std::nullopt;
     const auto acc = acc_scalar(x);

@@ -201,33 +201,52 @@ for _schema in (
 
 
 # ---- autograd: the forward's gradients, scaled; or ("none") the chunks again
+def _eager(t) -> bool:
+    """A plain tensor outside any tracing (torch.compile, make_fx, fake or functional tensors)."""
+    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor and t.device.type in ("cpu", "cuda")
+            and not torch._C._is_torch_function_mode_enabled() and not torch._C._len_torch_dispatch_stack())
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, target, bias, *options = inputs  # ignore_index ... z_loss, output_mask, chunk_rows
     _loss, dx, dw, db = output
     ctx.mark_non_differentiable(dx, dw, db)
-    ctx.save_for_backward(x, weight, target, bias, dx, dw, db)
     ctx.options = options
     ctx.forced = _dispatch.forced_settings()
+    if _eager(dx):
+        # eager: the forward's gradients held by ctx itself, not saved, so the backward can drop
+        # ctx's reference before autograd stores them as .grad (a saved tensor would still be
+        # referenced there, and AccumulateGrad would then copy dW: +1 GB at an LM's vocabulary)
+        ctx.grads = [dx, dw, db]
+        ctx.save_for_backward(x, weight, target, bias)
+    else:
+        ctx.grads = None
+        ctx.save_for_backward(x, weight, target, bias, dx, dw, db)
 
 
 def _is_one(g) -> bool:
     """Whether the incoming gradient is a plain tensor equal to 1, in eager mode (a host read)."""
-    return (not torch.compiler.is_compiling() and type(g) is torch.Tensor and not g.requires_grad
-            and g.device.type in ("cpu", "cuda") and _dispatch._plain((g,)) and g.item() == 1.0)
+    return _eager(g) and not g.requires_grad and g.item() == 1.0
 
 
 def _backward(ctx, dloss, _ddx, _ddw, _ddb):
-    x, weight, target, bias, dx, dw, db = ctx.saved_tensors
+    x, weight, target, bias, *saved = ctx.saved_tensors
+    if ctx.grads is not None:
+        saved, ctx.grads = ctx.grads, None  # this backward owns them now
+    elif not saved:  # eager, and an earlier backward (retain_graph) took them: the op computes them again
+        saved = [x.new_empty((0,))] * 3
+    dx, dw, db = saved
     ignore_index, reduction, ls, softcap, zl, fwd_mask, chunk = ctx.options
     need = ctx.needs_input_grad
     mask = [need[0], need[1], bias is not None and need[3]]
-    computed = all(not m or f for m, f in zip(mask, fwd_mask))
+    computed = all(not m or g.shape == like.shape for m, g, like in zip(mask, (dx, dw, db), (x, weight, bias)))
     if reduction != "none" and computed and _is_one(dloss):  # loss.backward(): the forward's, not copied
         gx, gw, gb = dx, dw, db
     else:
         with _dispatch.restored(ctx.forced):
             gx, gw, gb = _ops.linear_cross_entropy_bwd.default(dloss.contiguous(), x, weight, target, bias, dx, dw, db,
                                                                ignore_index, reduction, ls, softcap, zl, mask, chunk)
+    del saved, dx, dw, db
     return (gx if mask[0] else None, gw if mask[1] else None, None, gb if mask[2] else None) + (None,) * len(ctx.options)
 
 

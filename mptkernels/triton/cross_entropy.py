@@ -83,7 +83,7 @@ def _ce_rows_kernel(
     s_t = tl.load(z_ptr + t).to(tl.float32)
     if SOFTCAP:
         s_t, _ = _cap(s_t, softcap)
-    loss = lse - (1.0 - eps) * s_t - eps / V * sum_s + z_loss * lse * lse
+    loss = (1.0 - eps) * (lse - s_t) + eps * (lse - sum_s / V) + z_loss * lse * lse  # exact 0s stay 0 (V = 1)
     tl.store(LOSS + row, loss)
     if GRAD:
         # ds_j = p_j - eps / V - (1 - eps) [j = t] + 2 z_loss lse p_j; dz_j = ds_j (1 - tanh(z_j / c)^2)
