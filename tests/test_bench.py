@@ -239,3 +239,19 @@ def test_cuda_event_timer_adds_gpu_time_between_calls(monkeypatch):
     clock["gpu_ms"] += 0.25
     t2 = timer()
     assert (t1 - t0, t2 - t1) == (pytest.approx(2.5e-3), pytest.approx(0.25e-3))
+
+
+def test_hf_patch_benchmark_quick_runs_both_sides(tmp_path):
+    """benchmarks/hf_patch.py (issue 19's model-level goals): one process per side, the decode
+    tokens compared, each goal printed; a bad argument is a one-line error."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "hf_patch.py")
+    proc = subprocess.run([sys.executable, script, "decode", "--quick", "--reps", "1"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "same tokens: True" in proc.stdout and "goal tokens/s >= 3x:" in proc.stdout, proc.stdout
+    assert "transformers" in proc.stdout and "patched" in proc.stdout
+    bad = subprocess.run([sys.executable, script, "train", "--reps", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--reps and --steps must be >= 1, got 0 and 3" in bad.stderr
