@@ -3,6 +3,7 @@ float64 reference and against F.cross_entropy on the materialised logits (an ora
 ours), many chunks (a small forced chunk), ignored rows, label smoothing, z-loss, softcap, bias,
 the three reductions; gradients of x, weight and bias; bf16 against the fp32 reference; opcheck
 of both custom ops; torch.compile(fullgraph=True) forward + backward; bad input."""
+import os
 import types
 
 import pytest
@@ -182,6 +183,24 @@ def test_forward_gradients_become_grad_uncopied_and_retain_graph_recomputes(smal
         loss.backward()
     for a, f in zip((x, w, b), first):
         assert rel_err(a.grad, f) <= 1e-6
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM reset")
+def test_backward_of_mean_allocates_no_second_weight_gradient():
+    """loss.backward() after the forward adds no memory at its peak: no copy of dW, and no zero
+    tensors for the non-differentiable outputs (each would be a V x H buffer, 20 MB here)."""
+    from mptkernels.bench.cross_entropy import _status_kb
+
+    x, w, t, _ = _inputs((256,), 256, 20000, torch.float32)
+    with mptkernels.backend("cpu"):
+        ops.linear_cross_entropy(x[:8], w, t[:8]).backward()  # warm-up
+        loss = ops.linear_cross_entropy(x, w, t)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        before = _status_kb("VmRSS")
+        loss.backward()
+    grown_mb = (_status_kb("VmHWM") - before) / 1024
+    assert grown_mb < 0.25 * w.numel() * 4 / 2 ** 20, grown_mb
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -211,6 +211,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, target, bias, *options = inputs  # ignore_index ... z_loss, output_mask, chunk_rows
     _loss, dx, dw, db = output
     ctx.mark_non_differentiable(dx, dw, db)
+    ctx.set_materialize_grads(False)  # else autograd hands the backward zeros shaped like dx, dW, db: +1 dW
     ctx.options = options
     ctx.forced = _dispatch.forced_settings()
     if _eager(dx):
