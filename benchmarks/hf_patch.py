@@ -122,7 +122,7 @@ def main(argv=None):
         extra = f", {s['tokens_per_s']:.1f} tokens/s" if args.what == "decode" else ""
         print(f"  {side:12s} {s['ms_median']:9.0f} ms [{s['ms_min']:.0f}-{s['ms_max']:.0f}]  peak RSS "
               f"{s['rss_mb_median']:7.0f} MB{extra}")
-    print(f"  patched: {speedup:.2f}x faster, peak RSS {memory * 100:+.0f}% lower" if memory >= 0 else
+    print(f"  patched: {speedup:.2f}x faster, peak RSS {memory * 100:.0f}% lower" if memory >= 0 else
           f"  patched: {speedup:.2f}x faster, peak RSS {-memory * 100:.0f}% higher")
     same = None
     if args.what == "decode":

@@ -27,21 +27,12 @@ def transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-def _bind(module, args, kwargs) -> dict:
-    """The call's arguments by name (the original's **kwargs merged in, they name HF's extras)."""
-    sig = module._mptk_signature
-    bound = sig.bind(*args, **kwargs).arguments
-    extra = bound.pop(module._mptk_var_kw, None) if module._mptk_var_kw else None
-    if extra:
-        bound = {**bound, **extra}
-    return bound
-
-
-def _extras(module, args, kwargs) -> dict:
-    """The original's **kwargs part of a call (5.x passes them on to the cache)."""
-    if not module._mptk_var_kw:
-        return {}
-    return module._mptk_signature.bind(*args, **kwargs).arguments.get(module._mptk_var_kw, {})
+def _bind(module, args, kwargs) -> tuple[dict, dict]:
+    """(every argument of the call by name, the original's **kwargs part: HF's extras, which 5.x
+    hands on to the cache), bound by the original's signature."""
+    bound = module._mptk_signature.bind(*args, **kwargs).arguments
+    extras = bound.pop(module._mptk_var_kw, None) or {} if module._mptk_var_kw else {}
+    return ({**bound, **extras} if extras else bound), extras
 
 
 def bind_forward(module, fused):
@@ -136,13 +127,13 @@ def attention_forward(self, *args, **kwargs):
     from ..ops import apply_rotary, attention
 
     family = self._mptk_family
-    a = _bind(self, args, kwargs)
+    a, extras = _bind(self, args, kwargs)
     x, mask, pe = a["hidden_states"], a.get("attention_mask"), a.get("position_embeddings")
-    cache = next((a[n] for n in ("past_key_values", "cache", "layer_past") if a.get(n) is not None), None)
     window = window_of(self)
     table = _rotary_table(*pe) if pe is not None else None
-    if (table is None or not getattr(self, "is_causal", True) or a.get("output_attentions") or a.get("head_mask") is not None
-            or (self.training and getattr(self, "attention_dropout", 0) > 0) or not is_causal_mask(mask, x.shape[1], window)):
+    dropout = self.training and getattr(self, "attention_dropout", 0) > 0
+    if (table is None or dropout or not getattr(self, "is_causal", True) or a.get("output_attentions")
+            or a.get("head_mask") is not None or not is_causal_mask(mask, x.shape[1], window)):
         return self._mptk_original_forward(*args, **kwargs)
     q, k, v = _project(self, x, family)
     if hasattr(self, "q_norm"):  # Qwen3, Gemma 3: RMSNorm over each head before the rotary
@@ -150,9 +141,7 @@ def attention_forward(self, *args, **kwargs):
     hq = q.shape[2]
     qk = apply_rotary(torch.cat((q, k), dim=2), *table)  # one call for q and k
     q, k = qk[:, :, :hq], qk[:, :, hq:]
-    if cache is not None:  # HF's caches hold (batch, heads, seqlen, head_dim)
-        k, v = _cache_update(self, cache, k.transpose(1, 2), v.transpose(1, 2), pe, a, _extras(self, args, kwargs))
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    k, v = _cached(self, k, v, a, extras)
     out = attention(q, k, v, causal=True, softmax_scale=self.scaling,
                     window_size=(window - 1, 0) if window else (-1, -1),  # HF keeps i - window < j <= i
                     softcap=getattr(self, "attn_logit_softcapping", None) or 0.0)
@@ -160,14 +149,23 @@ def attention_forward(self, *args, **kwargs):
     return out, None
 
 
-def _cache_update(module, cache, k, v, pe, a, extras):
+def _cached(module, k, v, a, extras):
+    """k, v (b, s, hk, d) of this call appended to the model's cache (HF's caches hold (batch,
+    heads, seqlen, head_dim)): the keys and values to attend to, (b, sk, hk, d) views."""
+    cache = next((a[n] for n in ("past_key_values", "cache", "layer_past") if a.get(n) is not None), None)
+    if cache is None:
+        return k, v
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
     if transformers_major() >= 5:  # 5.x: the layer reads what it needs from the forward's kwargs
-        return cache.update(k, v, module.layer_idx, kwargs=extras)
-    cos, sin = pe
-    cache_kwargs = {"sin": sin, "cos": cos, "cache_position": a.get("cache_position")}
-    if module._mptk_family.qkv == "neox":
-        cache_kwargs["partial_rotation_size"] = module.rotary_ndims
-    return cache.update(k, v, module.layer_idx, cache_kwargs)
+        k, v = cache.update(k, v, module.layer_idx, kwargs=extras)
+    else:
+        cache_kwargs = {"cache_position": a.get("cache_position")}
+        if a.get("position_embeddings") is not None:
+            cache_kwargs["cos"], cache_kwargs["sin"] = a["position_embeddings"]
+        if module._mptk_family.qkv == "neox":
+            cache_kwargs["partial_rotation_size"] = module.rotary_ndims
+        k, v = cache.update(k, v, module.layer_idx, cache_kwargs)
+    return k.transpose(1, 2), v.transpose(1, 2)
 
 
 def mpt_attention_forward(self, *args, **kwargs):
@@ -176,9 +174,8 @@ def mpt_attention_forward(self, *args, **kwargs):
     softmax ignores). A mask that is not the plain causal one (padding) runs the original."""
     from ..ops import alibi_slopes, attention
 
-    a = _bind(self, args, kwargs)
+    a, extras = _bind(self, args, kwargs)
     x, mask = a["hidden_states"], a.get("attention_mask")
-    cache = next((a[n] for n in ("past_key_values", "cache", "layer_past") if a.get(n) is not None), None)
     b, s, _ = x.shape
     # MPT's mask is True where masked
     if mask is not None and not is_causal_mask(~mask if mask.dtype == torch.bool else mask, s, None):
@@ -187,13 +184,7 @@ def mpt_attention_forward(self, *args, **kwargs):
     if self.clip_qkv:
         qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     q, k, v = (t.reshape(b, s, self.n_heads, self.head_dim) for t in qkv.chunk(3, dim=2))
-    if cache is not None:
-        if transformers_major() >= 5:
-            k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=_extras(self, args, kwargs))
-        else:
-            k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx,
-                                {"cache_position": a.get("cache_position")})
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    k, v = _cached(self, k, v, a, extras)
     slopes = alibi_slopes(self.n_heads).to(x.device)
     out = attention(q, k, v, causal=True, alibi_slopes=slopes, softmax_scale=self.softmax_scale)
     return self.out_proj(out.reshape(b, s, self.hidden_size)), None
@@ -253,7 +244,7 @@ def causal_lm_forward(self, *args, **kwargs):
     nn.Linear, e.g. quantised) the original runs."""
     from ..ops import linear_cross_entropy
 
-    a = _bind(self, args, kwargs)
+    a, _ = _bind(self, args, kwargs)
     labels = a.get("labels")
     head = self.get_output_embeddings()
     # an output projection swapped since (patch's int8=..., quantize_) is not a plain weight to read
