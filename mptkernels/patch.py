@@ -108,14 +108,18 @@ def _transformers_refusal():
             f"{SUPPORTED_TRANSFORMERS}")
 
 
-def _attention_rule(m):
-    """(kind, detail) for an attention module to swap, (None, why not) for one we know, (None, None)."""
-    family = families.ATTENTION.get(type(m).__name__)
+def _family_rule(m, table, rule):
+    """(kind, detail) of rule(m, family) for a module of a known family (table: families.ATTENTION,
+    MLP or CAUSAL_LM), (None, why not) when the installed transformers is not one the forwards
+    support, (None, None) for a module of no family."""
+    family = table.get(type(m).__name__)
     if family is None:
         return None, None
     why = _transformers_refusal()
-    if why:
-        return None, why
+    return (None, why) if why else rule(m, family)
+
+
+def _attention_rule(m, family):
     if family.qkv == "mpt":
         return "mpt_attention", "fused causal + ALiBi attention"
     d = m.head_size if family.qkv == "neox" else m.head_dim
@@ -132,13 +136,7 @@ def _attention_rule(m):
     return "attention", "fused " + ", ".join(what)
 
 
-def _mlp_rule(m):
-    family = families.MLP.get(type(m).__name__)
-    if family is None:
-        return None, None
-    why = _transformers_refusal()
-    if why:
-        return None, why
+def _mlp_rule(m, family):
     if family.mlp is None:
         return None, "not a gated MLP (no fused form)"
     op, detail = forwards.mlp_activation(m)
@@ -147,13 +145,7 @@ def _mlp_rule(m):
     return "mlp", f"{op}" + (f"(approximate={detail!r})" if op == "geglu" else "")
 
 
-def _loss_rule(m):
-    family = families.CAUSAL_LM.get(type(m).__name__)
-    if family is None:
-        return None, None
-    why = _transformers_refusal()
-    if why:
-        return None, why
+def _loss_rule(m, family):
     if not forwards.plain_linear(m.get_output_embeddings()) or forwards.decoder_of(m) is None:
         return None, "its output projection is not an nn.Linear after a decoder"
     return "loss", ("with labels: linear_cross_entropy on the last hidden states (the logits are not "
@@ -243,15 +235,16 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = 
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
     plan = []  # (name, module, kind, detail)
-    rules = [r for on, r in ((attention, _attention_rule), (mlp, _mlp_rule), (loss, _loss_rule)) if on]
+    rules = [(t, r) for on, t, r in ((attention, families.ATTENTION, _attention_rule), (mlp, families.MLP, _mlp_rule),
+                                     (loss, families.CAUSAL_LM, _loss_rule)) if on]
     linear = linear and not int8
     for name, module in model.named_modules():
         if layer_norm and _swap_rule(module) is not None:
             plan.append((name, module, "norm", None))
         if linear and type(module) is torch.nn.Linear and name:
             plan.append((name, module, "linear", None))
-        for rule in rules:
-            kind, detail = rule(module)
+        for table, rule in rules:
+            kind, detail = _family_rule(module, table, rule)
             if kind is not None and "_mptk_original_forward" in module.__dict__:
                 report.not_swapped.append((name, type(module).__name__, "already patched"))
             elif kind is not None:
