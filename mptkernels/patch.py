@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .hf import families, forwards
 from .hf.families import SUPPORTED_TRANSFORMERS
 from .nn import LayerNorm, Linear, RMSNorm
+from .nn.linear import is_plain_linear
 
 _CASTS = ("torch", "llama", "gemma", "mpt")  # the detail of a norm swap is its cast mode
 
@@ -146,7 +147,7 @@ def _mlp_rule(m, family):
 
 
 def _loss_rule(m, family):
-    if not forwards.plain_linear(m.get_output_embeddings()) or forwards.decoder_of(m) is None:
+    if not is_plain_linear(m.get_output_embeddings()) or forwards.decoder_of(m) is None:
         return None, "its output projection is not an nn.Linear after a decoder"
     return "loss", ("with labels: linear_cross_entropy on the last hidden states (the logits are not "
                     "computed and the output's logits is None)")

@@ -180,7 +180,7 @@ def test_goals_mode_prints_each_goal(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--only", "layernorm"], "--only: expected a comma-separated list of layer_norm, rotary, attention, gemm, "
-                              "cross_entropy, got 'layernorm'"),
+                              "glu, cross_entropy, got 'layernorm'"),
     (["--size", "huge"], "--size: invalid choice: 'huge'"),
     (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device: cuda was asked for")]))

@@ -110,3 +110,16 @@ def test_import_costs_at_most_half_a_second_more_than_torch():
     assert heavy == "[]", f"imported by `import mptkernels`: {heavy}"
     t_torch, t_ours = best("import torch"), best("import mptkernels")
     assert t_ours <= t_torch + 0.5, (t_torch, t_ours)
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages a wheel carries: every folder of mptkernels with an
+    __init__.py must be there (a missing one imports from the source tree, then not from a wheel)."""
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(d, root).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(root, "mptkernels"))
+             if "__init__.py" in files and "__pycache__" not in d}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"

@@ -17,6 +17,7 @@ import weakref
 
 import torch
 
+from ..nn.linear import is_plain_linear
 from .families import ACTIVATIONS
 
 
@@ -218,12 +219,6 @@ def mlp_forward(self, x):
 # ---------------------------------------------------------------------------------------
 # The causal LM's loss
 # ---------------------------------------------------------------------------------------
-def plain_linear(m) -> bool:
-    from ..nn import Linear
-
-    return type(m) is torch.nn.Linear or type(m) is Linear and m.activation is None
-
-
 def decoder_of(model):
     """The causal LM's decoder: at its base_model_prefix, else ``model`` (Gemma 3's text model
     declares "language_model" in 4.57 but keeps its decoder at ``model``)."""
@@ -249,7 +244,7 @@ def causal_lm_forward(self, *args, **kwargs):
     head = self.get_output_embeddings()
     # an output projection swapped since (patch's int8=..., quantize_) is not a plain weight to read
     if (labels is None or a.get("shift_labels") is not None or a.get("return_dict") is False
-            or not plain_linear(head)):
+            or not is_plain_linear(head)):
         return self._mptk_original_forward(*args, **kwargs)
     base = decoder_of(self)
     n_items = a.get("num_items_in_batch")

@@ -26,6 +26,12 @@ class Linear(torch.nn.Linear):
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
 
 
+def is_plain_linear(m) -> bool:
+    """Whether m computes exactly x @ m.weight.T + m.bias (torch's nn.Linear, or ours without an
+    activation), so a fused op may read its weight instead of calling it (linear_cross_entropy)."""
+    return type(m) is torch.nn.Linear or type(m) is Linear and m.activation is None
+
+
 class Int8Linear(torch.nn.Module):
     """A linear layer with an int8 weight quantised per output row (``quantize_rowwise``).
 

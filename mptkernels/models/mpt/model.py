@@ -91,8 +91,8 @@ class MPTBlock(torch.nn.Module):
 
 
 class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
-    """MPT on mptkernels ops. ``forward(input_ids, labels=None)`` -> logits (and the mean
-    next-token cross-entropy when labels are given); ``generate(...)`` decodes with a static
+    """MPT on mptkernels ops. ``forward(input_ids, labels=None)`` -> logits, or (None, the mean
+    next-token cross-entropy) when labels are given; ``generate(...)`` decodes with a static
     KV cache (``new_cache``); ``from_hf`` / ``save_pretrained`` read and write HF checkpoints.
     Parameters and state_dict keys are HF ``MptForCausalLM``'s (``transformer.*``,
     ``lm_head.weight`` tied to ``transformer.wte.weight``)."""
@@ -146,9 +146,11 @@ class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
         here) and attend to it. ``doc_ids`` (batch, seqlen) marks packed documents (a new
         document starts where the id changes, and at each row): attention then stays inside
         each document (``ops.attention_varlen``), ALiBi distances included; positions of learned
-        or rotary embeddings stay the row's. Returns logits (batch, seqlen, vocab) (and the mean
-        next-token cross-entropy with ``labels``, or its sum with ``loss_reduction="sum"``; a
-        target in another document is not counted)."""
+        or rotary embeddings stay the row's. Returns logits (batch, seqlen, vocab); with ``labels``,
+        (None, the mean next-token cross-entropy, or its sum with ``loss_reduction="sum"``; a
+        target in another document is not counted), computed by ops.linear_cross_entropy from the
+        last hidden states, so the logits are never materialised (a quantised lm_head: (logits,
+        loss) from the logits)."""
         cfg = self.config
         _check_input_ids(input_ids, cfg.vocab_size)
         b, s = input_ids.shape
@@ -177,17 +179,27 @@ class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
             layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache_seqlens)
             pending, resid = block(pending, resid, slopes, rope, layer_cache, varlen)
         h, _ = self.transformer.norm_f(pending, resid)
+        scale = None if cfg.logit_scale is None else \
+            1.0 / math.sqrt(cfg.d_model) if cfg.logit_scale == "inv_sqrt_d_model" else cfg.logit_scale
+        if labels is not None:
+            # shift the labels, not the logits: position t predicts token t + 1, the last predicts
+            # nothing (-100)
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            if doc_ids is not None:  # the first token of a document is not predicted from the last one
+                targets[:, :-1] = targets[:, :-1].masked_fill(doc_ids[:, 1:] != doc_ids[:, :-1], -100)
+            if mnn.linear.is_plain_linear(self.lm_head):
+                # the LM head and its loss fused: the (tokens, vocab) logits never exist and are
+                # not returned (as Liger-Kernel); the logit scale goes on h, before the GEMM
+                hs = h if scale is None else h * scale
+                loss = ops.linear_cross_entropy(hs.reshape(-1, hs.shape[-1]), self.lm_head.weight,
+                                                targets.reshape(-1), reduction=loss_reduction)
+                return None, loss
         logits = self.lm_head(h)  # tied to wte (an Int8Linear of its own after quantize_)
-        if cfg.logit_scale is not None:
-            logits = logits * (1.0 / math.sqrt(cfg.d_model) if cfg.logit_scale == "inv_sqrt_d_model" else cfg.logit_scale)
+        if scale is not None:
+            logits = logits * scale
         if labels is None:
             return logits
-        # shift the labels, not the logits: position t predicts token t + 1, the last predicts
-        # nothing (-100); the logits stay one contiguous (tokens, vocab) view, never copied
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        if doc_ids is not None:  # the first token of a document is not predicted from the last one
-            targets[:, :-1] = targets[:, :-1].masked_fill(doc_ids[:, 1:] != doc_ids[:, :-1], -100)
-        flat = logits.reshape(-1, logits.shape[-1])
+        flat = logits.reshape(-1, logits.shape[-1])  # a quantised head: the logits, then the loss
         loss = F.cross_entropy(flat if flat.dtype == torch.float32 else flat.float(), targets.reshape(-1),
                                ignore_index=-100, reduction=loss_reduction)
         return logits, loss
