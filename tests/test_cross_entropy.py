@@ -3,7 +3,6 @@ float64 reference and against F.cross_entropy on the materialised logits (an ora
 ours), many chunks (a small forced chunk), ignored rows, label smoothing, z-loss, softcap, bias,
 the three reductions; gradients of x, weight and bias; bf16 against the fp32 reference; opcheck
 of both custom ops; torch.compile(fullgraph=True) forward + backward; bad input."""
-import os
 import types
 
 import pytest
