@@ -73,12 +73,18 @@ DEFAULTS = {
         "steps": 100, "global_batch": 8, "micro_batch": 4, "lr": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 10,
         "weight_decay": 0.0, "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 0, "precision": "fp32",
         "activation_checkpointing": False, "compile": False, "peak_tflops": None,
+        # full: every parameter sharded over all processes; hybrid: sharded inside groups of
+        # shard_group_size processes (default: the processes of a node) and replicated across them
+        "sharding": "full", "shard_group_size": None,
         "device": "auto",  # auto: CUDA (one GPU per process) when available, else the CPU (gloo)
     },
     "checkpoint": {"dir": "runs/default", "every": 50, "keep": 2},
     "spike": {"factor": 3.0, "window": 20, "max_consecutive": 3},
     "log": {"every": 1, "tensorboard": False, "wandb_project": None},
-    "test_hooks": {"oom_at_step": None, "nan_at_step": None, "crash_at_step": None},
+    # crash_at_step: SIGKILL at the start of that step (crash_rank: only that rank; crash_attempts:
+    # only in torchrun's first N attempts); error_at_step: an uncaught RuntimeError there
+    "test_hooks": {"oom_at_step": None, "nan_at_step": None, "crash_at_step": None, "crash_rank": None,
+                   "crash_attempts": None, "error_at_step": None},
 }
 
 # The keys that may be null, with the type of their other values. Every other key takes the
@@ -86,8 +92,9 @@ DEFAULTS = {
 _NULLABLE = {
     "model.from_hf": str, "model.logit_scale": float, "model.attn_config.clip_qkv": float,
     "model.attn_config.softmax_scale": float, "model.attn_config.kv_n_heads": int, "data.path": str,
-    "train.grad_clip": float, "train.peak_tflops": float, "log.wandb_project": str,
+    "train.grad_clip": float, "train.peak_tflops": float, "train.shard_group_size": int, "log.wandb_project": str,
     "test_hooks.oom_at_step": int, "test_hooks.nan_at_step": int, "test_hooks.crash_at_step": int,
+    "test_hooks.crash_rank": int, "test_hooks.crash_attempts": int, "test_hooks.error_at_step": int,
 }
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -222,6 +229,9 @@ def _check_ranges(cfg):
     need("train.precision", t["precision"] in ("fp32", "bf16"), "fp32 or bf16")
     need("train.device", t["device"] in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
     need("train.peak_tflops", t["peak_tflops"] is None or t["peak_tflops"] > 0, "> 0 or null")
+    need("train.sharding", t["sharding"] in ("full", "hybrid"), "full or hybrid")
+    need("train.shard_group_size", t["shard_group_size"] is None or t["shard_group_size"] >= 1,
+         ">= 1 or null (null: the processes of a node)")
     need("data.path", d["path"] is not None, "a directory from `python -m mptkernels.data prepare`")
     need("data.seq_len", d["seq_len"] >= 2, ">= 2 (a token and the one it predicts)")
     need("checkpoint.every", ck["every"] >= 0, ">= 0 (0: no checkpoints)")
@@ -271,7 +281,15 @@ def _init_distributed(want="auto"):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if "WORLD_SIZE" in os.environ:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent hosts one key-value store for all the attempts of a run: the keys of
+        # this attempt's process group under their own prefix, or a restarted group's gloo may
+        # read the addresses of the attempt that died and fail to connect ("Connection refused")
+        env = os.environ
+        base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False)
+        store = dist.PrefixStore(f"mptkernels/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+        dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
+    elif "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
     else:  # one process without torchrun: a group of one, so every code path is the same
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", world_size=1, rank=0)
@@ -281,6 +299,23 @@ def _init_distributed(want="auto"):
 def _print(*a, **k):
     if dist.get_rank() == 0:
         print(*a, **k, flush=True)
+
+
+def shard_mesh(cfg, device):
+    """The DeviceMesh FSDP2 shards over: 1-D over all processes (train.sharding full), or 2-D
+    (replicate, shard) for hybrid sharding: parameters sharded inside each group of
+    train.shard_group_size consecutive ranks, replicated across the groups (llm-foundry's
+    HYBRID_SHARD: the all-gathers and reduce-scatters stay inside a node, and only one
+    all-reduce of the gradient shards crosses nodes)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    t, world = cfg["train"], dist.get_world_size()
+    if t["sharding"] == "full":
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    group = t["shard_group_size"] or int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's processes per node
+    if world % group:
+        raise ConfigError(f"config: 'train.shard_group_size' ({group}) must divide the {world} processes")
+    return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
 
 
 # ------------------------------------------------------------------ model, optimiser, schedule
@@ -310,11 +345,12 @@ def build_model(cfg, device):
     # states need no cast: they come out of the root's embedding, whose weight is already bf16 in the forward.
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
           if cfg["train"]["precision"] == "bf16" else MixedPrecisionPolicy())
+    mesh = shard_mesh(cfg, device)
     for block in model.transformer.blocks:
         if cfg["train"]["compile"]:
             block.compile()
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -461,6 +497,81 @@ def _truncate_log(log_path, step):
     os.replace(log_path + ".tmp", log_path)
 
 
+# ------------------------------------------------------------------ restarts (torchrun --max-restarts)
+class _Stopped(Exception):
+    """SIGTERM: torchrun stops the group when another process failed (or a scheduler stops the job)."""
+
+
+class _Attempts:
+    """What torchrun's elastic restarts need from us beyond resuming: a record of each failed
+    attempt (RUN_DIR/failures/RUNID-ATTEMPT-RANK.json: the step and the cause, written by every
+    process that sees the failure, the killed one excepted), so that the next attempt says what
+    happened and the last one, when it fails too, stops with the step and the cause named.
+    torchrun numbers the attempts (TORCHELASTIC_RESTART_COUNT, 0 first) of a run id
+    (TORCHELASTIC_RUN_ID, --rdzv-id); outside torchrun there is one attempt."""
+
+    def __init__(self, run_dir, rank):
+        self.dir = os.path.join(run_dir, "failures")
+        self.rank = rank
+        self.run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+        self.step = None  # the step being run: set by the loop
+
+    def _files(self):
+        prefix = f"{self.run_id}-"
+        return sorted(os.path.join(self.dir, f) for f in os.listdir(self.dir) if f.startswith(prefix)) \
+            if os.path.isdir(self.dir) else []
+
+    def begin(self):
+        """A new torchrun invocation under the same run id (a scheduler's requeue) starts a new history."""
+        if self.attempt == 0 and self.rank == 0:
+            for f in self._files():
+                os.remove(f)
+
+    def history(self) -> dict:
+        """attempt -> (step, cause) of the earlier attempts of this run id: the first process's
+        record of each (the lowest rank that wrote one: with a process killed, what the others saw)."""
+        out = {}
+        for f in self._files():
+            try:
+                with open(f) as fh:
+                    rec = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            if rec["attempt"] < self.attempt and (rec["attempt"] not in out or rec["rank"] < out[rec["attempt"]][2]):
+                out[rec["attempt"]] = (rec["step"], rec["cause"], rec["rank"])
+        return {a: v[:2] for a, v in sorted(out.items())}
+
+    def describe(self) -> str:
+        """The start summary's line for a restarted attempt ('' for the first)."""
+        if self.attempt == 0:
+            return ""
+        past = "; ".join(f"attempt {a + 1} failed at step {s}: {c}" for a, (s, c) in self.history().items())
+        return f"{self.attempt + 1} of {self.max_restarts + 1} (torchrun --max-restarts {self.max_restarts}); {past}"
+
+    def failed(self, exc) -> str:
+        """Records this process's failure; returns the message to print when no restart is left."""
+        cause = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, f"{self.run_id}-{self.attempt}-{self.rank}.json")
+        with open(path + ".tmp", "w") as fh:
+            json.dump({"attempt": self.attempt, "rank": self.rank, "step": self.step, "cause": cause}, fh)
+        os.replace(path + ".tmp", path)
+        if self.max_restarts == 0 or self.attempt < self.max_restarts:
+            return ""  # torchrun restarts the group (or no torchrun restarts at all: the traceback says it)
+        steps = [s for s, _ in self.history().values()] + [self.step]
+        where = (f"step {self.step} failed in all {len(steps)} attempts" if len(set(steps)) == 1 else
+                 f"attempts failed at steps {', '.join(map(str, steps))}")
+        return (f"error: out of restarts (torchrun --max-restarts {self.max_restarts}): {where}; "
+                f"the last failure (rank {self.rank}): {cause}. The run stops; the newest complete "
+                "checkpoint is kept: fix the cause and start the run again")
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped("SIGTERM (torchrun stops the group when another process failed; its log names that process)")
+
+
 # ------------------------------------------------------------------ the training loop
 class _InjectedOOM(torch.OutOfMemoryError):
     pass
@@ -511,19 +622,32 @@ def train(cfg, export_command=None) -> list:
     Process 0 prints a summary of the run before the first step and after the last;
     ``export_command`` (the words of a command line) is the export command the last one shows
     (default: the Python call, ``export_hf(cfg, DIR)``)."""
+    import signal
+
     data = _open_data(cfg)  # before the process group: a bad data.path needs no teardown
     device, rank, world = _init_distributed(cfg["train"]["device"])
+    attempts = _Attempts(cfg["checkpoint"]["dir"], rank)
+    old_term = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
-        records = _train(cfg, device, rank, world, data, export_command)
+        records = _train(cfg, device, rank, world, data, attempts, export_command)
         # every process done before the group goes away: a gloo process group torn down while
         # a peer is still in its last collective aborts that peer
         dist.barrier()
         return records
+    except ConfigError:
+        raise
+    except BaseException as e:  # recorded for the next attempt, or named when none is left
+        if attempts.step is not None:
+            message = attempts.failed(e)
+            if message:
+                print(message, file=sys.stderr, flush=True)
+        raise
     finally:
+        signal.signal(signal.SIGTERM, old_term)
         dist.destroy_process_group()
 
 
-def _train(cfg, device, rank, world, data, export_command=None):
+def _train(cfg, device, rank, world, data, attempts, export_command=None):
     t, ck, sp, hooks = cfg["train"], cfg["checkpoint"], cfg["spike"], cfg["test_hooks"]
     seq = cfg["data"]["seq_len"]
     if t["global_batch"] % world:
@@ -539,7 +663,9 @@ def _train(cfg, device, rank, world, data, export_command=None):
     path, loaded = resume(run_dir, model, opt, sched)
     if path:
         state.update(loaded)
-    _print(_start_summary(cfg, model.config, n_params, data, device, world, state, path))
+    attempts.begin()
+    _print(_start_summary(cfg, model.config, n_params, data, device, world, state, path,
+                          next(model.parameters()).device_mesh, attempts.describe()))
     saved_step = state["step"]  # the step of the newest checkpoint (0: none)
     if state["step"] >= t["steps"]:
         _print(f"nothing to do: the run is at step {state['step']} and train.steps is {t['steps']}")
@@ -552,8 +678,12 @@ def _train(cfg, device, rank, world, data, export_command=None):
     t_start = time.perf_counter()
     while state["step"] < t["steps"]:
         step, dstep = state["step"], state["data_step"]
-        if hooks["crash_at_step"] is not None and step == hooks["crash_at_step"]:
+        attempts.step = step
+        if (step == hooks["crash_at_step"] and hooks["crash_rank"] in (None, rank)
+                and (hooks["crash_attempts"] is None or attempts.attempt < hooks["crash_attempts"])):
             os.kill(os.getpid(), 9)  # a node dying mid-run (tests)
+        if step == hooks["error_at_step"]:
+            raise RuntimeError("injected by test_hooks.error_at_step")
         tokens, doc_ids = data.batch(dstep, t["global_batch"], seq, seed=cfg["data"]["seed"])
         tokens = tokens[rank * per_rank:(rank + 1) * per_rank].to(device)
         doc_ids = doc_ids[rank * per_rank:(rank + 1) * per_rank].to(device) if cfg["data"]["doc_attention"] else None
@@ -652,7 +782,17 @@ def _count(n) -> str:
     return f"{n:,}"
 
 
-def _start_summary(cfg, mc, n_params, data, device, world, state, resumed_from) -> str:
+def _sharding(mesh) -> str:
+    """How the parameters are spread ('' for one process)."""
+    if mesh.size() == 1:
+        return ""
+    if mesh.ndim == 1:
+        return "fully sharded, "
+    groups, size = mesh.shape
+    return f"hybrid sharding: {groups} groups of {size} (sharded inside, replicated across), "
+
+
+def _start_summary(cfg, mc, n_params, data, device, world, state, resumed_from, mesh, attempt="") -> str:
     t, d, ck = cfg["train"], cfg["data"], cfg["checkpoint"]
     seq, batch = d["seq_len"], t["global_batch"]
     src = f"from_hf {cfg['model']['from_hf']}: " if cfg["model"]["from_hf"] else ""
@@ -671,7 +811,7 @@ def _start_summary(cfg, mc, n_params, data, device, world, state, resumed_from) 
                   f"vocab {mc.vocab_size}: {_count(n_params)} parameters"),
         ("data", f"{d['path']}: {_count(len(data))} tokens" + (f" in {docs:,} documents" if docs else "")
                  + f" (tokenizer {data.meta.get('tokenizer', '?')})"),
-        ("processes", f"{world} process{'es' if world > 1 else ''} on {where}, "
+        ("processes", f"{world} process{'es' if world > 1 else ''} on {where}, {_sharding(mesh)}"
                       f"micro-batch {state['micro_batch']}"),  # a checkpoint's, after an out-of-memory
         ("precision", ", ".join([precision, *options])),
         ("plan", f"{t['steps']:,} steps × {batch} sequences × {seq} tokens = {planned:,} tokens "
@@ -681,6 +821,7 @@ def _start_summary(cfg, mc, n_params, data, device, world, state, resumed_from) 
         ("start", f"resumed from {resumed_from} at step {state['step']} "
                   f"({max(0, t['steps'] - state['step']):,} steps to go)"
                   if resumed_from else "from scratch"),
+        *([("attempt", attempt)] if attempt else []),
     ])
 
 

@@ -32,16 +32,17 @@ def _env():
     return {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TRITON_INTERPRET")}
 
 
-def _run(run_dir, data_dir, *overrides, nproc=1, expect_ok=True):
+def _run(run_dir, data_dir, *overrides, nproc=1, expect_ok=True, restarts=None):
     # the CPU (gloo) on any machine: two processes on one GPU would not work with NCCL
     args = [TINY, f"data.path={data_dir}", f"checkpoint.dir={run_dir}", "log.every=100", "train.warmup_steps=4",
             "train.lr=0.01", "train.device=cpu",
             *overrides]
-    if nproc == 1:
+    if nproc == 1 and restarts is None:
         cmd = [sys.executable, "-m", "mptkernels.train", *args]
     else:
         # --standalone: a rendezvous on a free local port (no clash between runs or test processes)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               *(["--max-restarts", str(restarts)] if restarts is not None else []),
                "-m", "mptkernels.train", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     if expect_ok:
@@ -78,6 +79,13 @@ def test_two_processes_learn_and_resume_exactly_after_sigkill(tmp_path, data_dir
     _run(b, data_dir, *common, nproc=2)  # restart: resumes from ckpt-8
     lb = _losses(b)
     assert lb == la, (lb, la)  # bitwise the same losses as the uninterrupted run
+    # the same unattended: torchrun restarts the group after rank 1 is killed at step 10 (in the
+    # first attempt only), and the second attempt resumes from ckpt-8 on its own
+    e = str(tmp_path / "e")
+    r = _run(e, data_dir, *common, "test_hooks.crash_at_step=10", "test_hooks.crash_rank=1",
+             "test_hooks.crash_attempts=1", nproc=2, restarts=2)
+    assert "attempt     2 of 3 (torchrun --max-restarts 2); attempt 1 failed at step 10" in r.stdout, r.stdout[-3000:]
+    assert _losses(e) == la
     # the 2-process checkpoint resumes on 1 process (resharded by torch.distributed.checkpoint)
     c = str(tmp_path / "c")
     shutil.copytree(a, c)
@@ -85,6 +93,47 @@ def test_two_processes_learn_and_resume_exactly_after_sigkill(tmp_path, data_dir
     _run(a, data_dir, "train.steps=20", "checkpoint.every=4", nproc=2)
     lc, la2 = _losses(c), _losses(a)
     _assert_same_losses(la2, lc, 1e-5, steps=range(17, 21))
+
+
+def test_hybrid_sharding_matches_full_sharding_and_its_checkpoint_resumes_on_other_meshes(tmp_path, data_dir):
+    # 4 processes as 2 groups of 2 (sharded inside a group, replicated across) against 4 fully
+    # sharded: the same maths, summed in another order (fp tolerance, not bitwise)
+    full, hybrid = str(tmp_path / "full"), str(tmp_path / "hybrid")
+    common = ("train.steps=8", "checkpoint.every=4")
+    _run(full, data_dir, *common, nproc=4)
+    r = _run(hybrid, data_dir, *common, "train.sharding=hybrid", "train.shard_group_size=2", nproc=4)
+    assert "hybrid sharding: 2 groups of 2" in r.stdout, r.stdout[-2000:]
+    lf, lh = _losses(full), _losses(hybrid)
+    assert sorted(lh) == list(range(1, 9))
+    _assert_same_losses(lf, lh, 1e-5)
+    # the 2x2 checkpoint of step 8 resumes on 1 process and on 2 (fully sharded, resharded by
+    # torch.distributed.checkpoint): the same next steps as the hybrid run going on
+    on1, on2 = str(tmp_path / "on1"), str(tmp_path / "on2")
+    shutil.copytree(hybrid, on1)
+    shutil.copytree(hybrid, on2)
+    more = ("train.steps=11", "checkpoint.every=4")
+    _run(hybrid, data_dir, *more, "train.sharding=hybrid", "train.shard_group_size=2", nproc=4)
+    _run(on1, data_dir, *more)
+    _run(on2, data_dir, *more, nproc=2)
+    want = _losses(hybrid)
+    for other in (on1, on2):
+        _assert_same_losses(want, _losses(other), 1e-5, steps=range(9, 12))
+    # a group size that does not divide the processes is a one-line error
+    r = _run(str(tmp_path / "bad"), data_dir, "train.sharding=hybrid", "train.shard_group_size=3", nproc=2,
+             expect_ok=False)
+    assert r.returncode != 0 and "'train.shard_group_size' (3) must divide the 2 processes" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_failure_repeating_at_one_step_stops_after_the_restarts_naming_step_and_cause(tmp_path, data_dir):
+    run = str(tmp_path / "run")
+    r = _run(run, data_dir, "train.steps=8", "checkpoint.every=4", "test_hooks.error_at_step=5", restarts=2,
+             expect_ok=False)
+    assert r.returncode != 0
+    assert ("error: out of restarts (torchrun --max-restarts 2): step 5 failed in all 3 attempts; the last failure "
+            "(rank 0): RuntimeError: injected by test_hooks.error_at_step.") in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("error: out of restarts") == 1  # the last attempt only
+    assert "attempt     3 of 3 (torchrun --max-restarts 2); attempt 1 failed at step 5: RuntimeError" in r.stdout
+    assert _ckpt_steps(run) == [4] and max(_losses(run)) == 5  # the newest complete checkpoint is kept
 
 
 def test_injected_oom_halves_the_micro_batch_and_keeps_the_maths(tmp_path, data_dir):
@@ -433,6 +482,8 @@ def big_vocab_data(data_dir, tmp_path_factory):
     (["train.compile=1"], "'train.compile' must be true or false"),
     (["train.device=gpu"], "'train.device' must be auto, cpu or cuda, got 'gpu'"),
     (["checkpoint.keep=0"], "'checkpoint.keep' must be >= 1"),
+    (["train.sharding=hsdp"], "'train.sharding' must be full or hybrid, got 'hsdp'"),
+    (["train.shard_group_size=0"], "'train.shard_group_size' must be >= 1 or null"),
     (["model.attn_config=5"], "'model.attn_config' must be a mapping"),
     (["data.seq_len=129", "model.learned_pos_emb=true"], "data.seq_len (129) must be <= model.max_seq_len (128)"),
     (["big_vocab"], "the data's tokenizer has 300 tokens (meta.json vocab_size) but model.vocab_size is 256"),
