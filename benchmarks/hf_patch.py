@@ -11,7 +11,10 @@ the sides alternating (A/B interleaved), and reports the median step time of the
 one warm-up step) and its peak RSS (ru_maxrss: the weights, gradients, AdamW state and the
 step's largest moment).
 decode: the same shape, batch 1, a 128-token prompt, 128 new tokens with generate(greedy);
-tokens/s over the whole call after a warm-up call; the tokens of both sides are compared.
+tokens/s over the whole call after a warm-up call; the tokens of both sides are compared. Each
+process also measures its copy bandwidth (a 256 MB tensor copied, STREAM's count: bytes read plus
+bytes written) and the weight-read roofline: bandwidth / the bytes a token must read (every
+parameter but the input embedding, of which one row is read).
 --quick: 2 layers, 256 tokens (a smoke run, not a measurement).
 Prints a table and writes JSON (bench-out/hf_patch_<what>_<dtype>.json).
 """
@@ -38,6 +41,20 @@ def _model(dtype, quick):
     cfg = transformers.LlamaConfig(**shape, attn_implementation="sdpa")
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+
+
+def _copy_bandwidth():
+    """GB/s of a 256 MB copy with this process's threads, median of 5 (read + write bytes)."""
+    import torch
+
+    src = torch.rand(64 * 2**20)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.nbytes / statistics.median(times[1:]) / 1e9
 
 
 def _child(args):
@@ -77,6 +94,9 @@ def _child(args):
         t0 = time.perf_counter()
         tokens = gen()
         out = {"ms": (time.perf_counter() - t0) * 1e3, "new_tokens": new, "tokens": tokens[0, 128:].tolist()}
+        read = sum(p.numel() * p.element_size() for p in model.parameters()) - \
+            model.get_input_embeddings().weight.nbytes
+        out.update(bytes_per_token=read, copy_gb_s=_copy_bandwidth())
     out.update(side=args.side, params=n_params, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                swapped=len(report.swapped) if report else 0)
     print(json.dumps(out))
@@ -113,13 +133,18 @@ def main(argv=None):
                          "rss_mb_median": statistics.median(r["rss_mb"] for r in rs)}
         if args.what == "decode":
             summary[side]["tokens_per_s"] = rs[0]["new_tokens"] / (summary[side]["ms_median"] / 1e3)
+            summary[side]["copy_gb_s_median"] = statistics.median(r["copy_gb_s"] for r in rs)
+            summary[side]["roofline_tokens_per_s"] = summary[side]["copy_gb_s_median"] * 1e9 / rs[0]["bytes_per_token"]
     t, p = summary["transformers"], summary["patched"]
     speedup = t["ms_median"] / p["ms_median"]
     memory = 1 - p["rss_mb_median"] / t["rss_mb_median"]
     print(f"\n{args.what} {args.dtype}{' (quick)' if args.quick else ''}, {runs['patched'][0]['params'] / 1e6:.0f}M "
           f"parameters, {args.reps} processes per side:")
+    rs_bytes = runs["patched"][0].get("bytes_per_token", 0)
     for side, s in summary.items():
-        extra = f", {s['tokens_per_s']:.1f} tokens/s" if args.what == "decode" else ""
+        extra = (f", {s['tokens_per_s']:.1f} tokens/s = {s['tokens_per_s'] / s['roofline_tokens_per_s']:.0%} of the "
+                 f"weight-read roofline ({s['roofline_tokens_per_s']:.0f} tokens/s at {s['copy_gb_s_median']:.0f} GB/s "
+                 f"copy, {rs_bytes / 1e6:.0f} MB a token)") if args.what == "decode" else ""
         print(f"  {side:12s} {s['ms_median']:9.0f} ms [{s['ms_min']:.0f}-{s['ms_max']:.0f}]  peak RSS "
               f"{s['rss_mb_median']:7.0f} MB{extra}")
     print(f"  patched: {speedup:.2f}x faster, peak RSS {memory * 100:.0f}% lower" if memory >= 0 else
