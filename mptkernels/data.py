@@ -319,7 +319,7 @@ def prepare(paths, out, tokenizer=None, max_bytes=None, shard_tokens=None, worke
     if not append:  # the replaced dataset's files (shards, or a tokens.bin from before shards)
         kept = {n for s in shards for n in (s["tokens"], s["doc_starts"])}
         for name in {n for s in old_shards for n in (s["tokens"], s["doc_starts"])} - kept:
-            if os.path.exists(os.path.join(out, name)):
+            if os.path.basename(name) == name and os.path.exists(os.path.join(out, name)):  # only DIR's own files
                 os.remove(os.path.join(out, name))
     # what this run added, for the caller's report (not in meta.json)
     meta["added"] = dict(shards=len(writer.shards), tokens=sum(s["n_tokens"] for s in writer.shards),
@@ -401,7 +401,7 @@ class TokenDataset:
         with ``rows`` (a range or slice of range(batch_size)) only those rows of that batch,
         read without touching the others' windows."""
         for name, v, least in (("step", step, 0), ("batch_size", batch_size, 1), ("seq_len", seq_len, 1)):
-            if not isinstance(v, int) or v < least:
+            if not isinstance(v, (int, np.integer)) or v < least:
                 raise ValueError(f"TokenDataset.batch: {name} must be an integer >= {least}, got {v!r}")
         n_win = self.windows(seq_len)
         if n_win < 1:
