@@ -684,9 +684,11 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
             os.kill(os.getpid(), 9)  # a node dying mid-run (tests)
         if step == hooks["error_at_step"]:
             raise RuntimeError("injected by test_hooks.error_at_step")
-        tokens, doc_ids = data.batch(dstep, t["global_batch"], seq, seed=cfg["data"]["seed"])
-        tokens = tokens[rank * per_rank:(rank + 1) * per_rank].to(device)
-        doc_ids = doc_ids[rank * per_rank:(rank + 1) * per_rank].to(device) if cfg["data"]["doc_attention"] else None
+        # this process's rows of the global batch, read without the other processes' windows
+        tokens, doc_ids = data.batch(dstep, t["global_batch"], seq, seed=cfg["data"]["seed"],
+                                     rows=range(rank * per_rank, (rank + 1) * per_rank))
+        tokens = tokens.to(device)
+        doc_ids = doc_ids.to(device) if cfg["data"]["doc_attention"] else None
         t0 = time.perf_counter()
         try:
             loss_sum, n_tok = _step_grads(model, tokens, doc_ids, state["micro_batch"], world,
