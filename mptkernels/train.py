@@ -14,8 +14,9 @@ one-line ``error: ...`` and exit status 2.
 ``--export DIR`` writes the latest checkpoint's model as a Hugging Face MPT directory (for
 ``from_hf`` / transformers) instead of training.
 
-* Sharding: every block and the root are ``fully_shard``-ed (FSDP2) over all processes, with
-  a mixed-precision policy (``train.precision: bf16`` computes in bf16, keeps fp32 master
+* Sharding: every block and the root are ``fully_shard``-ed (FSDP2) over all processes
+  (``train.sharding: full``) or inside groups of ``train.shard_group_size`` processes,
+  replicated across the groups (``hybrid``: a 2-D DeviceMesh), with a mixed-precision policy (``train.precision: bf16`` computes in bf16, keeps fp32 master
   weights and reduces gradients in fp32). CPU runs use gloo.
 * A step: the global batch (``train.global_batch`` sequences) is a pure function of
   (data.seed, data step), split evenly over the processes and into micro-batches of
@@ -27,6 +28,11 @@ one-line ``error: ...`` and exit status 2.
   complete (with the model config); a directory without the mark is never taken as the
   latest, one that fails to load makes the run try the one before, and one of another model
   config is an error.
+* Restarts: under ``torchrun --max-restarts N`` a failed process makes torchrun restart the
+  group, which resumes from the newest complete checkpoint; each failure is recorded in
+  ``RUN_DIR/failures/``, and when the last attempt fails too the run stops with a line naming
+  the step and the cause. The first step of each process logs the time it took to get there
+  (start-up, checkpoint load, data positioning).
 * Loss spikes: a step whose loss or gradient norm is not finite, or whose loss exceeds
   ``spike.factor`` times the mean of the last ``spike.window`` steps, is skipped (no optimiser
   update), counted and logged; after ``spike.max_consecutive`` in a row the run reloads the
@@ -568,6 +574,21 @@ class _Attempts:
                 "checkpoint is kept: fix the cause and start the run again")
 
 
+def _process_start() -> float:
+    """The wall-clock time this process started (Linux: /proc; elsewhere: when this module was imported)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the command name
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
 def _raise_stopped(signum, frame):
     raise _Stopped("SIGTERM (torchrun stops the group when another process failed; its log names that process)")
 
@@ -660,7 +681,12 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
     state = {"step": 0, "data_step": 0, "micro_batch": min(t["micro_batch"], per_rank), "skipped": 0,
              "recent": [], "consecutive": 0, "oom_done": False}
     run_dir = ck["dir"]
+    # how long a (re)start takes before its first new step: start-up (interpreter, imports,
+    # process group, model, optimiser), checkpoint load, data positioning (the first batch)
+    timing = {"startup_s": time.time() - _process_start()}
+    t0 = time.perf_counter()
     path, loaded = resume(run_dir, model, opt, sched)
+    timing["load_s"] = time.perf_counter() - t0
     if path:
         state.update(loaded)
     attempts.begin()
@@ -685,10 +711,13 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
         if step == hooks["error_at_step"]:
             raise RuntimeError("injected by test_hooks.error_at_step")
         # this process's rows of the global batch, read without the other processes' windows
+        t0 = time.perf_counter()
         tokens, doc_ids = data.batch(dstep, t["global_batch"], seq, seed=cfg["data"]["seed"],
                                      rows=range(rank * per_rank, (rank + 1) * per_rank))
         tokens = tokens.to(device)
         doc_ids = doc_ids.to(device) if cfg["data"]["doc_attention"] else None
+        if timing is not None:
+            timing.setdefault("data_s", time.perf_counter() - t0)
         t0 = time.perf_counter()
         try:
             loss_sum, n_tok = _step_grads(model, tokens, doc_ids, state["micro_batch"], world,
@@ -748,6 +777,12 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
         rec = {"step": step + 1, "loss": loss_v, "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
                "tokens_per_s": tps, "mfu": mfu, "memory_mb": _memory_mb(device),
                "micro_batch": state["micro_batch"], "skipped_total": state["skipped"]}
+        if timing is not None:  # the first step of this process: what it took to get here
+            rec.update(timing, step_s=dt, first_step_after_s=time.time() - _process_start())
+            _print(f"first step done {rec['first_step_after_s']:.1f} s after the process started: start-up "
+                   f"{timing['startup_s']:.1f} s, checkpoint load {timing['load_s']:.2f} s, data positioning "
+                   f"{timing['data_s'] * 1e3:.1f} ms, the step {dt:.2f} s")
+            timing = None
         records.append(rec)
         if rank == 0:
             with open(log_path, "a") as fh:

@@ -430,8 +430,17 @@ def test_resume_does_not_repeat_log_records(tmp_path, data_dir):
     run = str(tmp_path / "log")
     r = _run(run, data_dir, "train.steps=4", "checkpoint.every=2", "test_hooks.crash_at_step=3", expect_ok=False)
     assert r.returncode != 0 and [rec["step"] for rec in _step_records(run)] == [1, 2, 3]
-    _run(run, data_dir, "train.steps=4", "checkpoint.every=2")  # resumes at step 2, runs step 3 again
-    assert [rec["step"] for rec in _step_records(run)] == [1, 2, 3, 4]
+    r = _run(run, data_dir, "train.steps=4", "checkpoint.every=2")  # resumes at step 2, runs step 3 again
+    recs = _step_records(run)
+    assert [rec["step"] for rec in recs] == [1, 2, 3, 4]
+    # the first step of each start logs how long the start took, in parts that add up
+    firsts = [rec for rec in recs if "startup_s" in rec]
+    assert [rec["step"] for rec in firsts] == [1, 3], recs
+    for rec in firsts:
+        parts = rec["startup_s"] + rec["load_s"] + rec["data_s"] + rec["step_s"]
+        assert 0 < parts <= rec["first_step_after_s"] < parts + 5, rec
+        assert rec["startup_s"] > 0.5  # from the process start: the interpreter and torch's import count
+    assert "first step done" in r.stdout and "checkpoint load" in r.stdout
 
 
 def test_config_merges_nested_keys_takes_every_mptconfig_field_and_coerces_numbers(tmp_path):
