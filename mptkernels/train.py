@@ -27,7 +27,12 @@ one-line ``error: ...`` and exit status 2.
   steps and at the end of the run, written to ``ckpt-STEP.tmp`` and renamed, then marked
   complete (with the model config); a directory without the mark is never taken as the
   latest, one that fails to load makes the run try the one before, and one of another model
-  config is an error.
+  config is an error. With ``checkpoint.async: true`` the state is copied to CPU memory and
+  written by a background thread (``torch.distributed.checkpoint.async_save``, its collectives
+  on a gloo group of their own) while training goes on; the rename and the mark come only once
+  every process has written its part (polled at each step, waited for before the next
+  checkpoint, a rollback and the end of the run), so a crash mid-write leaves the previous
+  checkpoint the newest complete one.
 * Restarts: under ``torchrun --max-restarts N`` a failed process makes torchrun restart the
   group, which resumes from the newest complete checkpoint; each failure is recorded in
   ``RUN_DIR/failures/``, and when the last attempt fails too the run stops with a line naming
@@ -84,13 +89,15 @@ DEFAULTS = {
         "sharding": "full", "shard_group_size": None,
         "device": "auto",  # auto: CUDA (one GPU per process) when available, else the CPU (gloo)
     },
-    "checkpoint": {"dir": "runs/default", "every": 50, "keep": 2},
+    "checkpoint": {"dir": "runs/default", "every": 50, "keep": 2,
+                   "async": False},  # true: written in the background while training goes on
     "spike": {"factor": 3.0, "window": 20, "max_consecutive": 3},
     "log": {"every": 1, "tensorboard": False, "wandb_project": None},
     # crash_at_step: SIGKILL at the start of that step (crash_rank: only that rank; crash_attempts:
     # only in torchrun's first N attempts); error_at_step: an uncaught RuntimeError there
     "test_hooks": {"oom_at_step": None, "nan_at_step": None, "crash_at_step": None, "crash_rank": None,
-                   "crash_attempts": None, "error_at_step": None},
+                   "crash_attempts": None, "error_at_step": None,
+                   "async_write_delay_s": None},  # seconds each checkpoint write sleeps first (a slow disk)
 }
 
 # The keys that may be null, with the type of their other values. Every other key takes the
@@ -101,6 +108,7 @@ _NULLABLE = {
     "train.grad_clip": float, "train.peak_tflops": float, "train.shard_group_size": int, "log.wandb_project": str,
     "test_hooks.oom_at_step": int, "test_hooks.nan_at_step": int, "test_hooks.crash_at_step": int,
     "test_hooks.crash_rank": int, "test_hooks.crash_attempts": int, "test_hooks.error_at_step": int,
+    "test_hooks.async_write_delay_s": float,
 }
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -402,7 +410,43 @@ def _model_record(model) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(model.config)))
 
 
-def save_checkpoint(run_dir, step, model, opt, sched, state, keep):
+def _writer(path, delay_s=None):
+    """dcp's FileSystemWriter of `path` that notes when this process's files are written
+    (``.written``, time.perf_counter()); with delay_s, its write first sleeps that long (a slow
+    disk: test_hooks.async_write_delay_s, so that tests can kill a run mid-write)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class Writer(FileSystemWriter):
+        written = None
+
+        def write_data(self, plan, planner):
+            if delay_s:
+                time.sleep(delay_s)
+            done = super().write_data(plan, planner)  # FileSystemWriter writes before it returns
+            self.written = time.perf_counter()
+            return done
+
+    return Writer(path)
+
+
+@dataclasses.dataclass
+class _PendingSave:
+    """A checkpoint whose files are being written to `tmp` (every process writes its shards)."""
+    step: int
+    tmp: str
+    final: str
+    model: dict  # _model_record, for complete.json
+    future: object  # this process's save: a concurrent.futures.Future
+    writer: object  # _writer's: .written
+    started: float  # time.perf_counter() when the save began
+
+
+def start_checkpoint(run_dir, step, model, opt, sched, state, group=None, write_delay_s=None) -> _PendingSave:
+    """Begins writing checkpoint `step` to ``ckpt-STEP.tmp``: with a checkpoint process group
+    (checkpoint.async) in a background thread from a copy in CPU memory, so the caller may change
+    the parameters at once; without, to the end before it returns. finish_checkpoint completes it."""
+    import concurrent.futures
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -415,16 +459,71 @@ def save_checkpoint(run_dir, step, model, opt, sched, state, keep):
     msd, osd = get_state_dict(model, opt)
     extra = {"meta": torch.tensor(list(json.dumps({**state, "sched": sched.state_dict()}).encode()), dtype=torch.uint8),
              "rng": torch.get_rng_state()}
-    dcp.save({"model": msd, "optim": osd, **extra}, checkpoint_id=tmp)
+    sd, writer, t0 = {"model": msd, "optim": osd, **extra}, _writer(tmp, write_delay_s), time.perf_counter()
+    if group is None:
+        dcp.save(sd, storage_writer=writer)
+        future = concurrent.futures.Future()
+        future.set_result(None)
+    else:
+        # the writer stages (a BlockingAsyncStager): a fresh CPU copy of every tensor before async_save returns
+        future = dcp.async_save(sd, storage_writer=writer, process_group=group)
+    return _PendingSave(step, tmp, final, _model_record(model), future, writer, t0)
+
+
+def finish_checkpoint(pending: _PendingSave, run_dir, keep) -> float:
+    """Waits until every process has written its part of `pending`, then renames it to
+    ``ckpt-STEP``, marks it complete and prunes the checkpoints beyond the newest `keep`.
+    Every process calls it at the same point. Returns the seconds this process's write took."""
+    pending.future.result()  # a failed write raises here
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(final, "complete.json"), "w") as fh:
-            json.dump({"step": step, "model": _model_record(model)}, fh)
+        shutil.rmtree(pending.final, ignore_errors=True)
+        os.replace(pending.tmp, pending.final)
+        with open(os.path.join(pending.final, "complete.json"), "w") as fh:
+            json.dump({"step": pending.step, "model": pending.model}, fh)
         for old in _ckpts(run_dir)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+    return pending.writer.written - pending.started
+
+
+class _Checkpoints:
+    """The run's checkpoints, written one at a time: each process calls every method at the same
+    point of the loop. With checkpoint.async a checkpoint is finished (finish_checkpoint) at the
+    first poll that finds every process's write done, or when the next save, a rollback or the
+    end of the run needs it (wait); without, save finishes it at once."""
+
+    def __init__(self, cfg, device):
+        ck = cfg["checkpoint"]
+        self.run_dir, self.keep, self.device = ck["dir"], ck["keep"], device
+        self.delay_s = cfg["test_hooks"]["async_write_delay_s"]
+        # dcp's own collectives (the save plan, the metadata) run in the writer's thread: on a
+        # gloo group of their own, created once, they never interleave with the training's
+        self.group = dist.new_group(backend="gloo") if ck["async"] and ck["every"] else None
+        self.pending = None
+
+    def save(self, step, model, opt, sched, state):
+        """Starts checkpoint `step` (after finishing the one before); returns the seconds the
+        write of the checkpoint it finished took, or None."""
+        written = self.wait()
+        self.pending = start_checkpoint(self.run_dir, step, model, opt, sched, state, self.group, self.delay_s)
+        return self.wait() if self.group is None else written
+
+    def poll(self):
+        """Finishes the pending checkpoint if every process has written its part: one tiny
+        all_reduce on the training's group while one is pending (the checkpoint group is busy in
+        the writer's thread; the training group is this thread's, in the same order on every
+        process). Returns what save returns."""
+        if self.pending is None:
+            return None
+        done = torch.tensor([int(self.pending.future.done())], device=self.device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return self.wait() if done.item() else None
+
+    def wait(self):
+        """Finishes the pending checkpoint, if any, waiting for its write; returns what save returns."""
+        pending, self.pending = self.pending, None
+        return None if pending is None else finish_checkpoint(pending, self.run_dir, self.keep)
 
 
 def load_checkpoint(path, model, opt, sched):
@@ -693,6 +792,7 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
     _print(_start_summary(cfg, model.config, n_params, data, device, world, state, path,
                           next(model.parameters()).device_mesh, attempts.describe()))
     saved_step = state["step"]  # the step of the newest checkpoint (0: none)
+    ckpts = _Checkpoints(cfg, device)
     if state["step"] >= t["steps"]:
         _print(f"nothing to do: the run is at step {state['step']} and train.steps is {t['steps']}")
     log_path = os.path.join(run_dir, "log.jsonl")
@@ -753,6 +853,7 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
             records.append(rec)
             _print(f"step {step}: loss {loss_v:.4g}, grad norm {gnorm:.4g}: skipped ({state['skipped']} so far)")
             if state["consecutive"] >= sp["max_consecutive"]:
+                ckpts.wait()  # the newest checkpoint complete, so that it is the one taken
                 resume_data, skipped = state["data_step"], state["skipped"]
                 path, loaded = resume(run_dir, model, opt, sched)
                 if path:
@@ -783,6 +884,14 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
                    f"{timing['startup_s']:.1f} s, checkpoint load {timing['load_s']:.2f} s, data positioning "
                    f"{timing['data_s'] * 1e3:.1f} ms, the step {dt:.2f} s")
             timing = None
+        t_ck = time.perf_counter()
+        written = ckpts.poll()
+        if ck["every"] and state["step"] % ck["every"] == 0:
+            written = ckpts.save(state["step"], model, opt, sched, state) or written
+            saved_step = state["step"]
+            rec["checkpoint_s"] = time.perf_counter() - t_ck  # the time the loop was held by it
+        if written is not None:  # a checkpoint was finished at this step: its write took this long
+            rec["checkpoint_write_s"] = written
         records.append(rec)
         if rank == 0:
             with open(log_path, "a") as fh:
@@ -794,11 +903,9 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
                 print(f"[{'#' * bar}{'.' * (30 - bar)}] step {step + 1}/{t['steps']} loss {loss_v:.4f} "
                       f"{tps:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu else "") +
                       f" mem {rec['memory_mb']:.0f} MB", flush=True)
-        if ck["every"] and state["step"] % ck["every"] == 0:
-            save_checkpoint(run_dir, state["step"], model, opt, sched, state, ck["keep"])
-            saved_step = state["step"]
     if ck["every"] and state["step"] != saved_step:  # the last steps too: --export takes the newest
-        save_checkpoint(run_dir, state["step"], model, opt, sched, state, ck["keep"])
+        ckpts.save(state["step"], model, opt, sched, state)
+    ckpts.wait()  # the last checkpoint complete before the run returns
     _print(_end_summary(cfg, records, state, time.perf_counter() - t_start, export_command))
     return records
 

@@ -255,3 +255,17 @@ def test_hf_patch_benchmark_quick_runs_both_sides(tmp_path):
     assert "transformers" in proc.stdout and "patched" in proc.stdout
     bad = subprocess.run([sys.executable, script, "train", "--reps", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--reps and --steps must be >= 1, got 0 and 3" in bad.stderr
+
+
+def test_checkpoint_benchmark_runs_on_the_tiny_config(tmp_path):
+    """benchmarks/checkpoint.py at the tiny size, one repeat: the blocked and write times of both
+    modes' two checkpoints in its JSON and table; a bad argument is a one-line error."""
+    p = _py("benchmarks/checkpoint.py", "--config", "tiny", "--reps", "1", "--out", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(tmp_path / "checkpoint_tiny.json") as f:
+        table = json.load(f)["table"]
+    for mode in ("sync", "async"):
+        assert len(table[mode]["blocked_s"]) == len(table[mode]["write_s"]) == len(table[mode]["cost_s"]) * 2, table
+        assert f"\n  {mode} " in p.stdout, p.stdout
+    bad = _py("benchmarks/checkpoint.py", "--steps", "2", "--every", "4", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "--steps > --every, got 3, 4 and 2" in bad.stderr, bad.stderr

@@ -1,5 +1,6 @@
-"""FSDP training on the CPU (gloo): learning, exact resume after SIGKILL, resharding onto fewer
-processes, injected OOM and NaN, incomplete and damaged checkpoints, bf16, config errors, export."""
+"""FSDP training on the CPU (gloo): learning, exact resume after SIGKILL (during an async
+checkpoint's write too), resharding onto fewer processes, injected OOM and NaN, incomplete and
+damaged checkpoints, bf16, config errors, export."""
 import contextlib
 import json
 import math
@@ -134,6 +135,31 @@ def test_a_failure_repeating_at_one_step_stops_after_the_restarts_naming_step_an
     assert r.stderr.count("error: out of restarts") == 1  # the last attempt only
     assert "attempt     3 of 3 (torchrun --max-restarts 2); attempt 1 failed at step 5: RuntimeError" in r.stdout
     assert _ckpt_steps(run) == [4] and max(_losses(run)) == 5  # the newest complete checkpoint is kept
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_async_checkpoints_keep_the_losses_and_a_sigkill_mid_write_resumes_from_the_one_before(nproc, tmp_path,
+                                                                                              data_dir):
+    sync, bg, crash = (str(tmp_path / name) for name in ("sync", "async", "crash"))
+    common = ("train.steps=12", "checkpoint.every=4")
+    _run(sync, data_dir, *common, nproc=nproc)
+    _run(bg, data_dir, *common, "checkpoint.async=true", nproc=nproc)
+    want = _losses(sync)
+    assert _losses(bg) == want  # bitwise: writing in the background changes nothing the training sees
+    for name in ("ckpt-00000008", "ckpt-00000012"):  # the newest two (checkpoint.keep 2), complete
+        assert os.path.exists(os.path.join(bg, name, "complete.json")), os.listdir(bg)
+    assert sorted(os.listdir(bg)) == sorted(os.listdir(sync))
+    # every write sleeps 3 s first: step 8 waits for ckpt-4 and completes it, then starts ckpt-8,
+    # which is still being written when the run dies at the start of step 10
+    r = _run(crash, data_dir, *common, "checkpoint.async=true", "test_hooks.async_write_delay_s=3",
+             "test_hooks.crash_at_step=10", nproc=nproc, expect_ok=False)
+    assert r.returncode != 0 and max(_losses(crash)) == 10
+    names = os.listdir(crash)
+    assert "ckpt-00000008.tmp" in names and "ckpt-00000008" not in names, names
+    assert os.path.exists(os.path.join(crash, "ckpt-00000004", "complete.json")), names
+    r = _run(crash, data_dir, *common, "checkpoint.async=true", nproc=nproc)  # the restart
+    assert f"resumed from {os.path.join(crash, 'ckpt-00000004')} at step 4" in r.stdout, r.stdout
+    assert _losses(crash) == want  # bitwise, from a checkpoint written while the training went on
 
 
 def test_injected_oom_halves_the_micro_batch_and_keeps_the_maths(tmp_path, data_dir):
