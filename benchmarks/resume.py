@@ -14,7 +14,7 @@ median [min-max] over the repeats. A second table times data positioning alone a
 
 Data: the repository's own .py and .md files, tokenised as bytes (`mptkernels data prepare`).
 125m runs at data.seq_len 128, one sequence per process (fp32 on the CPU: the restart costs,
-not training speed, are measured). Writes bench-out/resume.json.
+not training speed, are measured). Writes resume.json to --out (default bench-out/).
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def main(argv=None):
     ap.add_argument("--nproc", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4, help="steps trained before the restarts")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"), help="where resume.json goes")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.steps < 1 or min(args.nproc) < 1:
         ap.error(f"--reps, --steps and --nproc must be >= 1, got {args.reps}, {args.steps}, {args.nproc}")
@@ -112,9 +113,8 @@ def main(argv=None):
             print(f"  step {step:>9,}: {positioning[step] * 1e3:7.2f} ms")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out_dir = os.path.join(ROOT, "bench-out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "resume.json"), "w") as fh:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "resume.json"), "w") as fh:
         json.dump({"args": vars(args), "results": results, "positioning_s": positioning,
                    "date": time.strftime("%Y-%m-%d %H:%M")}, fh, indent=1)
 

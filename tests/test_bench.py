@@ -269,3 +269,20 @@ def test_checkpoint_benchmark_runs_on_the_tiny_config(tmp_path):
         assert f"\n  {mode} " in p.stdout, p.stdout
     bad = _py("benchmarks/checkpoint.py", "--steps", "2", "--every", "4", "--out", str(tmp_path))
     assert bad.returncode == 2 and "--steps > --every, got 3, 4 and 2" in bad.stderr, bad.stderr
+
+
+def test_resume_benchmark_runs_on_the_tiny_config(tmp_path):
+    """benchmarks/resume.py, tiny, one process, one restart: every part of the time to the first
+    step measured (> 0) and adding up to at most the whole; positioning timed at every step."""
+    p = _py("benchmarks/resume.py", "--config", "tiny", "--nproc", "1", "--reps", "1", "--steps", "1",
+            "--out", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(tmp_path / "resume.json") as f:
+        out = json.load(f)
+    row = out["results"]["tiny/1"]
+    parts = [row[k]["median"] for k in ("startup_s", "load_s", "data_s", "step_s")]
+    assert all(v > 0 for v in parts) and sum(parts) <= row["first_step_after_s"]["median"], row
+    assert sorted(map(int, out["positioning_s"])) == [10, 10**3, 10**5, 10**6, 10**8]
+    assert "tiny        1 " in p.stdout, p.stdout
+    bad = _py("benchmarks/resume.py", "--reps", "0", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "--reps, --steps and --nproc must be >= 1, got 0, 4, [1, 2]" in bad.stderr
