@@ -6,7 +6,8 @@ For each config and process count: train --steps steps with a checkpoint at the 
 timed), then start the run again --reps times, one more step each time, and read what the
 trainer logs for the first step of each process (log.jsonl): start-up (process start to the
 model and optimiser built: interpreter, imports, process group, model), checkpoint load
-(torch.distributed.checkpoint reading this process's shards of model and optimiser state),
+(torch.distributed.checkpoint reading this process's shards of model and optimiser state; the
+MB this process read),
 data positioning (the first batch: the batch of step n is a function of (seed, n), nothing is
 replayed) and the step itself; plus the whole "process start -> first new step". Reported as
 median [min-max] over the repeats. A second table times data positioning alone at steps
@@ -34,7 +35,7 @@ OVERRIDES = {  # what makes a step short on a 2-core CPU
     "125m": ["data.seq_len=128", "train.precision=fp32", "train.peak_tflops=null"],
 }
 _TRAINED = {}  # the run directories trained before: their next start must resume
-PARTS = ("startup_s", "load_s", "data_s", "step_s", "first_step_after_s")
+PARTS = ("startup_s", "load_s", "load_mb", "data_s", "step_s", "first_step_after_s")
 
 
 def _train(config, data, run_dir, nproc, steps):
@@ -81,7 +82,7 @@ def main(argv=None):
         data = os.path.join(tmp, "data")
         meta = prepare([texts], data)
         print(f"data: {meta['n_tokens']:,} tokens (the repository's .py and .md files, bytes)\n")
-        print(f"{'config':7s} {'procs':>5s} {'start-up s':>16s} {'ckpt load s':>16s} {'data ms':>16s} "
+        print(f"{'config':7s} {'procs':>5s} {'start-up s':>16s} {'ckpt load s':>16s} {'MB read':>8s} {'data ms':>16s} "
               f"{'step s':>16s} {'start -> 1st step s':>20s}")
         for config in args.config:
             for nproc in args.nproc:
@@ -96,6 +97,7 @@ def main(argv=None):
                 cell = lambda p, k=1: (f"{row[p]['median'] * k:.2f} [{row[p]['min'] * k:.2f}-"  # noqa: E731
                                        f"{row[p]['max'] * k:.2f}]")
                 print(f"{config:7s} {nproc:5d} {cell('startup_s'):>16s} {cell('load_s'):>16s} "
+                      f"{row['load_mb']['median']:8.1f} "
                       f"{cell('data_s', 1e3):>16s} {cell('step_s'):>16s} {cell('first_step_after_s'):>20s}",
                       flush=True)
         # data positioning alone, far into a run: the batch of step n without the n - 1 before it

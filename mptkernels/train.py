@@ -526,15 +526,35 @@ class _Checkpoints:
         return None if pending is None else finish_checkpoint(pending, self.run_dir, self.keep)
 
 
-def load_checkpoint(path, model, opt, sched):
+def _reader(path):
+    """dcp's FileSystemReader of `path` that counts the bytes this process reads (``.read``):
+    the stored pieces overlapping the shards it holds, each read whole."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        read = 0
+
+        def read_data(self, plan, planner):
+            self.read += sum(self.storage_data[item.storage_index].length for item in plan.items)
+            return super().read_data(plan, planner)
+
+    return Reader(path)
+
+
+def load_checkpoint(path, model, opt, sched, stats=None):
+    """Loads checkpoint `path` into model, opt and sched; returns its state (step, data position,
+    ...). ``stats`` (a dict), when given, gets ``read_bytes``: what this process read."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(model, opt)
-    md = dcp.FileSystemReader(path).read_metadata()
+    reader = _reader(path)
+    md = reader.read_metadata()
     state = {"model": msd, "optim": osd, "meta": torch.zeros(md.state_dict_metadata["meta"].size, dtype=torch.uint8),
              "rng": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=reader)
+    if stats is not None:
+        stats["read_bytes"] = reader.read
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     meta = json.loads(bytes(state["meta"].tolist()).decode())
     sched.load_state_dict(meta.pop("sched"))
@@ -554,7 +574,7 @@ def _model_diff(saved: dict, now: dict, path="") -> list:
     return out
 
 
-def resume(run_dir, model, opt, sched) -> tuple:
+def resume(run_dir, model, opt, sched, stats=None) -> tuple:
     """Loads the newest complete checkpoint that loads: (its path, its state), or (None, None)
     when there is none. A damaged one is skipped with a warning; a checkpoint of another model
     config, or a directory where none loads, is a ConfigError (training from scratch next to
@@ -569,7 +589,7 @@ def resume(run_dir, model, opt, sched) -> tuple:
                 saved = json.load(fh).get("model")  # absent in checkpoints written before it was recorded
             diff = [] if saved is None else _model_diff(saved, _model_record(model))
             if not diff:
-                return path, load_checkpoint(path, model, opt, sched)
+                return path, load_checkpoint(path, model, opt, sched, stats)
         # CheckpointException (what a damaged checkpoint raises) derives from BaseException
         except (Exception, CheckpointException) as e:
             failed.append(f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
@@ -784,8 +804,10 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
     # process group, model, optimiser), checkpoint load, data positioning (the first batch)
     timing = {"startup_s": time.time() - _process_start()}
     t0 = time.perf_counter()
-    path, loaded = resume(run_dir, model, opt, sched)
+    stats = {"read_bytes": 0}
+    path, loaded = resume(run_dir, model, opt, sched, stats)
     timing["load_s"] = time.perf_counter() - t0
+    timing["load_mb"] = stats["read_bytes"] / 2**20  # this process's part of the checkpoint
     if path:
         state.update(loaded)
     attempts.begin()
@@ -881,7 +903,8 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
         if timing is not None:  # the first step of this process: what it took to get here
             rec.update(timing, step_s=dt, first_step_after_s=time.time() - _process_start())
             _print(f"first step done {rec['first_step_after_s']:.1f} s after the process started: start-up "
-                   f"{timing['startup_s']:.1f} s, checkpoint load {timing['load_s']:.2f} s, data positioning "
+                   f"{timing['startup_s']:.1f} s, checkpoint load {timing['load_s']:.2f} s ({timing['load_mb']:.1f} MB), "
+                   f"data positioning "
                    f"{timing['data_s'] * 1e3:.1f} ms, the step {dt:.2f} s")
             timing = None
         t_ck = time.perf_counter()

@@ -94,6 +94,13 @@ def test_two_processes_learn_and_resume_exactly_after_sigkill(tmp_path, data_dir
     _run(a, data_dir, "train.steps=20", "checkpoint.every=4", nproc=2)
     lc, la2 = _losses(c), _losses(a)
     _assert_same_losses(la2, lc, 1e-5, steps=range(17, 21))
+    # what a start reads of the checkpoint: one process of two reads its half (and the small
+    # replicated entries), one process alone all of it
+    newest = os.path.join(a, sorted(n for n in os.listdir(a) if n.startswith("ckpt-"))[-1])
+    total = sum(os.path.getsize(os.path.join(newest, f)) for f in os.listdir(newest) if f.endswith(".distcp"))
+    read_2 = [rec["load_mb"] for rec in _step_records(b) if "load_mb" in rec][-1] * 2**20
+    read_1 = [rec["load_mb"] for rec in _step_records(c) if "load_mb" in rec][-1] * 2**20
+    assert 0.4 * total < read_2 < 0.6 * total and 0.9 * total < read_1 <= total, (read_2, read_1, total)
 
 
 def test_hybrid_sharding_matches_full_sharding_and_its_checkpoint_resumes_on_other_meshes(tmp_path, data_dir):
