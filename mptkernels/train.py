@@ -328,7 +328,7 @@ def shard_mesh(cfg, device):
         return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     group = t["shard_group_size"] or int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's processes per node
     if world % group:
-        raise ConfigError(f"config: 'train.shard_group_size' ({group}) must divide the {world} processes")
+        raise ConfigError(f"config: 'train.shard_group_size' ({group}) must divide the number of processes ({world})")
     return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
 
 

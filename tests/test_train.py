@@ -129,7 +129,7 @@ def test_hybrid_sharding_matches_full_sharding_and_its_checkpoint_resumes_on_oth
     # a group size that does not divide the processes is a one-line error
     r = _run(str(tmp_path / "bad"), data_dir, "train.sharding=hybrid", "train.shard_group_size=3", nproc=2,
              expect_ok=False)
-    assert r.returncode != 0 and "'train.shard_group_size' (3) must divide the 2 processes" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "'train.shard_group_size' (3) must divide the number of processes (2)" in r.stderr, r.stderr[-2000:]
 
 
 def test_a_failure_repeating_at_one_step_stops_after_the_restarts_naming_step_and_cause(tmp_path, data_dir):
