@@ -4,6 +4,7 @@ table's columns line up, bad arguments are one-line errors, and the same cases r
 pytest-benchmark (save, then compare)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -255,3 +256,49 @@ def test_hf_patch_benchmark_quick_runs_both_sides(tmp_path):
     assert "transformers" in proc.stdout and "patched" in proc.stdout
     bad = subprocess.run([sys.executable, script, "train", "--reps", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--reps and --steps must be >= 1, got 0 and 3" in bad.stderr
+
+
+def _llama_cpp_script(*args, block=False, timeout=600):
+    """benchmarks/vs_llama_cpp.py in a subprocess; block=True hides llama-cpp-python (as where it is
+    not installed: CI) whether or not it is here."""
+    script = os.path.join(ROOT, "benchmarks", "vs_llama_cpp.py")
+    code = ("import runpy, sys\n" + ("sys.modules['llama_cpp'] = None\n" if block else "") +
+            f"sys.argv = [{script!r}, *sys.argv[1:]]\nrunpy.run_path({script!r}, run_name='__main__')")
+    return _py("-c", code, *args, timeout=timeout)
+
+
+def test_llama_cpp_baseline_skips_in_one_line_without_llama_cpp(tmp_path):
+    """Issue 21's llama.cpp baseline is benchmark-only: without llama-cpp-python (or without
+    llama.cpp's converter) it says how to install it in one line and exits 0; bad arguments are
+    one-line errors."""
+    p = _llama_cpp_script("--size", "tiny", block=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("\n") == 1 and "skipped: llama-cpp-python is not installed" in p.stdout, p.stdout
+    assert "pip install gguf llama-cpp-python" in p.stdout
+    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
+        p = _llama_cpp_script("--size", "tiny", "--llama-cpp", str(tmp_path))
+        assert p.returncode == 0 and p.stdout.count("\n") == 1, p.stdout + p.stderr[-3000:]
+        assert f"--llama-cpp: {tmp_path} holds no convert_hf_to_gguf.py" in p.stdout
+    bad = _llama_cpp_script("--precisions", "f32,f16")
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith(
+        "--precisions: expected a comma-separated list of f32, bf16, q8_0, got 'f32,f16'"), bad.stderr
+
+
+def test_llama_cpp_baseline_tiny_run():
+    """The whole side-by-side at a tiny shape, one repeat: conversion, both sides per pair, the
+    table and the JSON; greedy tokens of our fp32 and llama.cpp's f32 agree. Needs
+    llama-cpp-python, gguf and $LLAMA_CPP_DIR (llama.cpp's converter): skipped otherwise."""
+    if not (importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf") and
+            os.path.isfile(os.path.join(os.environ.get("LLAMA_CPP_DIR", ""), "convert_hf_to_gguf.py"))):
+        pytest.skip("llama-cpp-python, gguf or $LLAMA_CPP_DIR (llama.cpp's convert_hf_to_gguf.py) is missing")
+    p = _llama_cpp_script("--size", "tiny", "--reps", "1")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    with open(os.path.join(ROOT, "bench-out", "llama_cpp_tiny.json")) as f:
+        res = json.load(f)
+    assert set(res["summary"]) == {"f32", "bf16", "q8_0"} and set(res["conversion"]) == set(res["summary"])
+    for pair, s in res["summary"].items():
+        for side in ("ours", "llama.cpp"):
+            assert s[side]["decode_tps"]["median"] > 0 and 0 < s[side]["roofline_frac"]["median"], (pair, s)
+            assert s[side]["prefill512_tps"]["min"] <= s[side]["prefill512_tps"]["max"], (pair, s)
+        assert f"{s['ours_precision']} vs {pair}" in p.stdout
+    assert res["summary"]["f32"]["tokens_agree"] >= 20, res["summary"]["f32"]
