@@ -84,14 +84,13 @@ runpy.run_path(script, run_name="__main__")
 
 
 def _missing(llama_dir):
-    """Why the baseline cannot run here (one line), or None."""
+    """Why the baseline cannot run here (one line), or None. A folder given that holds no
+    converter is not a reason to skip but a wrong argument (main's error)."""
     for mod, pkg in (("llama_cpp", "llama-cpp-python"), ("gguf", "gguf")):
         if importlib.util.find_spec(mod) is None:
             return f"{pkg} is not installed"
     if not llama_dir:
         return "llama.cpp's converter was not given (--llama-cpp DIR or $LLAMA_CPP_DIR)"
-    if not os.path.isfile(os.path.join(llama_dir, "convert_hf_to_gguf.py")):
-        return f"--llama-cpp: {llama_dir} holds no convert_hf_to_gguf.py"
     return None
 
 
@@ -303,6 +302,9 @@ def main(argv=None):
         ap.error(f"--reps and --threads must be >= 1, got {args.reps} and {args.threads}")
     if args.side:
         return _child(args)
+    if args.llama_cpp and not os.path.isfile(os.path.join(args.llama_cpp, "convert_hf_to_gguf.py")):
+        ap.error(f"--llama-cpp (or $LLAMA_CPP_DIR): expected a folder holding llama.cpp's convert_hf_to_gguf.py, "
+                 f"got {args.llama_cpp!r}")
     why = _missing(args.llama_cpp)
     if why:
         print(f"vs_llama_cpp.py: skipped: {why}; to run it: {INSTALL}")

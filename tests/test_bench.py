@@ -276,12 +276,17 @@ def test_llama_cpp_baseline_skips_in_one_line_without_llama_cpp(tmp_path):
     assert p.stdout.count("\n") == 1 and "skipped: llama-cpp-python is not installed" in p.stdout, p.stdout
     assert "pip install gguf llama-cpp-python" in p.stdout
     if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
-        p = _llama_cpp_script("--size", "tiny", "--llama-cpp", str(tmp_path))
+        p = _llama_cpp_script("--size", "tiny", "--llama-cpp", "")  # no converter given: skipped too
         assert p.returncode == 0 and p.stdout.count("\n") == 1, p.stdout + p.stderr[-3000:]
-        assert f"--llama-cpp: {tmp_path} holds no convert_hf_to_gguf.py" in p.stdout
-    bad = _llama_cpp_script("--precisions", "f32,f16")
-    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith(
-        "--precisions: expected a comma-separated list of f32, bf16, q8_0, got 'f32,f16'"), bad.stderr
+        assert "skipped: llama.cpp's converter was not given" in p.stdout
+    for args, needle in ((["--precisions", "f32,f16"],
+                          "--precisions: expected a comma-separated list of f32, bf16, q8_0, got 'f32,f16'"),
+                         (["--llama-cpp", str(tmp_path)], "--llama-cpp (or $LLAMA_CPP_DIR): expected a folder "
+                          f"holding llama.cpp's convert_hf_to_gguf.py, got {str(tmp_path)!r}"),
+                         (["--reps", "0"], "--reps and --threads must be >= 1, got 0 and 2")):
+        bad = _llama_cpp_script(*args)
+        assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith(needle), bad.stderr
+        assert [l for l in bad.stderr.splitlines() if "error:" in l] == [bad.stderr.splitlines()[-1]], bad.stderr
 
 
 def test_llama_cpp_baseline_tiny_run():
