@@ -7,7 +7,8 @@ CPU: a 51M-parameter MPT (d_model 512, 8 layers, 8 heads, vocab 50432) in fp32 (
 GPU: MPT-1.3B's shape (d_model 2048, 24 layers, 16 heads, vocab 50432) in bf16, batch 1 and 8,
 and weight-only int8. Prompt 128 tokens; tokens/s counts new tokens over the whole generate
 call after a warm-up call. The roofline is the weight bytes read per decoded token at the
-measured copy bandwidth (GPU).
+measured copy bandwidth (GPU). The side-by-side with llama.cpp on the CPU (issue 21) is
+benchmarks/vs_llama_cpp.py.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ table's columns line up, bad arguments are one-line errors, and the same cases r
 pytest-benchmark (save, then compare)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -286,3 +287,34 @@ def test_resume_benchmark_runs_on_the_tiny_config(tmp_path):
     assert "tiny        1 " in p.stdout, p.stdout
     bad = _py("benchmarks/resume.py", "--reps", "0", "--out", str(tmp_path))
     assert bad.returncode == 2 and "--reps, --steps and --nproc must be >= 1, got 0, 4, [1, 2]" in bad.stderr
+
+
+def _llama_cpp_script(*args, block=False, timeout=600):
+    """benchmarks/vs_llama_cpp.py in a subprocess; block=True hides llama-cpp-python (as where it is
+    not installed: CI) whether or not it is here."""
+    script = os.path.join(ROOT, "benchmarks", "vs_llama_cpp.py")
+    code = ("import runpy, sys\n" + ("sys.modules['llama_cpp'] = None\n" if block else "") +
+            f"sys.argv = [{script!r}, *sys.argv[1:]]\nrunpy.run_path({script!r}, run_name='__main__')")
+    return _py("-c", code, *args, timeout=timeout)
+
+
+def test_llama_cpp_baseline_skips_in_one_line_without_llama_cpp(tmp_path):
+    """Issue 21's llama.cpp baseline is benchmark-only: without llama-cpp-python (or without
+    llama.cpp's converter) it says how to install it in one line and exits 0; bad arguments are
+    one-line errors."""
+    p = _llama_cpp_script("--size", "tiny", block=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("\n") == 1 and "skipped: llama-cpp-python is not installed" in p.stdout, p.stdout
+    assert "pip install gguf llama-cpp-python" in p.stdout
+    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
+        p = _llama_cpp_script("--size", "tiny", "--llama-cpp", "")  # no converter given: skipped too
+        assert p.returncode == 0 and p.stdout.count("\n") == 1, p.stdout + p.stderr[-3000:]
+        assert "skipped: llama.cpp's converter was not given" in p.stdout
+    for args, needle in ((["--precisions", "f32,f16"],
+                          "--precisions: expected a comma-separated list of f32, bf16, q8_0, got 'f32,f16'"),
+                         (["--llama-cpp", str(tmp_path)], "--llama-cpp (or $LLAMA_CPP_DIR): expected a folder "
+                          f"holding llama.cpp's convert_hf_to_gguf.py, got {str(tmp_path)!r}"),
+                         (["--reps", "0"], "--reps and --threads must be >= 1, got 0 and 2")):
+        bad = _llama_cpp_script(*args)
+        assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith(needle), bad.stderr
+        assert [l for l in bad.stderr.splitlines() if "error:" in l] == [bad.stderr.splitlines()[-1]], bad.stderr
