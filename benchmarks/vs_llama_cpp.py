@@ -15,7 +15,8 @@ so neither side's thread pool or caches touch the other's.
 
 In each process: a 32-token prompt, then 128 greedy tokens; decode tokens/s = 127 / the time from
 the first new token to the last (the decode steps only, after one warm-up call); prefill tokens/s
-of a 32- and a 512-token prompt into an empty cache (median of 3 after a warm-up). The process
+of a 32- and a 512-token prompt into an empty cache (median of 3 after a warm-up; ours with
+logits_to_keep=1, as generate() prefills: the last position's logits, as llama.cpp). The process
 also measures its copy bandwidth (a 256 MB copy, STREAM's count: bytes read plus written) and
 gives the fraction of the weight-read roofline: decode tokens/s / (bandwidth / the weight bytes a
 token reads: every weight, the input embedding as one row unless it is also the LM head; the
@@ -210,7 +211,7 @@ def _child_ours(args, prompts):
             x = torch.tensor([prompts[n]])
             cache = model.new_cache(1, n)
             lens = torch.zeros(1, dtype=torch.int32)
-            prefill[n] = n / _time_prefill(lambda: model(x, cache=cache, cache_seqlens=lens))
+            prefill[n] = n / _time_prefill(lambda: model(x, cache=cache, cache_seqlens=lens, logits_to_keep=1))
     return tokens, decode_s, prefill, read
 
 

@@ -40,6 +40,32 @@ def test_logits_and_greedy_generation_match_transformers(n_heads, attn):
     assert len(set(got[:, 7:].flatten().tolist())) > 3  # the check is not trivially one token
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_logits_to_keep_gives_the_last_positions_logits(quantized):
+    """forward(logits_to_keep=n): the last n rows of the full logits (to rounding: the LM head
+    runs on fewer rows), with and without a cache, float and quantised heads; bad values are
+    one-line errors."""
+    from mptkernels import quantize_
+
+    m = _ours()
+    if quantized:
+        quantize_(m, "weight_only")
+    ids = torch.randint(0, 257, (2, 19))
+    with torch.no_grad():
+        full = m(ids)
+        for n in (1, 5, 19):
+            got = m(ids, logits_to_keep=n)
+            assert got.shape == (2, n, 257) and torch.allclose(got, full[:, -n:], rtol=1e-5, atol=1e-5), n
+        cache = m.new_cache(2, 32)
+        lens = torch.zeros(2, dtype=torch.int32)
+        assert torch.allclose(m(ids, cache=cache, cache_seqlens=lens, logits_to_keep=1), full[:, -1:], atol=1e-5)
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match=r"logits_to_keep must be an integer >= 0 \(0: every position\), got"):
+            m(ids, logits_to_keep=bad)
+    with pytest.raises(ValueError, match="logits_to_keep is for inference"):
+        m(ids, ids, logits_to_keep=1)
+
+
 HF5 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".hf5")
 _HF5_SCRIPT = """
 import sys, torch, transformers

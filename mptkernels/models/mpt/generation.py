@@ -65,7 +65,7 @@ class GenerationMixin:
         for i in range(b):  # prefill each prompt alone: no padding in the cache
             ids = input_ids[i][mask[i]].unsqueeze(0)
             one = (cache[0][:, i:i + 1], cache[1][:, i:i + 1])
-            logits = self(ids, cache=one, cache_seqlens=seqlens[i:i + 1])
+            logits = self(ids, cache=one, cache_seqlens=seqlens[i:i + 1], logits_to_keep=1)  # the last one is used
             last.append(logits[0, -1])
         seqlens += lengths.to(torch.int32)
         logits = torch.stack(last)

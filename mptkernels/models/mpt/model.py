@@ -140,7 +140,8 @@ class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
             self._slopes[key] = ops.alibi_slopes(cfg.n_heads, cfg.attn_config["alibi_bias_max"]).to(device)
         return self._slopes[key]
 
-    def forward(self, input_ids, labels=None, *, doc_ids=None, cache=None, cache_seqlens=None, loss_reduction="mean"):
+    def forward(self, input_ids, labels=None, *, doc_ids=None, cache=None, cache_seqlens=None, loss_reduction="mean",
+                logits_to_keep=0):
         """input_ids (batch, seqlen). With ``cache`` (from ``new_cache``) and ``cache_seqlens``
         (batch,) int32, the tokens are appended to the cache at those positions (not advanced
         here) and attend to it. ``doc_ids`` (batch, seqlen) marks packed documents (a new
@@ -150,9 +151,16 @@ class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
         (None, the mean next-token cross-entropy, or its sum with ``loss_reduction="sum"``; a
         target in another document is not counted), computed by ops.linear_cross_entropy from the
         last hidden states, so the logits are never materialised (a quantised lm_head: (logits,
-        loss) from the logits)."""
+        loss) from the logits). ``logits_to_keep`` n > 0 (transformers' name): the logits of the
+        last n positions only (a prefill needs the last one: the LM head then runs on one row
+        instead of seqlen; generate() does it)."""
         cfg = self.config
         _check_input_ids(input_ids, cfg.vocab_size)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"forward: logits_to_keep must be an integer >= 0 (0: every position), "
+                             f"got {logits_to_keep!r}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("forward: logits_to_keep is for inference; with labels the loss needs every position")
         b, s = input_ids.shape
         dev = input_ids.device
         x = self.transformer.wte(input_ids)
@@ -194,6 +202,8 @@ class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
                 loss = ops.linear_cross_entropy(hs.reshape(-1, hs.shape[-1]), self.lm_head.weight,
                                                 targets.reshape(-1), reduction=loss_reduction)
                 return None, loss
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)  # tied to wte (an Int8Linear of its own after quantize_)
         if scale is not None:
             logits = logits * scale
