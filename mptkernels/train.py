@@ -763,11 +763,14 @@ def train(cfg, export_command=None) -> list:
     ``export_command`` (the words of a command line) is the export command the last one shows
     (default: the Python call, ``export_hf(cfg, DIR)``)."""
     import signal
+    import threading
 
     data = _open_data(cfg)  # before the process group: a bad data.path needs no teardown
     device, rank, world = _init_distributed(cfg["train"]["device"])
     attempts = _Attempts(cfg["checkpoint"]["dir"], rank)
-    old_term = signal.signal(signal.SIGTERM, _raise_stopped)
+    # a handler only where Python allows one (the main thread; train() may be called from another)
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_stopped) if main else None
     try:
         records = _train(cfg, device, rank, world, data, attempts, export_command)
         # every process done before the group goes away: a gloo process group torn down while
@@ -783,7 +786,8 @@ def train(cfg, export_command=None) -> list:
                 print(message, file=sys.stderr, flush=True)
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        if main:
+            signal.signal(signal.SIGTERM, old_term)
         dist.destroy_process_group()
 
 
