@@ -34,7 +34,7 @@ OVERRIDES = {  # what makes a step short on a 2-core CPU
     "tiny": [],
     "125m": ["data.seq_len=128", "train.precision=fp32", "train.peak_tflops=null"],
 }
-_TRAINED = {}  # the run directories trained before: their next start must resume
+_TRAINED = set()  # the run directories trained before: their next start must resume
 PARTS = ("startup_s", "load_s", "load_mb", "data_s", "step_s", "first_step_after_s")
 
 
@@ -54,7 +54,7 @@ def _train(config, data, run_dir, nproc, steps):
         first = [json.loads(line) for line in fh if "startup_s" in line][-1]  # this start's first step
     if run_dir in _TRAINED and "resumed from" not in r.stdout:
         sys.exit(f"resume: the {config} run did not resume from a checkpoint:\n{r.stdout[-2000:]}")
-    _TRAINED[run_dir] = True
+    _TRAINED.add(run_dir)
     return first
 
 
