@@ -29,6 +29,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, however this script is run
+from bandwidth import copy_bandwidth  # noqa: E402
+
 SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1536, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=4096)
 
@@ -41,20 +44,6 @@ def _model(dtype, quick):
     cfg = transformers.LlamaConfig(**shape, attn_implementation="sdpa")
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
-
-
-def _copy_bandwidth():
-    """GB/s of a 256 MB copy with this process's threads, median of 5 (read + write bytes)."""
-    import torch
-
-    src = torch.rand(64 * 2**20)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.nbytes / statistics.median(times[1:]) / 1e9
 
 
 def _child(args):
@@ -96,7 +85,7 @@ def _child(args):
         out = {"ms": (time.perf_counter() - t0) * 1e3, "new_tokens": new, "tokens": tokens[0, 128:].tolist()}
         read = sum(p.numel() * p.element_size() for p in model.parameters()) - \
             model.get_input_embeddings().weight.nbytes
-        out.update(bytes_per_token=read, copy_gb_s=_copy_bandwidth())
+        out.update(bytes_per_token=read, copy_gb_s=copy_bandwidth())
     out.update(side=args.side, params=n_params, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                swapped=len(report.swapped) if report else 0)
     print(json.dumps(out))

@@ -44,6 +44,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, however this script is run
+from bandwidth import copy_bandwidth  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # MPT shapes of issue 21 (transformers' MPT: ALiBi, 4x FFN, no biases); tiny: the tests' smoke run
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, vocab_size=512),
@@ -93,20 +96,6 @@ def _missing(llama_dir):
     if not llama_dir:
         return "llama.cpp's converter was not given (--llama-cpp DIR or $LLAMA_CPP_DIR)"
     return None
-
-
-def _copy_bandwidth():
-    """GB/s of a 256 MB copy with this process's threads, median of 5 (read + write bytes)."""
-    import torch
-
-    src = torch.rand(64 * 2**20)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.nbytes / statistics.median(times[1:]) / 1e9
 
 
 def _prompts(vocab):
@@ -264,7 +253,7 @@ def _child(args):
     prompts = _prompts(SIZES[args.size]["vocab_size"])
     tokens, decode_s, prefill, read = (_child_ours if args.side == "ours" else _child_llama)(args, prompts)
     tps = (NEW - 1) / decode_s
-    bw = _copy_bandwidth()
+    bw = copy_bandwidth()
     print(json.dumps({"side": args.side, "pair": args.pair, "decode_tps": tps, "tokens": tokens,
                       "prefill_tps": {str(n): v for n, v in prefill.items()}, "bytes_per_token": read,
                       "copy_gb_s": bw, "roofline_frac": tps / (bw * 1e9 / read)}))
