@@ -74,8 +74,7 @@ def test_prepare_errors(tmp_path):
 
 def _word_tokenizer(path, words):
     """A local HF tokenizer directory: one token per word of ``words`` (ids 1..), [UNK] = 0."""
-    pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers  # transformers' own: scripts/test.sh installs it
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
