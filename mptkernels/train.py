@@ -16,8 +16,9 @@ one-line ``error: ...`` and exit status 2.
 
 * Sharding: every block and the root are ``fully_shard``-ed (FSDP2) over all processes
   (``train.sharding: full``) or inside groups of ``train.shard_group_size`` processes,
-  replicated across the groups (``hybrid``: a 2-D DeviceMesh), with a mixed-precision policy (``train.precision: bf16`` computes in bf16, keeps fp32 master
-  weights and reduces gradients in fp32). CPU runs use gloo.
+  replicated across the groups (``hybrid``: a 2-D DeviceMesh), with a mixed-precision policy
+  (``train.precision: bf16`` computes in bf16, keeps fp32 master weights and reduces gradients
+  in fp32). CPU runs use gloo.
 * A step: the global batch (``train.global_batch`` sequences) is a pure function of
   (data.seed, data step), split evenly over the processes and into micro-batches of
   ``train.micro_batch``; the loss is the sum of token losses over the global batch divided by
@@ -693,6 +694,9 @@ class _Attempts:
                 "checkpoint is kept: fix the cause and start the run again")
 
 
+_IMPORTED = time.time()  # _process_start's fallback
+
+
 def _process_start() -> float:
     """The wall-clock time this process started (Linux: /proc; elsewhere: when this module was imported)."""
     try:
@@ -703,9 +707,6 @@ def _process_start() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return _IMPORTED
-
-
-_IMPORTED = time.time()
 
 
 def _raise_stopped(signum, frame):
@@ -907,9 +908,9 @@ def _train(cfg, device, rank, world, data, attempts, export_command=None):
         if timing is not None:  # the first step of this process: what it took to get here
             rec.update(timing, step_s=dt, first_step_after_s=time.time() - _process_start())
             _print(f"first step done {rec['first_step_after_s']:.1f} s after the process started: start-up "
-                   f"{timing['startup_s']:.1f} s, checkpoint load {timing['load_s']:.2f} s ({timing['load_mb']:.1f} MB), "
-                   f"data positioning "
-                   f"{timing['data_s'] * 1e3:.1f} ms, the step {dt:.2f} s")
+                   f"{timing['startup_s']:.1f} s, checkpoint load {timing['load_s']:.2f} s "
+                   f"({timing['load_mb']:.1f} MB), data positioning {timing['data_s'] * 1e3:.1f} ms, "
+                   f"the step {dt:.2f} s")
             timing = None
         t_ck = time.perf_counter()
         written = ckpts.poll()
