@@ -186,7 +186,9 @@ def mpt_attention_forward(self, *args, **kwargs):
         qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     q, k, v = (t.reshape(b, s, self.n_heads, self.head_dim) for t in qkv.chunk(3, dim=2))
     k, v = _cached(self, k, v, a, extras)
-    slopes = alibi_slopes(self.n_heads).to(x.device)
+    slopes = getattr(self, "_mptk_slopes", None)
+    if slopes is None or slopes.device != x.device:  # made once per device, not per layer call
+        slopes = self._mptk_slopes = alibi_slopes(self.n_heads).to(x.device)
     out = attention(q, k, v, causal=True, alibi_slopes=slopes, softmax_scale=self.softmax_scale)
     return self.out_proj(out.reshape(b, s, self.hidden_size)), None
 
