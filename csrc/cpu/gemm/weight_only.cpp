@@ -1,7 +1,8 @@
 // The GEMM family's weight-only int8 linear on the CPU (see gemm.h): out = x @ (w_int8 *
-// w_scale)^T + bias for decoding and small batches, the int8 weight converted a few rows at a
-// time into a block that stays in L1 and run through the dot tiles (dot_tiles.h): fp32, or
-// bf16 on vdpbf16ps for bf16 x at the avx512_bf16 level.
+// w_scale)^T + bias for decoding and small batches on the dot tiles (dot_tiles.h): with a few
+// rows of x the int8 weight goes straight in, widened in registers; with more it is converted
+// a few rows at a time into a block that stays in L1: fp32, or bf16 on vdpbf16ps for bf16 x
+// at the avx512_bf16 level.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,7 +22,7 @@ namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 // ---------------------------------------------------------------- weight-only int8
-// Each task converts kDotNR weight rows at a time to fp32 (a block that stays in L1), then
+// More rows: each task converts kDotNR weight rows at a time to fp32 (a block that stays in L1), then
 // runs the dot tiles (dot_tiles.h) over them and the rows of x. Rows of x go in chunks of kWoMChunk (their fp32 copy stays
 // in L2 while the task's weight blocks pass); with M <= kWoMChunk (decoding, small batches)
 // each weight byte is read from memory and converted once. The per-row scale is applied to
@@ -30,6 +31,12 @@ namespace {
 // design (dequantised chunks of the weight through sgemm above 8 rows) was 0.65-1.06x.
 constexpr int64_t kWoMChunk = 64;
 
+// Rows of x up to this many read the int8 weight straight into the dot tiles, widened in
+// registers (DotF32<int8_t>): one byte read per weight and no block written, at the memory's
+// speed for decoding; each weight vector is then widened once per kDotMR rows of x, so more
+// rows go through the converted blocks below.
+constexpr int64_t kWoDirectRows = kDotMR;
+
 template <typename T>
 void weight_only_gemm(const T* x,           // [M, K]
                       const int8_t* w,      // [N, K]
@@ -37,6 +44,22 @@ void weight_only_gemm(const T* x,           // [M, K]
                       const float* bias,    // [N] or null
                       int64_t M, int64_t N, int64_t K,
                       T* out) {             // [M, N]
+  if (M <= kWoDirectRows) {  // decoding: x in fp32 (a few rows), the int8 weight as it is
+    std::vector<float> xf(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
+    at::parallel_for(0, (N + kDotNR - 1) / kDotNR, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * kDotNR, rows = std::min<int64_t>(kDotNR, N - n0);
+        if (rows == kDotNR) {
+          dot_rows<kDotNR, T, DotF32<int8_t>>(xf.data(), K, w + n0 * K, K, K, 0, M, n0, scale, bias, out, N);
+        } else {
+          for (int64_t c = 0; c < rows; ++c)
+            dot_rows<1, T, DotF32<int8_t>>(xf.data(), K, w + (n0 + c) * K, K, K, 0, M, n0 + c, scale, bias, out, N);
+        }
+      }
+    });
+    return;
+  }
 #ifdef MPTK_BF16_PAIRS
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // bf16 x as it is against the weight rows converted to bf16 (int8 values are exact in
