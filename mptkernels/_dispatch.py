@@ -380,6 +380,20 @@ def route(public: str, args: tuple, *, device: torch.device, dtype: torch.dtype,
     return fn(*args)
 
 
+def fixed_kernel(public: str, schema: str, device: torch.device, dtype: torch.dtype):
+    """The kernel that route() runs for the public op ``public`` (custom op ``schema``) on
+    tensors of this device and dtype whatever their shapes (e.g. torch.ops.mptkernels_cpu.
+    <schema>.default), or None where the choice is not fixed: a backend forced here that is no
+    kernel, a measured choice, no kernel for the dtype. For a caller that replays calls it has
+    made once through the public op (generate()'s CPU decode step): the kernel then runs with
+    neither the argument checks nor the choice, which that first call did."""
+    asked = forced(public)
+    if not _kernel_regardless(public, device.type, dtype, asked):
+        return None
+    fn = _choose_kernel_uncached(SCHEMAS[schema], device, (), public, dtype, asked)
+    return None if fn is _MEASURE else fn
+
+
 def _measured_route(public, device, shape_class, args, kernel, torch_fn) -> str:
     training = _training(args)  # a class of its own: its forward and backward are timed together
     key = _key(public, shape_class + (("train",) if training else ()))

@@ -539,3 +539,29 @@ def test_compiled_calls_follow_the_forcing_at_trace_time(impl):
         got = f(x)
     assert rel_err(got, reference.layer_norm(x, w) * 2) <= TOL[torch.float32]
     torch._dynamo.reset()
+
+
+
+def test_fixed_kernel_is_the_kernel_route_runs_or_none():
+    """fixed_kernel (generate()'s CPU decode step replays it): the CPU kernel the public op runs
+    here; None where the public op would run something else."""
+    cpu = torch.device("cpu")
+    want = torch.ops.mptkernels_cpu.layer_norm_fwd.default
+    assert _dispatch.fixed_kernel("layer_norm", "layer_norm_fwd", cpu, torch.float32) == want
+    with mptkernels.backend(layer_norm="cpu"):
+        assert _dispatch.fixed_kernel("layer_norm", "layer_norm_fwd", cpu, torch.float32) == want
+    for forcing in ("torch", "reference"):
+        with mptkernels.backend(layer_norm=forcing):
+            assert _dispatch.fixed_kernel("layer_norm", "layer_norm_fwd", cpu, torch.float32) is None
+    lin = torch.ops.mptkernels_cpu.linear_fwd.default
+    assert _dispatch.fixed_kernel("linear", "linear_fwd", cpu, torch.bfloat16) == lin
+    with mptkernels.backend("torch"):
+        assert _dispatch.fixed_kernel("linear", "linear_fwd", cpu, torch.bfloat16) is None
+
+
+def test_fixed_kernel_is_none_where_the_choice_is_measured(measuring):
+    cpu = torch.device("cpu")
+    assert _dispatch.fixed_kernel("layer_norm", "layer_norm_fwd", cpu, torch.float32) is None  # timed per shape
+    with mptkernels.backend(layer_norm="cpu"):  # forced: no timing
+        assert (_dispatch.fixed_kernel("layer_norm", "layer_norm_fwd", cpu, torch.float32)
+                == torch.ops.mptkernels_cpu.layer_norm_fwd.default)

@@ -458,3 +458,81 @@ def test_packed_documents_attend_only_within_each_document():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     with pytest.raises(ValueError, match="doc_ids must have input_ids' shape"):
         model(ids, doc_ids=doc_ids[:1])
+
+
+def _planned_and_eager_steps(model, batch=3, steps=6, use_plan=True):
+    """Logits of `steps` decode steps after a prefill, through generate()'s _DecodeStep."""
+    from mptkernels.models.mpt.generation import _DecodeStep
+
+    torch.manual_seed(5)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 7))
+    tokens = torch.randint(0, model.config.vocab_size, (steps, batch))
+    out = []
+    with torch.no_grad():
+        cache, lens = model.new_cache(batch, 7 + steps), torch.zeros(batch, dtype=torch.int32)
+        model(prompt, cache=cache, cache_seqlens=lens)
+        lens += 7
+        step = _DecodeStep(model, cache, lens, use_graph=False, use_plan=use_plan)
+        for t in tokens:
+            out.append(step(t))
+        return torch.stack(out), step, cache
+
+
+def _odd_model(dtype=torch.float32, quantize=None, **kw):
+    torch.manual_seed(3)
+    attn = kw.pop("attn", {})
+    cfg = MPTConfig(d_model=96, n_heads=6, n_layers=3, max_seq_len=64, vocab_size=301, attn_config=attn, **kw)
+    m = MPTForCausalLM(cfg).eval()
+    m.reset_parameters(std=0.3)
+    for name, p in m.named_parameters():  # non-trivial norm weights and biases
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5) if name.endswith("weight") else p.data.uniform_(-0.3, 0.3)
+    m = m.to(dtype)
+    if quantize:
+        import mptkernels
+        mptkernels.quantize_(m, quantize)
+    return m
+
+
+@pytest.mark.parametrize("case", [
+    dict(attn=dict(kv_n_heads=2)), dict(attn=dict(clip_qkv=0.4, softmax_scale=0.3)),
+    dict(attn=dict(qk_ln=True, kv_n_heads=3), no_bias=False), dict(learned_pos_emb=True, attn=dict(alibi=False)),
+    dict(logit_scale="inv_sqrt_d_model", no_bias=False), dict(dtype=torch.bfloat16, attn=dict(kv_n_heads=2)),
+    dict(quantize="weight_only", no_bias=False), dict(quantize="w8a8"),
+    dict(dtype=torch.bfloat16, quantize="weight_only")], ids=str)
+def test_cpu_decode_plan_computes_what_the_eager_step_computes(case):
+    """generate()'s CPU decode step (cpu_step.plan: the kernels called directly) gives bitwise the
+    eager forward's logits and cache, step after step, for every model feature it takes on."""
+    model = _odd_model(**case)
+    planned, step, cache = _planned_and_eager_steps(model)
+    assert step.plan is not None, step.why_not
+    eager, step_e, cache_e = _planned_and_eager_steps(model, use_plan=False)
+    assert step_e.plan is None and torch.isfinite(eager).all()
+    assert torch.equal(planned, eager)
+    assert torch.equal(cache[0], cache_e[0]) and torch.equal(cache[1], cache_e[1])
+
+
+def test_cpu_decode_plan_steps_aside_for_what_it_does_not_reproduce():
+    """Rotary models, hooked modules, a backend forced to PyTorch's op and a replaced module decode
+    eagerly (the plan says why), with the eager step's results; a hook fires on every step."""
+    from mptkernels import backend
+
+    model = _odd_model(attn=dict(alibi=False, rope=True))
+    _, step, _ = _planned_and_eager_steps(model)
+    assert step.plan is None and step.why_not == "rotary embeddings"
+
+    model = _odd_model()
+    want, _, _ = _planned_and_eager_steps(model, use_plan=False)
+    calls = []
+    handle = model.transformer.blocks[1].ffn.up_proj.register_forward_hook(lambda *a: calls.append(1))
+    got, step, _ = _planned_and_eager_steps(model)
+    handle.remove()
+    assert step.plan is None and "hooks" in step.why_not and len(calls) == 1 + 6 and torch.equal(got, want)  # prefill + steps
+
+    with backend(linear="torch"):
+        got, step, _ = _planned_and_eager_steps(model)
+    assert step.plan is None and "linear" in step.why_not and torch.allclose(got, want, atol=1e-4)
+
+    model.transformer.blocks[0].attn.out_proj = torch.nn.Linear(96, 96, bias=False)
+    _, step, _ = _planned_and_eager_steps(model)
+    assert step.plan is None and step.why_not == "a linear is Linear"

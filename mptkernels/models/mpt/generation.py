@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_step
 from .config import _int_at_least_1, _number
 
 
@@ -97,23 +98,31 @@ class GenerationMixin:
 class _DecodeStep:
     """One decode step over the static cache: logits of the next token for each sequence.
 
-    With ``use_graph`` the first step runs eagerly (it compiles every kernel and measures any
-    per-shape choice), the second is captured as a CUDA graph over static input buffers, and
-    every later step copies its tokens into the buffer and replays the graph. The cache and
-    ``seqlens`` are the same tensors throughout, so the captured kernels read the current
-    lengths from memory (the decode kernels compute their key ranges on the device).
+    The first step runs eagerly (every argument checked; on a GPU it compiles every kernel and
+    measures any per-shape choice). On CUDA with ``use_graph`` the second is captured as a CUDA
+    graph over static input buffers, and every later step copies its tokens into the buffer and
+    replays the graph. The cache and ``seqlens`` are the same tensors throughout, so the
+    captured kernels read the current lengths from memory (the decode kernels compute their key
+    ranges on the device). On the CPU with ``use_plan`` the later steps run cpu_step.plan: the
+    same kernels on the same arguments without the Python between them (or eagerly, where the
+    plan says why not: ``why_not``).
     """
 
-    def __init__(self, model, cache, seqlens, use_graph):
+    def __init__(self, model, cache, seqlens, use_graph, use_plan=True):
         self.model, self.cache, self.seqlens, self.use_graph = model, cache, seqlens, use_graph
-        self.calls, self.graph = 0, None
+        self.calls, self.graph, self.plan, self.why_not = 0, None, None, None
+        self.use_plan = use_plan and seqlens.device.type == "cpu"
 
     def _eager(self, ids):
         return self.model(ids, cache=self.cache, cache_seqlens=self.seqlens)[:, -1]
 
     def __call__(self, nxt):
         ids = nxt.unsqueeze(1)
-        if not self.use_graph or self.calls == 0:
+        if self.use_plan and self.calls == 1:
+            self.plan, self.why_not = cpu_step.plan(self.model, self.cache, self.seqlens)
+        if self.plan is not None:
+            logits = self.plan(ids)
+        elif not self.use_graph or self.calls == 0:
             logits = self._eager(ids)
         else:
             if self.graph is None:
