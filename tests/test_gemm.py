@@ -355,10 +355,10 @@ def test_cpu_int8_dot_tiles(m, k, n):
     assert rel_err(ops.int8_linear(x, wq, ws, bias, "gelu"), reference.int8_linear(x, wq, ws, bias, "gelu")) <= 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [3, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 70])  # 1-4: the weight read row by row; more: converted blocks
 def test_cpu_weight_only_int8_column_tail(dtype, m):
-    k, n = 200, 33  # N % 4 != 0
+    k, n = 203, 33  # N % 4 != 0; K odd: a partial last vector
     x, bias = _x(m, k, dtype), torch.randn(n)
     wq, ws = ops.quantize_rowwise(_weight(n, k, torch.float32))
     got = ops.weight_only_int8_linear(x, wq, ws, bias)
