@@ -54,18 +54,6 @@ inline Vf load_w(const c10::Half* p) {
   return Vf::loadu(buf);
 #endif
 }
-// int8 weights (the weight-only int8 linear) widened the same way: 1 byte read per weight
-inline Vf load_w(const int8_t* p) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-#else
-  float buf[kWf];
-  for (int64_t i = 0; i < kWf; ++i) buf[i] = static_cast<float>(p[i]);
-  return Vf::loadu(buf);
-#endif
-}
 // the last rem (< kWf) weights, zero-filled
 template <typename W>
 inline Vf load_w(const W* p, int rem) {
@@ -75,7 +63,7 @@ inline Vf load_w(const W* p, int rem) {
 }
 
 // The operands of the dot tiles: a k-step's vectors of x and w, and their multiply-add.
-// DotF32<W>: fp32 x against a weight of W (fp32, or 16-bit or int8 widened in registers), FMA.
+// DotF32<W>: fp32 x against a weight of W (fp32, or 16-bit widened in registers), FMA.
 template <typename W>
 struct DotF32 {
   using XE = float;

@@ -1,8 +1,8 @@
 // The GEMM family's weight-only int8 linear on the CPU (see gemm.h): out = x @ (w_int8 *
-// w_scale)^T + bias for decoding and small batches on the dot tiles (dot_tiles.h): with a few
-// rows of x the int8 weight goes straight in, widened in registers; with more it is converted
-// a few rows at a time into a block that stays in L1: fp32, or bf16 on vdpbf16ps for bf16 x
-// at the avx512_bf16 level.
+// w_scale)^T + bias for decoding and small batches: with a few rows of x the int8 weight is
+// read one row at a time and widened in registers; with more it is converted a few rows at a
+// time into a block that stays in L1 and run through the dot tiles (dot_tiles.h): fp32, or
+// bf16 on vdpbf16ps for bf16 x at the avx512_bf16 level.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,10 +22,10 @@ namespace mptk::cpu::CPU_CAPABILITY {
 namespace {
 
 // ---------------------------------------------------------------- weight-only int8
-// More rows: each task converts kDotNR weight rows at a time to fp32 (a block that stays in L1), then
-// runs the dot tiles (dot_tiles.h) over them and the rows of x. Rows of x go in chunks of kWoMChunk (their fp32 copy stays
-// in L2 while the task's weight blocks pass); with M <= kWoMChunk (decoding, small batches)
-// each weight byte is read from memory and converted once. The per-row scale is applied to
+// More rows: each task converts kDotNR weight rows at a time to fp32 (a block that stays in
+// L1), then runs the dot tiles (dot_tiles.h) over them and the rows of x. Rows of x go in
+// chunks of kWoMChunk (their fp32 copy stays in L2 while the task's weight blocks pass); with
+// M <= kWoMChunk (small batches) each weight byte is read from memory and converted once. The per-row scale is applied to
 // the sums (x @ (w * s)^T = (x @ w^T) * s; int8 values are exact in fp32). Measured 1.4-9.8x
 // MKL's F.linear with the fp32 weight at M = 1..2048 (docs/benchmarks.md); the earlier
 // design (dequantised chunks of the weight through sgemm above 8 rows) was 0.65-1.06x.

@@ -153,4 +153,3 @@ def _block(b, cfg, norm, kernels, dtype):
     lin = lambda m: _linear(m, kernels, dtype)  # noqa: E731
     return (norm(b.norm_1), lin(b.attn.Wqkv), norm(b.attn.q_ln) if qk else None, norm(b.attn.k_ln) if qk else None,
             lin(b.attn.out_proj), norm(b.norm_2), lin(b.ffn.up_proj), lin(b.ffn.down_proj))
-
