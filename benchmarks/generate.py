@@ -55,7 +55,7 @@ def _hf_feeds_one_token(hf, prompt) -> bool:
 
     handle = hf.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        hf.generate(prompt[:, :8], max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+        hf.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     finally:
         handle.remove()
     return all(n == 1 for n in seen[1:])

@@ -33,7 +33,7 @@ _KERNELS = {  # public op -> its custom op (schema)
 def plan(model, cache, seqlens):
     """(step, None): step(ids (batch, 1)) -> logits (batch, vocab), appending the tokens to the
     cache at ``seqlens`` (not advanced); or (None, why the model decodes eagerly)."""
-    from .model import MPTForCausalLM
+    from .model import MPTBlock, MPTForCausalLM  # here: model.py imports this module's importer
 
     cfg, dev = model.config, seqlens.device
     dtype = model.transformer.wte.weight.dtype
@@ -51,7 +51,7 @@ def plan(model, cache, seqlens):
     kernels = {public: _dispatch.fixed_kernel(public, schema, dev, dtype) for public, schema in _KERNELS.items()}
     try:
         norm = _norm(kernels["layer_norm"], dtype)
-        blocks = [_block(b, cfg, norm, kernels, dtype) for b in model.transformer.blocks]
+        blocks = [_block(b, MPTBlock, cfg, norm, kernels, dtype) for b in model.transformer.blocks]
         norm_f, head = norm(model.transformer.norm_f), _linear(model.lm_head, kernels, dtype)
     except _NotPlanned as e:
         return None, str(e)
@@ -144,11 +144,9 @@ def _linear(m, kernels, dtype):
     raise _NotPlanned(f"a linear is {type(m).__name__}")
 
 
-def _block(b, cfg, norm, kernels, dtype):
-    from .model import MPTBlock
-
+def _block(b, block_type, cfg, norm, kernels, dtype):
     qk = cfg.attn_config["qk_ln"]
-    if type(b) is not MPTBlock:
+    if type(b) is not block_type:
         raise _NotPlanned(f"a block is {type(b).__name__}")
     lin = lambda m: _linear(m, kernels, dtype)  # noqa: E731
     return (norm(b.norm_1), lin(b.attn.Wqkv), norm(b.attn.q_ln) if qk else None, norm(b.attn.k_ln) if qk else None,
