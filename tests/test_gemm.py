@@ -365,6 +365,45 @@ def test_cpu_weight_only_int8_column_tail(dtype, m):
     assert rel_err(got, reference.weight_only_int8_linear(x.double(), wq, ws, bias.double())) <= TOL[dtype]
 
 
+# Few rows of x read the weight as several streams: each task's weight rows are cut into equal
+# parts and a step takes one row from each (dot_gemm; weight-only int8's direct rows). Every
+# element is checked against the reference (a row written to the wrong column, or not at all,
+# shows: the output's memory is first filled with NaN by a NaN run of the same shape), for
+# tasks of every remainder (n, 1-3 threads), and the result is the same bit for bit whatever
+# the thread count (a row's arithmetic does not depend on where it lands in a step).
+@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.float16, "weight_only"])
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_cpu_few_row_linears_read_rows_as_streams(kind, m):
+    dtype = torch.float32 if kind == "weight_only" else kind
+    out_eps = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    k = 77  # a partial last step for every tile
+    threads = torch.get_num_threads()
+    try:
+        for n in (7, 67, 201, 1030):
+            x, b = _x(m, k, dtype), torch.randn(n, dtype=dtype)
+            if kind == "weight_only":
+                wq, ws = ops.quantize_rowwise(_weight(n, k, torch.float32))
+                run = lambda x: ops.weight_only_int8_linear(x, wq, ws, b)  # noqa: E731
+                want = reference.weight_only_int8_linear(x.double(), wq, ws, b.double())
+                w_abs = wq.double().abs() * ws.double()[:, None]
+            else:
+                w = _weight(n, k, dtype)
+                run = lambda x: ops.linear(x, w, b)  # noqa: E731
+                want = reference.linear(x.double(), w.double(), b.double(), None)
+                w_abs = w.double().abs()
+            bound = out_eps * want.abs() + 1e-5 * (x.double().abs() @ w_abs.T + b.double().abs())
+            outs = []
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                run(torch.full_like(x, float("nan")))  # leaves NaN where the next output may land
+                outs.append(run(x))
+                bad = ~((outs[-1].double() - want).abs() <= bound)
+                assert not bad.any(), (n, t, bad.nonzero()[:5].tolist())
+            assert all(torch.equal(outs[0], o) for o in outs[1:]), n
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- GPU (the lent machine)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -100,18 +100,19 @@ struct DotBf16 {
 #endif
 
 // rows [m0, m0 + MR) of x (stride ldx) against rows [0, NR) of w (stride ldw) over K, with
-// the operands of Ops; scale and bias may be null; the results go to out[m][n0 + c] (row
-// stride ldo)
+// the operands of Ops; scale and bias may be null; w's row c is output column n = n0 + c *
+// nstep: the result goes to out[m][n] (row stride ldo), scaled by scale[n], plus bias[n]
 template <int MR, int NR, typename T, typename Ops>
 MPTK_NOINLINE void dot_tile(const typename Ops::XE* x,  // [>= m0 + MR, ldx]
                             int64_t ldx,
                             const typename Ops::WE* w,  // [NR, ldw]
                             int64_t ldw, int64_t K,
                             int64_t m0, int64_t n0,
-                            const float* scale,  // [>= n0 + NR] or null
-                            const float* bias,   // [>= n0 + NR] or null
+                            const float* scale,  // [> n0 + (NR - 1) nstep] or null
+                            const float* bias,   // [> n0 + (NR - 1) nstep] or null
                             T* out,              // [>= m0 + MR, ldo]
-                            int64_t ldo) {
+                            int64_t ldo,
+                            int64_t nstep = 1) {  // output columns n0, n0 + nstep, ..
   // one or two rows of x give only NR or 2 NR independent sums: a second bank of accumulators
   // for alternate k-steps keeps twice as many multiply-adds in flight (a single bf16 row was
   // slower than 4 rows without it: latency-bound)
@@ -147,7 +148,7 @@ MPTK_NOINLINE void dot_tile(const typename Ops::XE* x,  // [>= m0 + MR, ldx]
     for (int c = 0; c < NR; ++c) {
       float sum = Ops::sum(acc[0][r][c]);
       if constexpr (kBanks == 2) sum += Ops::sum(acc[1][r][c]);
-      const int64_t n = n0 + c;
+      const int64_t n = n0 + c * nstep;
       out[(m0 + r) * ldo + n] = static_cast<T>(sum * (scale ? scale[n] : 1.f) + (bias ? bias[n] : 0.f));
     }
 }
@@ -159,17 +160,18 @@ inline void dot_rows(const typename Ops::XE* x,  // [>= m1, ldx]
                      const typename Ops::WE* w,  // [NR, ldw]
                      int64_t ldw, int64_t K,
                      int64_t m0, int64_t m1, int64_t n0,
-                     const float* scale,  // [>= n0 + NR] or null
-                     const float* bias,   // [>= n0 + NR] or null
+                     const float* scale,  // [> n0 + (NR - 1) nstep] or null
+                     const float* bias,   // [> n0 + (NR - 1) nstep] or null
                      T* out,              // [>= m1, ldo]
-                     int64_t ldo) {
+                     int64_t ldo,
+                     int64_t nstep = 1) {  // w's rows are columns n0, n0 + nstep, .. of out
   int64_t m = m0;
   for (; m + kDotMR <= m1; m += kDotMR)
-    dot_tile<kDotMR, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+    dot_tile<kDotMR, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo, nstep);
   // the last rows in one tile, so the weight rows are read once more, not once per row
-  if (kDotMR > 3 && m1 - m == 3) dot_tile<3, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
-  else if (kDotMR > 2 && m1 - m == 2) dot_tile<2, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
-  else if (m1 - m == 1) dot_tile<1, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo);
+  if (kDotMR > 3 && m1 - m == 3) dot_tile<3, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo, nstep);
+  else if (kDotMR > 2 && m1 - m == 2) dot_tile<2, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo, nstep);
+  else if (m1 - m == 1) dot_tile<1, NR, T, Ops>(x, ldx, w, ldw, K, m, n0, scale, bias, out, ldo, nstep);
 }
 
 // out (M, N) fp32 = x (M, K) @ w (N, K)^T for few rows, parallel over blocks of w rows
@@ -178,16 +180,18 @@ void dot_gemm(const typename Ops::XE* x,  // [M, K]
               const typename Ops::WE* w,  // [N, K]
               float* out,                 // [M, N]
               int64_t M, int64_t N, int64_t K) {
+  // Each task's rows [r0, r1) are cut into kDotNR equal parts and a tile takes one row from
+  // each part, so a thread reads kDotNR sequential streams far apart, not kDotNR adjacent
+  // rows (one stream). Measured on Zen 5 (2 threads, 4K pages, MPT-125M's GEMV sequence,
+  // interleaved A/B): bf16 1.12-1.20x, fp32 1.02-1.08x, M = 2..16 rows of x 1.09-1.21x,
+  // 39 rows even; a plain read of 4 streams a thread is ~9% faster than of 1. Each output
+  // element's arithmetic is the same wherever its row lands in a tile.
   at::parallel_for(0, (N + kDotNR - 1) / kDotNR, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kDotNR, rows = std::min<int64_t>(kDotNR, N - n0);
-      if (rows == kDotNR) {
-        dot_rows<kDotNR, float, Ops>(x, K, w + n0 * K, K, K, 0, M, n0, nullptr, nullptr, out, N);
-      } else {
-        for (int64_t c = 0; c < rows; ++c)
-          dot_rows<1, float, Ops>(x, K, w + (n0 + c) * K, K, K, 0, M, n0 + c, nullptr, nullptr, out, N);
-      }
-    }
+    const int64_t r0 = b0 * kDotNR, r1 = std::min(N, b1 * kDotNR), q = (r1 - r0) / kDotNR;
+    for (int64_t j = 0; j < q; ++j)
+      dot_rows<kDotNR, float, Ops>(x, K, w + (r0 + j) * K, q * K, K, 0, M, r0 + j, nullptr, nullptr, out, N, q);
+    for (int64_t n = r0 + kDotNR * q; n < r1; ++n)  // the last (r1 - r0) % kDotNR rows
+      dot_rows<1, float, Ops>(x, K, w + n * K, K, K, 0, M, n, nullptr, nullptr, out, N);
   });
 }
 

@@ -44,54 +44,81 @@ inline Vf load_i8(const int8_t* p) {
 #endif
 }
 
-// Rows of x up to this many read the int8 weight straight from memory, one weight row at a
-// time: each chunk of kWoBanks vectors is widened once and multiplied into every row of x
-// (fp32 copies, in L1). One weight row at a time is one sequential stream: measured on Zen 5
+// Rows of x up to this many read the int8 weight straight from memory, whole weight rows at
+// a time: each chunk of kWoBanks vectors is widened once and multiplied into every row of x
+// (fp32 copies, in L1). Each weight row is read as one sequential stream: measured on Zen 5
 // (1 thread, a 77 MB weight), 21-34 GB/s against 11-20 for the dot tiles' 4 interleaved rows
-// of 16 bytes a step, as fast as a plain read of the weight. More rows of x go through the
+// of 16 bytes a step. A step takes wo_spread(MR) rows from as many equal parts of the task's
+// range (streams far apart, as the dot tiles' rows, dot_gemm): 1.13-1.22x for 1-2 rows of x
+// (MPT-125M's int8 GEMVs, 2 threads, interleaved A/B). More rows of x go through the
 // converted blocks below (each weight vector is then widened once per kWoMChunk rows).
 constexpr int64_t kWoDirectRows = 4;
 constexpr int kWoBanks = 4;  // vectors a chunk: independent sums per row of x (FMA latency)
+// rows a step: MR x S x kWoBanks accumulators in half the vector registers, at most 4
+constexpr int wo_spread(int MR) {
+  const int s = kVecRegs / 2 / (MR * kWoBanks);
+  return s < 1 ? 1 : s > 4 ? 4 : s;
+}
 
-template <int MR, typename T>
+template <int MR, int S, typename T>
 void wo_rows(const float* x,        // [MR, K] fp32
              const int8_t* w,       // [N, K]
              const float* scale,    // [N]
              const float* bias,     // [N] or null
-             int64_t n0, int64_t n1, int64_t N, int64_t K,
+             int64_t n0, int64_t n1,
+             int64_t q,             // a step's rows: n, n + q, .. n + (S - 1) q
+             int64_t N, int64_t K,
              T* out) {              // [MR, N]
   constexpr int64_t kChunk = kWoBanks * kWf;
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* r = w + n * K;
-    Vf acc[MR][kWoBanks];
+    const int8_t* r[S];
+    for (int s = 0; s < S; ++s) r[s] = w + (n + s * q) * K;
+    Vf acc[MR][S][kWoBanks];
     for (int m = 0; m < MR; ++m)
-      for (int b = 0; b < kWoBanks; ++b) acc[m][b] = Vf(0.f);
+      for (int s = 0; s < S; ++s)
+        for (int b = 0; b < kWoBanks; ++b) acc[m][s][b] = Vf(0.f);
     int64_t k = 0;
     for (; k + kChunk <= K; k += kChunk) {
-      Vf wv[kWoBanks];
-      for (int b = 0; b < kWoBanks; ++b) wv[b] = load_i8(r + k + b * kWf);
-      for (int m = 0; m < MR; ++m)
-        for (int b = 0; b < kWoBanks; ++b) acc[m][b] = at::vec::fmadd(Vf::loadu(x + m * K + k + b * kWf), wv[b], acc[m][b]);
+      for (int s = 0; s < S; ++s) {
+        Vf wv[kWoBanks];
+        for (int b = 0; b < kWoBanks; ++b) wv[b] = load_i8(r[s] + k + b * kWf);
+        for (int m = 0; m < MR; ++m)
+          for (int b = 0; b < kWoBanks; ++b) acc[m][s][b] = at::vec::fmadd(Vf::loadu(x + m * K + k + b * kWf), wv[b], acc[m][s][b]);
+      }
     }
     for (; k < K; k += kWf) {  // the last vectors, the final one zero-filled past K
       const int rem = static_cast<int>(std::min<int64_t>(kWf, K - k));
-      Vf wv;
-      if (rem == kWf) {
-        wv = load_i8(r + k);
-      } else {
-        float buf[kWf] = {};
-        for (int i = 0; i < rem; ++i) buf[i] = static_cast<float>(r[k + i]);
-        wv = Vf::loadu(buf);
+      for (int s = 0; s < S; ++s) {
+        Vf wv;
+        if (rem == kWf) {
+          wv = load_i8(r[s] + k);
+        } else {
+          float buf[kWf] = {};
+          for (int i = 0; i < rem; ++i) buf[i] = static_cast<float>(r[s][k + i]);
+          wv = Vf::loadu(buf);
+        }
+        for (int m = 0; m < MR; ++m) acc[m][s][0] = at::vec::fmadd(Vf::loadu(x + m * K + k, rem), wv, acc[m][s][0]);
       }
-      for (int m = 0; m < MR; ++m) acc[m][0] = at::vec::fmadd(Vf::loadu(x + m * K + k, rem), wv, acc[m][0]);
     }
-    for (int m = 0; m < MR; ++m) {
-      Vf t = acc[m][0];
-      for (int b = 1; b < kWoBanks; ++b) t = t + acc[m][b];
-      const float sum = at::vec::vec_reduce_all<float>([](Vf& a, Vf& c) { return a + c; }, t);
-      out[m * N + n] = static_cast<T>(sum * scale[n] + (bias ? bias[n] : 0.f));
-    }
+    for (int m = 0; m < MR; ++m)
+      for (int s = 0; s < S; ++s) {
+        Vf t = acc[m][s][0];
+        for (int b = 1; b < kWoBanks; ++b) t = t + acc[m][s][b];
+        const float sum = at::vec::vec_reduce_all<float>([](Vf& a, Vf& c) { return a + c; }, t);
+        const int64_t c = n + s * q;
+        out[m * N + c] = static_cast<T>(sum * scale[c] + (bias ? bias[c] : 0.f));
+      }
   }
+}
+
+// rows [n0, n1) of the weight against MR rows of x: S rows a step, one from each of S equal
+// parts of the range, then the last (n1 - n0) % S one at a time (the same sums either way)
+template <int MR, int S, typename T>
+void wo_range(const float* x, const int8_t* w, const float* scale, const float* bias, int64_t n0, int64_t n1,
+              int64_t N, int64_t K, T* out) {
+  const int64_t q = (n1 - n0) / S;
+  if (S > 1 && q > 0) wo_rows<MR, S, T>(x, w, scale, bias, n0, n0 + q, q, N, K, out);
+  wo_rows<MR, 1, T>(x, w, scale, bias, n0 + (S > 1 ? S * q : 0), n1, 0, N, K, out);
 }
 
 template <typename T>
@@ -106,10 +133,10 @@ void weight_only_gemm(const T* x,           // [M, K]
     for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
       switch (M) {
-        case 1: wo_rows<1, T>(xf.data(), w, scale, bias, n0, n1, N, K, out); break;
-        case 2: wo_rows<2, T>(xf.data(), w, scale, bias, n0, n1, N, K, out); break;
-        case 3: wo_rows<3, T>(xf.data(), w, scale, bias, n0, n1, N, K, out); break;
-        default: wo_rows<4, T>(xf.data(), w, scale, bias, n0, n1, N, K, out); break;
+        case 1: wo_range<1, wo_spread(1), T>(xf.data(), w, scale, bias, n0, n1, N, K, out); break;
+        case 2: wo_range<2, wo_spread(2), T>(xf.data(), w, scale, bias, n0, n1, N, K, out); break;
+        case 3: wo_range<3, wo_spread(3), T>(xf.data(), w, scale, bias, n0, n1, N, K, out); break;
+        default: wo_range<4, wo_spread(4), T>(xf.data(), w, scale, bias, n0, n1, N, K, out); break;
       }
     });
     return;
