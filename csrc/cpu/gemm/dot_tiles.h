@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/gemm/gemm.h"
@@ -149,7 +150,9 @@ MPTK_NOINLINE void dot_tile(const typename Ops::XE* x,  // [>= m0 + MR, ldx]
       float sum = Ops::sum(acc[0][r][c]);
       if constexpr (kBanks == 2) sum += Ops::sum(acc[1][r][c]);
       const int64_t n = n0 + c * nstep;
-      out[(m0 + r) * ldo + n] = static_cast<T>(sum * (scale ? scale[n] : 1.f) + (bias ? bias[n] : 0.f));
+      // one fma, written out: the compiler may contract a * b + c in one unrolled position and
+      // not in another, and a row's result would then depend on where it lands in a tile
+      out[(m0 + r) * ldo + n] = static_cast<T>(std::fma(sum, scale ? scale[n] : 1.f, bias ? bias[n] : 0.f));
     }
 }
 

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
@@ -106,7 +107,7 @@ void wo_rows(const float* x,        // [MR, K] fp32
         for (int b = 1; b < kWoBanks; ++b) t = t + acc[m][s][b];
         const float sum = at::vec::vec_reduce_all<float>([](Vf& a, Vf& c) { return a + c; }, t);
         const int64_t c = n + s * q;
-        out[m * N + c] = static_cast<T>(sum * scale[c] + (bias ? bias[c] : 0.f));
+        out[m * N + c] = static_cast<T>(std::fma(sum, scale[c], bias ? bias[c] : 0.f));  // as dot_tile
       }
   }
 }
