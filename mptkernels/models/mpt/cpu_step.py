@@ -33,7 +33,7 @@ _KERNELS = {  # public op -> its custom op (schema)
 def plan(model, cache, seqlens):
     """(step, None): step(ids (batch, 1)) -> logits (batch, vocab), appending the tokens to the
     cache at ``seqlens`` (not advanced); or (None, why the model decodes eagerly)."""
-    from .model import MPTBlock, MPTForCausalLM  # here: model.py imports this module's importer
+    from .model import MPTBlock, MPTForCausalLM, _logit_scale  # here: model.py imports this module's importer
 
     cfg, dev = model.config, seqlens.device
     dtype = model.transformer.wte.weight.dtype
@@ -64,8 +64,7 @@ def plan(model, cache, seqlens):
     nh, kv, hd = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
     scale = hd ** -0.5 if cfg.attn_config["softmax_scale"] is None else float(cfg.attn_config["softmax_scale"])
     clip = cfg.attn_config["clip_qkv"]
-    logit_scale = None if cfg.logit_scale is None else \
-        cfg.d_model ** -0.5 if cfg.logit_scale == "inv_sqrt_d_model" else cfg.logit_scale
+    logit_scale = _logit_scale(cfg)
     k_cache, v_cache = cache
 
     def step(ids):

@@ -187,8 +187,7 @@ class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
             layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache_seqlens)
             pending, resid = block(pending, resid, slopes, rope, layer_cache, varlen)
         h, _ = self.transformer.norm_f(pending, resid)
-        scale = None if cfg.logit_scale is None else \
-            1.0 / math.sqrt(cfg.d_model) if cfg.logit_scale == "inv_sqrt_d_model" else cfg.logit_scale
+        scale = _logit_scale(cfg)
         if labels is not None:
             # shift the labels, not the logits: position t predicts token t + 1, the last predicts
             # nothing (-100)
@@ -213,6 +212,14 @@ class MPTForCausalLM(GenerationMixin, HFCheckpointMixin, torch.nn.Module):
         loss = F.cross_entropy(flat if flat.dtype == torch.float32 else flat.float(), targets.reshape(-1),
                                ignore_index=-100, reduction=loss_reduction)
         return logits, loss
+
+
+def _logit_scale(cfg):
+    """The factor on the logits (None: none); the one place it is computed (the CPU decode plan
+    uses it too, so its logits stay bitwise the forward's)."""
+    if cfg.logit_scale is None:
+        return None
+    return 1.0 / math.sqrt(cfg.d_model) if cfg.logit_scale == "inv_sqrt_d_model" else cfg.logit_scale
 
 
 def _check_input_ids(input_ids, vocab_size):
