@@ -541,7 +541,6 @@ def test_compiled_calls_follow_the_forcing_at_trace_time(impl):
     torch._dynamo.reset()
 
 
-
 def test_fixed_kernel_is_the_kernel_route_runs_or_none():
     """fixed_kernel (generate()'s CPU decode step replays it): the CPU kernel the public op runs
     here; None where the public op would run something else."""
